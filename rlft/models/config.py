@@ -1,0 +1,125 @@
+"""ModelConfig: one decoder description covering the GPT-2, Llama and Qwen2 families."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from rlft.errors import RlftError
+
+Family = Literal["gpt2", "llama", "qwen2"]
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a decoder-only transformer.
+
+    The family picks the block layout: GPT-2 = learned positions, LayerNorm, GELU MLP with biases,
+    tied embeddings; Llama = RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases;
+    Qwen2 = Llama with q/k/v biases. Use the `gpt2`/`llama`/`qwen2` constructors.
+    """
+
+    family: Family
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_positions: int
+    norm_eps: float
+    activation: str
+    tie_embeddings: bool
+    qkv_bias: bool
+    out_bias: bool
+    mlp_bias: bool
+    rope_theta: float = 10000.0
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions) or None.
+    rope_scaling: tuple | None = None
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+
+    def __post_init__(self):
+        if self.family not in ("gpt2", "llama", "qwen2"):
+            raise RlftError(f"model.family={self.family!r}: expected one of gpt2, llama, qwen2")
+        if self.n_heads % self.n_kv_heads:
+            raise RlftError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise RlftError(f"model.activation={self.activation!r}: expected one of {ACTIVATIONS}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise RlftError(f"model.dtype={self.dtype!r}: expected float32 or bfloat16")
+
+    @property
+    def uses_rope(self) -> bool:
+        """Llama/Qwen2 rotate q and k; GPT-2 adds a learned position table instead."""
+        return self.family != "gpt2"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """SwiGLU (gate * up) for Llama/Qwen2; a plain two-layer MLP for GPT-2."""
+        return self.family != "gpt2"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (e.g. `dtype="bfloat16"`)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; `ModelConfig.from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from `to_dict` output (or a config section), naming any unknown key."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise RlftError(f"unknown model config field(s) {unknown}; valid fields: {sorted(names)}")
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = tuple(d["rope_scaling"])
+        return cls(**d)
+
+    @classmethod
+    def gpt2(cls, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, max_positions=1024,
+             d_ff=None, norm_eps=1e-5, activation="gelu_new", **kw) -> "ModelConfig":
+        """GPT-2 family (defaults: GPT-2 small)."""
+        return cls(family="gpt2", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                   n_heads=n_heads, n_kv_heads=n_heads, head_dim=d_model // n_heads,
+                   d_ff=d_ff or 4 * d_model, max_positions=max_positions, norm_eps=norm_eps,
+                   activation=activation, tie_embeddings=True, qkv_bias=True, out_bias=True,
+                   mlp_bias=True, **kw)
+
+    @classmethod
+    def llama(cls, vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_positions=2048,
+              head_dim=None, norm_eps=1e-6, rope_theta=10000.0, tie_embeddings=False,
+              attention_bias=False, mlp_bias=False, **kw) -> "ModelConfig":
+        """Llama family (RoPE, RMSNorm, SwiGLU, GQA)."""
+        return cls(family="llama", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                   n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim or d_model // n_heads,
+                   d_ff=d_ff, max_positions=max_positions, norm_eps=norm_eps, activation="silu",
+                   tie_embeddings=tie_embeddings, qkv_bias=attention_bias, out_bias=attention_bias,
+                   mlp_bias=mlp_bias, rope_theta=rope_theta, **kw)
+
+    @classmethod
+    def qwen2(cls, vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_positions=32768,
+              head_dim=None, norm_eps=1e-6, rope_theta=10000.0, tie_embeddings=False,
+              **kw) -> "ModelConfig":
+        """Qwen2 family (Llama with q/k/v biases)."""
+        return cls(family="qwen2", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                   n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim or d_model // n_heads,
+                   d_ff=d_ff, max_positions=max_positions, norm_eps=norm_eps, activation="silu",
+                   tie_embeddings=tie_embeddings, qkv_bias=True, out_bias=False, mlp_bias=False,
+                   rope_theta=rope_theta, **kw)
+
+
+def tiny_config(family: Family = "gpt2", vocab_size: int = 512, **kw) -> ModelConfig:
+    """The benchmark's tiny shape (4 layers, 4 heads, d 256) in any family."""
+    if family == "gpt2":
+        return ModelConfig.gpt2(vocab_size=vocab_size, d_model=256, n_layers=4, n_heads=4,
+                                max_positions=kw.pop("max_positions", 256), **kw)
+    ctor = ModelConfig.llama if family == "llama" else ModelConfig.qwen2
+    return ctor(vocab_size=vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688,
+                max_positions=kw.pop("max_positions", 256), **kw)

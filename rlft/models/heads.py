@@ -1,0 +1,41 @@
+"""Scalar heads on the decoder: reward models and value functions (critics)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlft.models.config import ModelConfig
+from rlft.models.decoder import Decoder
+
+
+class ScalarHead(nnx.Module):
+    """hidden [batch, length, d_model] -> float32 [batch, length]; zero-initialised by default."""
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, init_std: float = 0.0):
+        kernel = init_std * jax.random.normal(rngs.params(), (d_model,), jnp.float32)
+        self.kernel = nnx.Param(kernel, logical_axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), self.kernel[...]) + self.bias[...]
+
+
+class ScalarModel(nnx.Module):
+    """A decoder backbone with a scalar head: a reward model or a critic.
+
+    `__call__` returns a score per position, float32 [batch, length]; objectives read it at the
+    last real token (reward) or at every completion token (value).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, head_init_std: float = 0.0):
+        self.backbone = Decoder(cfg, rngs=rngs)
+        self.head = ScalarHead(cfg.d_model, rngs=rngs, init_std=head_init_std)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.backbone.config
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        return self.head(self.backbone.hidden(tokens, positions, segment_ids)[0])

@@ -1,0 +1,246 @@
+"""Hugging Face checkpoints in and out: config.json + *.safetensors (+ tokenizer) <-> rlft Decoder.
+
+Supported architectures: GPT-2 (GPT2LMHeadModel), Llama (LlamaForCausalLM) and Qwen2
+(Qwen2ForCausalLM). Weights are read with safetensors' numpy loader (sharded checkpoints through
+`model.safetensors.index.json`), so no PyTorch is needed to import or export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from rlft.errors import RlftError
+from rlft.models.config import ModelConfig
+from rlft.models.decoder import Decoder
+from rlft.models.params import fill_params, flatten_params
+
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def is_hf_checkpoint(path: str) -> bool:
+    """A directory with a Hugging Face config.json (and not an rlft run directory)."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def model_config_from_hf(path: str) -> ModelConfig:
+    """Translate `path/config.json` into a ModelConfig; unsupported options are clear errors."""
+    import transformers
+
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise RlftError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
+    with open(config_file) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in SUPPORTED:
+        raise RlftError(f"{config_file}: model_type {model_type!r} is not supported; "
+                        f"rlft imports {', '.join(sorted(SUPPORTED))}")
+    hf = transformers.AutoConfig.from_pretrained(path)
+    if model_type == "gpt2":
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if getattr(hf, flag, False):
+                raise RlftError(f"{config_file}: GPT-2 option {flag}=true is not supported")
+        if not getattr(hf, "scale_attn_weights", True):
+            raise RlftError(f"{config_file}: GPT-2 option scale_attn_weights=false is not supported")
+        return ModelConfig.gpt2(vocab_size=hf.vocab_size, d_model=hf.n_embd, n_layers=hf.n_layer,
+                                n_heads=hf.n_head, max_positions=hf.n_positions, d_ff=hf.n_inner,
+                                norm_eps=hf.layer_norm_epsilon, activation=hf.activation_function)
+    if getattr(hf, "use_sliding_window", False):
+        raise RlftError(f"{config_file}: sliding-window attention is not supported")
+    if hf.hidden_act != "silu":
+        raise RlftError(f"{config_file}: hidden_act={hf.hidden_act!r} is not supported (expected silu)")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = ("llama3", float(rope["factor"]), float(rope["low_freq_factor"]),
+                   float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+    elif rope_type != "default":
+        raise RlftError(f"{config_file}: rope_type {rope_type!r} is not supported (default, llama3)")
+    common = dict(vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers,
+                  n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
+                  d_ff=hf.intermediate_size, max_positions=hf.max_position_embeddings,
+                  head_dim=getattr(hf, "head_dim", None), norm_eps=hf.rms_norm_eps,
+                  rope_theta=float(rope.get("rope_theta", 10000.0)), rope_scaling=scaling,
+                  tie_embeddings=bool(hf.tie_word_embeddings))
+    if model_type == "llama":
+        return ModelConfig.llama(attention_bias=hf.attention_bias, mlp_bias=hf.mlp_bias, **common)
+    return ModelConfig.qwen2(**common)
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory: model.safetensors or a sharded index."""
+    from safetensors.numpy import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        found = sorted(os.listdir(path))
+        raise RlftError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                        f"(found {found}); save the checkpoint with safe_serialization=True")
+    tensors = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise RlftError(f"{index}: lists shard {name}, which is missing")
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _hf_layout(cfg: ModelConfig) -> list[tuple[str, str, Callable, Callable]]:
+    """(our name, HF name, HF->ours, ours->HF) for every tensor but GPT-2's fused q/k/v."""
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    same = (lambda x: x, lambda x: x)
+    if cfg.family == "gpt2":
+        rows = [("embed", "transformer.wte.weight", *same),
+                ("pos_embed", "transformer.wpe.weight", *same),
+                ("final_norm.scale", "transformer.ln_f.weight", *same),
+                ("final_norm.bias", "transformer.ln_f.bias", *same)]
+        for i in range(cfg.n_layers):
+            p, q = f"layers.{i}.", f"transformer.h.{i}."
+            rows += [(p + "attn_norm.scale", q + "ln_1.weight", *same),
+                     (p + "attn_norm.bias", q + "ln_1.bias", *same),
+                     (p + "attn.o", q + "attn.c_proj.weight",
+                      lambda x: x.reshape(h, hd, d), lambda x: x.reshape(h * hd, d)),
+                     (p + "attn.o_bias", q + "attn.c_proj.bias", *same),
+                     (p + "mlp_norm.scale", q + "ln_2.weight", *same),
+                     (p + "mlp_norm.bias", q + "ln_2.bias", *same),
+                     (p + "mlp.up", q + "mlp.c_fc.weight", *same),
+                     (p + "mlp.up_bias", q + "mlp.c_fc.bias", *same),
+                     (p + "mlp.down", q + "mlp.c_proj.weight", *same),
+                     (p + "mlp.down_bias", q + "mlp.c_proj.bias", *same)]
+        return rows
+    # Llama / Qwen2: torch Linear weights are [out, in]; ours are [in, *out].
+    def linear(*out_shape):
+        return (lambda x: x.T.reshape(x.shape[1], *out_shape),
+                lambda x: x.reshape(x.shape[0], -1).T)
+
+    rows = [("embed", "model.embed_tokens.weight", *same),
+            ("final_norm.scale", "model.norm.weight", *same)]
+    if not cfg.tie_embeddings:
+        rows.append(("lm_head", "lm_head.weight", lambda x: x.T, lambda x: x.T))
+    for i in range(cfg.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        rows += [(p + "attn_norm.scale", q + "input_layernorm.weight", *same),
+                 (p + "mlp_norm.scale", q + "post_attention_layernorm.weight", *same),
+                 (p + "attn.q", q + "self_attn.q_proj.weight", *linear(h, hd)),
+                 (p + "attn.k", q + "self_attn.k_proj.weight", *linear(kv, hd)),
+                 (p + "attn.v", q + "self_attn.v_proj.weight", *linear(kv, hd)),
+                 (p + "attn.o", q + "self_attn.o_proj.weight",
+                  lambda x: x.T.reshape(h, hd, d), lambda x: x.reshape(h * hd, d).T),
+                 (p + "mlp.gate", q + "mlp.gate_proj.weight", *linear(cfg.d_ff)),
+                 (p + "mlp.up", q + "mlp.up_proj.weight", *linear(cfg.d_ff)),
+                 (p + "mlp.down", q + "mlp.down_proj.weight", *linear(d))]
+        if cfg.qkv_bias:
+            rows += [(p + f"attn.{n}_bias", q + f"self_attn.{n}_proj.bias",
+                      lambda x, n=n: x.reshape(h if n == "q" else kv, hd), lambda x: x.reshape(-1))
+                     for n in "qkv"]
+        if cfg.out_bias:
+            rows.append((p + "attn.o_bias", q + "self_attn.o_proj.bias", *same))
+        if cfg.mlp_bias:
+            rows += [(p + f"mlp.{n}_bias", q + f"mlp.{n}_proj.bias", *same) for n in ("gate", "up", "down")]
+    return rows
+
+
+def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> nnx.State:
+    """Map HF tensor names/layouts onto a Decoder state (float32)."""
+    ours: dict[str, np.ndarray] = {}
+    used = set()
+    for name, hf_name, to_ours, _ in _hf_layout(cfg):
+        if hf_name not in tensors:
+            raise RlftError(f"{source}: tensor {hf_name} is missing")
+        ours[name] = to_ours(np.asarray(tensors[hf_name], np.float32))
+        used.add(hf_name)
+    if cfg.family == "gpt2":
+        h, hd = cfg.n_heads, cfg.head_dim
+        for i in range(cfg.n_layers):
+            w = tensors[f"transformer.h.{i}.attn.c_attn.weight"].astype(np.float32)
+            b = tensors[f"transformer.h.{i}.attn.c_attn.bias"].astype(np.float32)
+            for n, wi, bi in zip("qkv", np.split(w, 3, axis=1), np.split(b, 3)):
+                ours[f"layers.{i}.attn.{n}"] = wi.reshape(-1, h, hd)
+                ours[f"layers.{i}.attn.{n}_bias"] = bi.reshape(h, hd)
+            used |= {f"transformer.h.{i}.attn.c_attn.weight", f"transformer.h.{i}.attn.c_attn.bias"}
+    # Tied checkpoints may still store lm_head.weight; old GPT-2 files carry attention-mask buffers.
+    ignorable = ("lm_head.weight", ".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+    unused = [k for k in tensors if k not in used and not k.endswith(ignorable)]
+    if unused:
+        raise RlftError(f"{source}: tensors not understood by rlft's {cfg.family} model: {unused[:5]}")
+    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    return fill_params(abstract, ours, source)
+
+
+def hf_tensors_from_params(cfg: ModelConfig, params: nnx.State) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_hf_tensors`: HF names and layouts, float32 numpy."""
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
+    out = {hf_name: np.ascontiguousarray(to_hf(flat[name])) for name, hf_name, _, to_hf in _hf_layout(cfg)}
+    if cfg.family == "gpt2":
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}.attn."
+            out[f"transformer.h.{i}.attn.c_attn.weight"] = np.concatenate(
+                [flat[p + n].reshape(cfg.d_model, -1) for n in "qkv"], axis=1)
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = np.concatenate(
+                [flat[p + n + "_bias"].reshape(-1) for n in "qkv"])
+    return out
+
+
+def hf_config(cfg: ModelConfig, tokenizer=None):
+    """A transformers config object describing `cfg` (token ids taken from the tokenizer)."""
+    import transformers
+
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                   else tokenizer.eos_token_id)
+    if cfg.family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.d_model,
+            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
+            activation_function=cfg.activation, layer_norm_epsilon=cfg.norm_eps,
+            tie_word_embeddings=True, architectures=[SUPPORTED["gpt2"]], **ids)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        _, factor, low, high, old = cfg.rope_scaling
+        rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                    original_max_position_embeddings=old)
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                  num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                  max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
+                  rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings,
+                  architectures=[SUPPORTED[cfg.family]], **ids)
+    if cfg.family == "llama":
+        return transformers.LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **common)
+    return transformers.Qwen2Config(**common)
+
+
+def save_hf_checkpoint(cfg: ModelConfig, params: nnx.State, out_dir: str, tokenizer=None) -> None:
+    """Write config.json, model.safetensors and the tokenizer so `transformers` loads `out_dir`."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    hf_config(cfg, tokenizer).save_pretrained(out_dir)
+    save_file(hf_tensors_from_params(cfg, params), os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def load_hf_checkpoint(path: str):
+    """(ModelConfig, params nnx.State, tokenizer or None) from a Hugging Face checkpoint dir."""
+    cfg = model_config_from_hf(path)
+    params = params_from_hf_tensors(cfg, read_safetensors(path), path)
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return cfg, params, tokenizer
