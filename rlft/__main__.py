@@ -1,0 +1,7 @@
+"""`python -m rlft ...` is the same as `rlft ...`."""
+
+import sys
+
+from rlft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""`rlft.load`: one entry point for Hugging Face checkpoints and rlft runs, for notebooks and CLIs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlft.errors import RlftError
+from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
+from rlft.models import hf
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: config, params (nnx.State), tokenizer, and pure-function helpers.
+
+    `kind` is "lm" for a language model (Decoder) and "scalar" for a reward/value model.
+    """
+
+    config: ModelConfig
+    params: nnx.State
+    tokenizer: Any = None
+    kind: str = "lm"
+
+    @functools.cached_property
+    def graphdef(self) -> nnx.GraphDef:
+        """The static half of the module; `nnx.merge(m.graphdef, m.params)` rebuilds it."""
+        cls = Decoder if self.kind == "lm" else ScalarModel
+        return nnx.graphdef(nnx.eval_shape(lambda: cls(self.config, rngs=nnx.Rngs(0))))
+
+    @functools.cached_property
+    def _forward(self):
+        graphdef = self.graphdef
+        return jax.jit(lambda params, t, m: nnx.merge(graphdef, params)(t, positions_from_mask(m), m))
+
+    def _inputs(self, token_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+        tokens = jnp.asarray(token_ids, jnp.int32)
+        if tokens.ndim != 2:
+            raise RlftError(f"token_ids must be [batch, length], got shape {tokens.shape}")
+        mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        if mask.shape != tokens.shape:
+            raise RlftError(f"attention_mask shape {mask.shape} != token_ids shape {tokens.shape}")
+        return tokens, mask
+
+    def logits(self, token_ids, attention_mask=None) -> np.ndarray:
+        """float32 [batch, length, vocab] for int [batch, length] ids; left or right padding."""
+        if self.kind != "lm":
+            raise RlftError("logits() needs a language model; this is a scalar (reward/value) model")
+        return np.asarray(self._forward(self.params, *self._inputs(token_ids, attention_mask)))
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise RlftError("this model has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+
+def load(path: str) -> Model:
+    """Load a Hugging Face checkpoint dir (GPT-2, Llama, Qwen2) or an rlft run/checkpoint dir."""
+    if not os.path.exists(path):
+        raise RlftError(f"no such file or directory: {path}")
+    if hf.is_hf_checkpoint(path):
+        cfg, params, tokenizer = hf.load_hf_checkpoint(path)
+        return Model(config=cfg, params=params, tokenizer=tokenizer)
+    raise RlftError(f"{path}: not a Hugging Face checkpoint directory (no config.json) "
+                    f"nor an rlft run directory")

@@ -1,0 +1,150 @@
+"""Device mesh, logical-axis rules, and the shardings of states and batches.
+
+Parameters carry logical axis names (`logical_axes` metadata on each nnx.Param); `RULES` maps each
+name to mesh axes. A name without a rule is an error, never a silent replication, and so is a
+dimension that the mesh axes do not divide. Batches shard their leading dimension over
+('data', 'fsdp'); FSDP shards the `embed` dimension of parameters and optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlft.errors import RlftError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or tuple of axes, or None = replicated on purpose).
+RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "positions": None,
+    "layers": None,
+}
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1, meaning "all remaining devices"."""
+    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+    if len(sizes) != len(MESH_AXES):
+        raise RlftError(f"mesh: expected sizes for {MESH_AXES}, got {list(sizes)}")
+    devices = list(devices if devices is not None else jax.devices())
+    if sizes.count(-1) > 1:
+        raise RlftError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise RlftError(f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise RlftError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                        f"{len(devices)} are available")
+    # Auto axes: shardings propagate through the program as with pjit (not sharding-in-types).
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] = RULES, what: str = "") -> PartitionSpec:
+    """PartitionSpec for logical axis names; an unknown name is an error naming `what`."""
+    spec = []
+    for name in axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise RlftError(f"sharding: logical axis {name!r} of {what or 'an array'} has no rule; "
+                            f"known axes: {sorted(rules)}")
+        spec.append(rules[name])
+    return PartitionSpec(*spec)
+
+
+def _mesh_size(mesh: Mesh, entry: Any) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def checked_sharding(mesh: Mesh, shape: Sequence[int], axes: Sequence[str | None],
+                     rules: Mapping[str, Any] = RULES, what: str = "") -> NamedSharding:
+    """NamedSharding for an array of `shape` with logical `axes`, checking divisibility."""
+    if len(axes) != len(shape):
+        raise RlftError(f"sharding: {what} has shape {tuple(shape)} but logical axes {tuple(axes)}")
+    spec = logical_to_spec(axes, rules, what)
+    for dim, name, entry in zip(shape, axes, spec):
+        if dim % _mesh_size(mesh, entry):
+            raise RlftError(f"sharding: {what} dimension {name}={dim} is not divisible by mesh axes "
+                            f"{entry} of size {_mesh_size(mesh, entry)}; change the mesh or the model")
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> nnx.State:
+    """A state-shaped tree of NamedShardings derived from each variable's `logical_axes`."""
+
+    def one(path, var):
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            raise RlftError(f"sharding: parameter {name} has no logical_axes metadata")
+        return var.replace(value=checked_sharding(mesh, var.shape, axes, rules, name))
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def sharded_init(make_module: Callable[[], nnx.Module], mesh: Mesh,
+                 rules: Mapping[str, Any] = RULES) -> tuple[nnx.GraphDef, nnx.State]:
+    """Initialise a module directly into its shardings: no host ever holds the full parameters.
+
+    `make_module` builds the module from fixed seeds (e.g. `lambda: Decoder(cfg, rngs=nnx.Rngs(0))`),
+    so the result is the same on every mesh.
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make_module()), out_shardings=shardings)()
+    return graphdef, state
+
+
+def put_state(state: Any, shardings: Any) -> Any:
+    """Place an existing (host or differently sharded) state onto the given shardings."""
+    return jax.device_put(state, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading dimension over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a pytree of per-process host arrays [local_batch, ...] as global batch-sharded arrays.
+
+    Each process passes its own slice of the global batch; with one process this is the batch.
+    """
+    data_size = _mesh_size(mesh, BATCH_AXES)
+
+    def one(x):
+        x = np.asarray(x)
+        global_rows = x.shape[0] * jax.process_count()
+        if global_rows % data_size:
+            raise RlftError(f"batch size {global_rows} is not divisible by the data-parallel mesh size "
+                            f"{data_size} (mesh {dict(mesh.shape)})")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(one, batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding (scalars, RNG keys, step counters)."""
+    return NamedSharding(mesh, PartitionSpec())
