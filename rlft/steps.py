@@ -1,0 +1,254 @@
+"""Train state, optimizer, gradient accumulation and the pure SFT step, compiled with shardings.
+
+A step is `step(state, batch, **static) -> (state, metrics)`: a pure function of pytrees, compiled
+once by `compile_step` with explicit in/out shardings and the state donated. Losses are carried as
+(sum, count): the gradient of one step is sum over micro-batches of grad(loss_sum) divided by the
+total token count, so micro-batching and the device count never change it. The reward-model and
+policy-gradient steps reuse `TrainState`, `accumulate_gradients`, `apply_gradients` and
+`compile_step`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from rlft.errors import RlftError
+from rlft.objectives.sft import sft_loss
+from rlft.sharding import batch_sharding, checked_sharding, replicated, state_shardings
+
+Array = jax.Array
+LossFn = Callable[[nnx.State, Any], tuple[Array, Array, dict]]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step updates: step (int32 []), params (nnx.State), opt_state, rng (uint32 [2]).
+
+    `rng` is raw key data (`jax.random.key_data`); per-step keys come from `step_key`.
+    """
+
+    step: Array
+    params: nnx.State
+    opt_state: Any
+    rng: Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int,
+                           end_ratio: float = 0.0) -> optax.Schedule:
+    """Linear warm-up lr*(s+1)/warmup for s < warmup, then cosine from lr to lr*end_ratio at total."""
+    end = lr * end_ratio
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = lr * (step + 1.0) / max(warmup_steps, 1)
+        progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+        cosine = end + (lr - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+NO_DECAY_NAMES = ("bias", "scale", "norm")
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: ndim >= 2 and not a bias or norm (e.g. q_bias [heads, hd])."""
+
+    def one(path, p):
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        name = names[-1] if names else ""
+        return jnp.ndim(p) >= 2 and not any(word in name for word in NO_DECAY_NAMES)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.0,
+                   clip_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, end_lr_ratio: float = 0.0) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine decay, global-norm clipping (None/0 = off), decay on ndim>=2 only.
+
+    The learning rate is injected (`optax.inject_hyperparams`), so the opt_state records the value
+    used by the last update; read it with `current_learning_rate`.
+    """
+    schedule = learning_rate_schedule(lr, warmup_steps, total_steps, end_lr_ratio)
+
+    def chain(learning_rate):
+        parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+        parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                                 mask=decay_mask))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(chain)(learning_rate=schedule)
+
+
+def current_learning_rate(opt_state: Any) -> Array:
+    """The learning rate of the last update (or the first, before any), NaN if not injected."""
+    hyper = getattr(opt_state, "hyperparams", None)
+    if hyper is None or "learning_rate" not in hyper:
+        return jnp.asarray(jnp.nan, jnp.float32)
+    return jnp.asarray(hyper["learning_rate"], jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# State, shardings
+
+
+def init_train_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation,
+                     seed: int) -> TrainState:
+    """Step 0, the optimizer initialised on params, rng = key data of `seed` (graphdef unused)."""
+    del graphdef  # the state holds no module structure; kept for a uniform signature
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def step_key(state: TrainState, *, salt: int = 0) -> Array:
+    """A typed PRNG key for this step: rng folded with the step (and an optional salt)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return jax.random.fold_in(key, salt) if salt else key
+
+
+def _tree_shardings(tree: Any, mesh: Mesh, what: str) -> Any:
+    """Shardings for a tree of Variables (by logical_axes metadata) and scalars (replicated)."""
+
+    def one(path, leaf):
+        name = f"{what}{jax.tree_util.keystr(path)}"
+        if isinstance(leaf, nnx.Variable):
+            axes = leaf.get_metadata().get("logical_axes")
+            if axes is None:
+                raise RlftError(f"sharding: {name} has no logical_axes metadata")
+            return leaf.replace(value=checked_sharding(mesh, leaf.shape, axes, what=name))
+        if len(jnp.shape(leaf)) == 0:
+            return replicated(mesh)
+        raise RlftError(f"sharding: {name} of shape {jnp.shape(leaf)} is neither a parameter-like "
+                        f"Variable nor a scalar; give it a rule")
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """A TrainState of NamedShardings: params by their rules, moments like their params, rest replicated."""
+    return TrainState(step=replicated(mesh),
+                      params=state_shardings(abstract_state.params, mesh),
+                      opt_state=_tree_shardings(abstract_state.opt_state, mesh, "opt_state"),
+                      rng=replicated(mesh))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying `shardings` (the target of a restore onto a mesh)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def abstract_train_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation,
+                         mesh: Mesh) -> TrainState:
+    """Abstract TrainState (ShapeDtypeStructs with their shardings on `mesh`); no arrays are made."""
+    abstract = jax.eval_shape(lambda p: init_train_state(graphdef, p, tx, 0), params)
+    return with_shardings(abstract, train_state_shardings(abstract, mesh))
+
+
+def init_sharded_train_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation,
+                             seed: int, mesh: Mesh) -> TrainState:
+    """`init_train_state` compiled straight into the shardings of `train_state_shardings`."""
+    abstract = jax.eval_shape(lambda p: init_train_state(graphdef, p, tx, seed), params)
+    shardings = train_state_shardings(abstract, mesh)
+    init = jax.jit(lambda p: init_train_state(graphdef, p, tx, seed),
+                   in_shardings=(shardings.params,), out_shardings=shardings)
+    return init(params)
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+    """The batch-shaped tree of shardings: leading dim over ('data', 'fsdp')."""
+    return jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)), batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accumulation and update
+
+
+def split_micro_batches(batch: Any, accum_steps: int) -> Any:
+    """[k * m, ...] leaves -> [k, m, ...]; micro-batch j takes rows j, j + k, ... (device-local)."""
+
+    def one(x):
+        if x.shape[0] % accum_steps:
+            raise RlftError(f"batch of {x.shape[0]} rows is not divisible by accum_steps={accum_steps}")
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(one, batch)
+
+
+def accumulate_gradients(loss_fn: LossFn, params: nnx.State, batch: Any,
+                         accum_steps: int) -> tuple[nnx.State, Array, Array, dict]:
+    """Sums over micro-batches (lax.scan) of (grad of loss_sum, loss_sum, count, aux sums).
+
+    loss_fn(params, micro_batch) -> (loss_sum, count, aux dict of sums).
+    """
+
+    def objective(p, micro):
+        loss_sum, count, aux = loss_fn(p, micro)
+        return loss_sum, (count, aux)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    micro_batches = split_micro_batches(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    _, (count_shape, aux_shape) = jax.eval_shape(objective, params, first)
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+
+    def body(carry, micro):
+        grads, loss, count, aux = carry
+        (l, (c, a)), g = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, count + c,
+                jax.tree.map(jnp.add, aux, a)), None
+
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+            zeros(count_shape), zeros(aux_shape))
+    (grads, loss, count, aux), _ = jax.lax.scan(body, init, micro_batches)
+    return grads, loss, count, aux
+
+
+def apply_gradients(state: TrainState, grads: nnx.State,
+                    tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One optimizer update; returns the new state and {grad_norm, learning_rate, param_norm}."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"grad_norm": optax.tree.norm(grads),
+                       "learning_rate": current_learning_rate(opt_state),
+                       "param_norm": optax.tree.norm(params)}
+
+
+def sft_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
+             tx: optax.GradientTransformation, accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """One SFT update on batch leaves [accum_steps * micro_batch, length]; mean-per-token gradient."""
+    loss_fn = functools.partial(sft_loss, graphdef)
+    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    state, metrics = apply_gradients(state, grads, tx)
+    metrics = {"loss": loss_sum / denom, "tokens": count, "input_tokens": aux["input_tokens"],
+               "accuracy": aux["correct"] / denom,
+               **metrics}
+    return state, metrics
+
+
+def compile_step(step_fn: Callable[..., tuple[TrainState, dict]], state_shardings: TrainState,
+                 batch_sharding_tree: Any, mesh: Mesh, **static: Any) -> Callable:
+    """jit(step_fn(state, batch, **static)) with explicit shardings, metrics replicated, state donated."""
+    return jax.jit(functools.partial(step_fn, **static),
+                   in_shardings=(state_shardings, batch_sharding_tree),
+                   out_shardings=(state_shardings, replicated(mesh)),
+                   donate_argnums=0)
