@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +62,55 @@ class Model:
         return self.tokenizer
 
 
+def _run_dir_of(path: str) -> str | None:
+    """The rlft run directory holding `path` (the first ancestor with model_config.json)."""
+    from rlft.checkpoints import MODEL_CONFIG_FILE
+
+    current = os.path.abspath(path)
+    for _ in range(5):
+        if os.path.isfile(os.path.join(current, MODEL_CONFIG_FILE)):
+            return current
+        current = os.path.dirname(current)
+    return None
+
+
+def _load_run(run_dir: str, path: str) -> Model:
+    """A model from an rlft run dir (its last stage), a stage dir, a checkpoints dir or a step dir."""
+    from rlft.checkpoints import load_model_config, load_params
+    from rlft.data.tokenizer import load_tokenizer
+    from rlft.stages import STAGES_FILE
+
+    stages_file = os.path.join(run_dir, STAGES_FILE)
+    stages = json.load(open(stages_file)) if os.path.isfile(stages_file) else []
+    if os.path.abspath(path) == run_dir:
+        if not stages:
+            raise RlftError(f"{run_dir}: no {STAGES_FILE}; pass a stage or checkpoint directory")
+        path = os.path.join(run_dir, stages[-1]["name"])
+    relative = os.path.relpath(os.path.abspath(path), run_dir).split(os.sep)[0]
+    kind = next((s["kind"] for s in stages if s["name"] == relative), "lm")
+    cfg = load_model_config(run_dir)
+    cls = Decoder if kind == "lm" else ScalarModel
+    state = nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+    values, _ = load_params(path)
+    nnx.replace_by_pure_dict(state, values)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind)
+
+
 def load(path: str) -> Model:
-    """Load a Hugging Face checkpoint dir (GPT-2, Llama, Qwen2) or an rlft run/checkpoint dir."""
+    """Load a Hugging Face checkpoint dir (GPT-2, Llama, Qwen2) or an rlft run/checkpoint dir.
+
+    A run directory gives the model of its last stage; a stage, checkpoints or step directory
+    gives that one (the latest step unless a step directory is named).
+    """
     if not os.path.exists(path):
         raise RlftError(f"no such file or directory: {path}")
     if hf.is_hf_checkpoint(path):
         cfg, params, tokenizer = hf.load_hf_checkpoint(path)
         return Model(config=cfg, params=params, tokenizer=tokenizer)
-    raise RlftError(f"{path}: not a Hugging Face checkpoint directory (no config.json) "
-                    f"nor an rlft run directory")
+    run_dir = _run_dir_of(path)
+    if run_dir is None:
+        raise RlftError(f"{path}: not a Hugging Face checkpoint directory (no config.json) "
+                        f"nor inside an rlft run directory (no model_config.json)")
+    return _load_run(run_dir, path)

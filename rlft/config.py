@@ -136,9 +136,9 @@ def git_commit(path: str) -> str:
 
 def write_run_metadata(workdir: str, config: ml_collections.ConfigDict, argv: Sequence[str],
                        experiment_path: str) -> None:
-    """Write config.json (resolved), command.txt and git.txt into the work directory."""
+    """Write run_config.json (resolved; not config.json, which means a Hugging Face checkpoint), command.txt and git.txt into the work directory."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, "run_config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     with open(os.path.join(workdir, "command.txt"), "w") as f:
         f.write(" ".join(argv) + "\n")

@@ -59,7 +59,7 @@ def test_missing_experiment_file():
 def test_run_writes_resolved_config_command_and_commit(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     assert main(["run", f"{TOY}:tiny", "--workdir", workdir, "--config.optim.learning_rate=0.5"]) == 0
-    resolved = json.load(open(os.path.join(workdir, "config.json")))
+    resolved = json.load(open(os.path.join(workdir, "run_config.json")))
     assert resolved["optim"]["learning_rate"] == 0.5 and resolved["train"]["steps"] == 2
     assert "--config.optim.learning_rate=0.5" in open(os.path.join(workdir, "command.txt")).read()
     git = json.load(open(os.path.join(workdir, "git.txt")))
