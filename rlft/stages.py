@@ -1,4 +1,4 @@
-"""Reusable experiment stages: a resumable SFT/pretraining stage and log-likelihood scoring.
+"""Reusable experiment stages: one resumable training stage for any step, SFT/reward/DPO wrappers.
 
 A stage owns a sub-directory of the run (checkpoints/, metrics.jsonl, tensorboard/); running it
 again resumes from its latest checkpoint, and a finished stage just returns its final params.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Sequence
+from collections.abc import Callable
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,14 @@ from jax.sharding import Mesh
 from rlft.checkpoints import Checkpointer
 from rlft.data.batching import Example, TokenBatch, pad_right
 from rlft.data.loader import epoch_batches
+from rlft.errors import RlftError
+from rlft.data.preferences import EncodedPair, pad_pairs
 from rlft.logging import MetricsLogger
+from rlft.objectives.dpo import check_dpo_args
 from rlft.objectives.sft import token_logprobs
-from rlft.sharding import batch_sharding, shard_batch
-from rlft.steps import (abstract_train_state, compile_step, init_sharded_train_state, make_optimizer,
-                        sft_step)
+from rlft.sharding import shard_batch
+from rlft.steps import (TrainState, abstract_train_state, batch_shardings, compile_step, dpo_step,
+                        init_sharded_train_state, make_optimizer, reward_step, sft_step)
 from rlft.train_loop import DATA_POSITION, restore_or_init, train
 
 
@@ -46,19 +50,54 @@ def record_stage(workdir: str, name: str, kind: str = "lm") -> None:
     path = os.path.join(workdir, STAGES_FILE)
     stages = json.load(open(path)) if os.path.isfile(path) else []
     stages = [s for s in stages if s["name"] != name] + [{"name": name, "kind": kind}]
+    os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(stages, f, indent=2)
 
 
-def run_sft_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
-                  examples: Sequence[Example], cfg: ml_collections.ConfigDict, mesh: Mesh,
-                  seed: int, pad_id: int) -> nnx.State:
-    """Train `params` on (prompt, completion) token examples for cfg.steps; returns final params.
+def reward_stage_config(steps: int, batch_size: int, learning_rate: float,
+                        **overrides) -> ml_collections.ConfigDict:
+    """The config section of `run_reward_stage`: an SFT-like section plus margin and center_weight.
 
-    Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order).
+    batch_size counts pairs; margin is subtracted from r_c - r_r in the Bradley–Terry loss;
+    center_weight scales mean((r_c + r_r)^2).
     """
+    cfg = sft_stage_config(steps, batch_size, learning_rate, margin=0.0, center_weight=0.0)
+    del cfg.full_sequence_loss
+    cfg.update(overrides)
+    return cfg
+
+
+def dpo_stage_config(steps: int, batch_size: int, learning_rate: float,
+                     **overrides) -> ml_collections.ConfigDict:
+    """The config section of `run_dpo_stage`: an SFT-like section plus beta, label_smoothing, loss_type."""
+    cfg = sft_stage_config(steps, batch_size, learning_rate, beta=0.1, label_smoothing=0.0,
+                           loss_type="sigmoid")
+    del cfg.full_sequence_loss
+    cfg.update(overrides)
+    return cfg
+
+
+def run_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State, num_examples: int,
+              make_batch: Callable[[np.ndarray], Any], step_fn: Callable[..., tuple[TrainState, dict]],
+              cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int, kind: str = "lm",
+              extra_args: tuple = (), **step_kwargs: Any) -> nnx.State:
+    """Train `params` with `step_fn` for cfg.steps on batches `make_batch(indices)`; final params.
+
+    make_batch maps example indices [cfg.batch_size] to a host batch (a pytree of numpy arrays
+    with a leading batch dimension); step_fn(state, batch, *extra_args, graphdef=, tx=,
+    accum_steps=, **step_kwargs) is compiled once with `compile_step` (extra_args, e.g. frozen
+    reference params, keep their shardings and are not donated). The optimizer comes from cfg
+    (learning_rate, warmup_steps, weight_decay, clip_norm); checkpoints and metrics go to
+    WORKDIR/NAME, which is recorded in WORKDIR/stages.json with `kind` ("lm" or "scalar").
+    Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order);
+    a finished stage just returns its params.
+    """
+    if not 1 <= cfg.batch_size <= num_examples:
+        raise RlftError(f"{name}.batch_size={cfg.batch_size}: must be between 1 and the number of "
+                        f"training examples ({num_examples})")
     stage_dir = os.path.join(workdir, name)
-    record_stage(workdir, name, "lm")
+    record_stage(workdir, name, kind)
     tx = make_optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.weight_decay, cfg.clip_norm)
     abstract = abstract_train_state(graphdef, params, tx, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
@@ -70,20 +109,65 @@ def run_sft_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.S
         checkpointer.close()
         return state.params
 
+    batches = ((i, make_batch(idx)) for i, idx in
+               epoch_batches(num_examples, cfg.batch_size, seed, start_index=extra[DATA_POSITION]))
+    template = make_batch(np.arange(cfg.batch_size))
+    extra_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args)
+    compiled = compile_step(step_fn, shardings, batch_shardings(template, mesh), mesh, extra_shardings,
+                            graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps, **step_kwargs)
+    step = (lambda s, b: compiled(s, b, *extra_args)) if extra_args else compiled
+    with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
+        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps)
+    checkpointer.close()
+    return state.params
+
+
+def run_sft_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+                  examples: Sequence[Example], cfg: ml_collections.ConfigDict, mesh: Mesh,
+                  seed: int, pad_id: int) -> nnx.State:
+    """Train `params` on (prompt, completion) token examples for cfg.steps; returns final params.
+
+    Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order).
+    """
+
     def host_batch(indices: np.ndarray) -> TokenBatch:
         batch, _ = pad_right([examples[i] for i in indices], cfg.max_length, pad_id,
                              full_sequence_loss=cfg.full_sequence_loss)
         return batch
 
-    batches = ((i, host_batch(idx)) for i, idx in
-               epoch_batches(len(examples), cfg.batch_size, seed, start_index=extra[DATA_POSITION]))
-    template = host_batch(np.arange(cfg.batch_size))
-    step = compile_step(sft_step, shardings, jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), template),
-                        mesh, graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps)
-    with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
-        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps)
-    checkpointer.close()
-    return state.params
+    return run_stage(name, workdir, graphdef, params, len(examples), host_batch, sft_step, cfg, mesh,
+                     seed, kind="lm")
+
+
+def _pair_batches(pairs: Sequence[EncodedPair], length: int, pad_id: int) -> Callable[[np.ndarray], TokenBatch]:
+    """make_batch(indices) -> pair batch [batch, 2, length] of the selected pairs."""
+    return lambda indices: pad_pairs([pairs[i] for i in indices], length, pad_id)[0]
+
+
+def run_reward_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+                     pairs: Sequence[EncodedPair], cfg: ml_collections.ConfigDict, mesh: Mesh,
+                     seed: int, pad_id: int) -> nnx.State:
+    """Bradley–Terry training of a ScalarModel on encoded pairs (`reward_stage_config`); final params.
+
+    The stage is recorded as kind "scalar", so `rlft.load` of it gives a model with `score()`.
+    """
+    return run_stage(name, workdir, graphdef, params, len(pairs), _pair_batches(pairs, cfg.max_length, pad_id),
+                     reward_step, cfg, mesh, seed, kind="scalar", margin=cfg.margin,
+                     center_weight=cfg.center_weight)
+
+
+def run_dpo_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+                  pairs: Sequence[EncodedPair], cfg: ml_collections.ConfigDict, mesh: Mesh,
+                  seed: int, pad_id: int, reference_params: nnx.State | None = None) -> nnx.State:
+    """DPO/IPO training of a Decoder on encoded pairs (`dpo_stage_config`); final params.
+
+    The reference is `reference_params` (default: `params`, the starting policy), kept frozen.
+    """
+    check_dpo_args(cfg.beta, cfg.label_smoothing, cfg.loss_type)
+    reference = params if reference_params is None else reference_params
+    return run_stage(name, workdir, graphdef, params, len(pairs), _pair_batches(pairs, cfg.max_length, pad_id),
+                     dpo_step, cfg, mesh, seed, kind="lm", extra_args=(reference,), beta=cfg.beta,
+                     label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)
 
 
 @functools.partial(jax.jit, static_argnums=0)

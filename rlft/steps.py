@@ -1,10 +1,10 @@
-"""Train state, optimizer, gradient accumulation and the pure SFT step, compiled with shardings.
+"""Train state, optimizer, gradient accumulation and the pure SFT, reward and DPO steps.
 
 A step is `step(state, batch, **static) -> (state, metrics)`: a pure function of pytrees, compiled
 once by `compile_step` with explicit in/out shardings and the state donated. Losses are carried as
 (sum, count): the gradient of one step is sum over micro-batches of grad(loss_sum) divided by the
-total token count, so micro-batching and the device count never change it. The reward-model and
-policy-gradient steps reuse `TrainState`, `accumulate_gradients`, `apply_gradients` and
+total token count (pair count for reward and DPO steps), so micro-batching and the device count
+never change it. Every step reuses `TrainState`, `accumulate_gradients`, `apply_gradients` and
 `compile_step`.
 """
 
@@ -22,7 +22,9 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from rlft.errors import RlftError
-from rlft.objectives.sft import sft_loss
+from rlft.objectives.dpo import check_dpo_args, dpo_loss, pair_logprobs
+from rlft.objectives.reward import reward_loss
+from rlft.objectives.sft import batch_field, sft_loss
 from rlft.sharding import batch_sharding, checked_sharding, replicated, state_shardings
 
 Array = jax.Array
@@ -203,6 +205,9 @@ def accumulate_gradients(loss_fn: LossFn, params: nnx.State, batch: Any,
         return loss_sum, (count, aux)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if accum_steps == 1:  # one micro-batch: no scan, no zero-initialised carry to add into
+        (loss, (count, aux)), grads = grad_fn(params, batch)
+        return grads, loss, count, aux
     micro_batches = split_micro_batches(batch, accum_steps)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     _, (count_shape, aux_shape) = jax.eval_shape(objective, params, first)
@@ -245,10 +250,69 @@ def sft_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
     return state, metrics
 
 
+def reward_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
+                tx: optax.GradientTransformation, accum_steps: int = 1, margin: float = 0.0,
+                center_weight: float = 0.0) -> tuple[TrainState, dict]:
+    """One Bradley–Terry update of a ScalarModel on pair batch leaves [accum_steps * pairs, 2, length].
+
+    The gradient is that of the mean loss per pair; metrics: loss, bt_loss, accuracy (r_c > r_r),
+    margin, chosen, rejected (means over pairs), pairs.
+    """
+    loss_fn = functools.partial(reward_loss, graphdef, margin=margin, center_weight=center_weight)
+    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    state, metrics = apply_gradients(state, grads, tx)
+    metrics = {"loss": loss_sum / denom, "bt_loss": aux["bt_loss"] / denom,
+               "accuracy": aux["correct"] / denom, "margin": aux["margin"] / denom,
+               "chosen": aux["chosen"] / denom, "rejected": aux["rejected"] / denom,
+               "pairs": count, **metrics}
+    return state, metrics
+
+
+def dpo_step(state: TrainState, batch: Any, reference_params: nnx.State | None = None, *,
+             graphdef: nnx.GraphDef, tx: optax.GradientTransformation, accum_steps: int = 1,
+             beta: float = 0.1, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid") -> tuple[TrainState, dict]:
+    """One DPO/IPO update on pair batch leaves [accum_steps * pairs, 2, length].
+
+    Reference log-probs come from `reference_params` (frozen, not donated; computed once per
+    micro-batch, outside the gradient) or, when it is None, from the batch field "ref_logps"
+    [pairs, 2]. Metrics (means over pairs): loss, rewards/accuracies, rewards/margins,
+    rewards/chosen, rewards/rejected, logps/chosen, logps/rejected.
+    """
+    check_dpo_args(beta, label_smoothing, loss_type)
+
+    def loss_fn(params, micro):
+        if reference_params is None:
+            reference = batch_field(micro, "ref_logps")
+        else:
+            reference = jax.lax.stop_gradient(pair_logprobs(graphdef, reference_params, micro))
+        return dpo_loss(pair_logprobs(graphdef, params, micro), reference, beta, label_smoothing,
+                        loss_type)
+
+    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    state, metrics = apply_gradients(state, grads, tx)
+    metrics = {"loss": loss_sum / denom, "rewards/accuracies": aux["correct"] / denom,
+               "rewards/margins": aux["margin"] / denom,
+               "rewards/chosen": aux["chosen_reward"] / denom,
+               "rewards/rejected": aux["rejected_reward"] / denom,
+               "logps/chosen": aux["chosen_logp"] / denom,
+               "logps/rejected": aux["rejected_logp"] / denom, "pairs": count, **metrics}
+    return state, metrics
+
+
 def compile_step(step_fn: Callable[..., tuple[TrainState, dict]], state_shardings: TrainState,
-                 batch_sharding_tree: Any, mesh: Mesh, **static: Any) -> Callable:
-    """jit(step_fn(state, batch, **static)) with explicit shardings, metrics replicated, state donated."""
+                 batch_sharding_tree: Any, mesh: Mesh, extra_shardings: tuple = (),
+                 **static: Any) -> Callable:
+    """jit(step_fn(state, batch, *extra, **static)) with explicit shardings, metrics replicated.
+
+    Only the state is donated; `extra_shardings` place further positional arguments (e.g. the
+    frozen reference params of `dpo_step`), which are never donated.
+    """
     return jax.jit(functools.partial(step_fn, **static),
-                   in_shardings=(state_shardings, batch_sharding_tree),
+                   in_shardings=(state_shardings, batch_sharding_tree, *extra_shardings),
                    out_shardings=(state_shardings, replicated(mesh)),
                    donate_argnums=0)

@@ -1,4 +1,4 @@
-"""Offline data: VADER human-rated sentences (TFDS), BPE tokenizers and numpy batching.
+"""Offline data: VADER human-rated sentences (TFDS), preference pairs, BPE tokenizers, numpy batching.
 
 Names are re-exported lazily, so `rlft.data.batching` does not import TFDS or transformers.
 """
@@ -10,6 +10,8 @@ _EXPORTS = {
                  "pad_right", "truncate"],
     "human_ratings": ["SOURCES", "HumanRatedSentences", "load_split", "malformed_counts",
                       "parse_ground_truth", "parse_rater_file", "split_of"],
+    "preferences": ["PreferencePair", "encode_pairs", "load_pairs", "pad_pairs", "preference_data_config",
+                    "rating_pairs", "tfds_pairs"],
     "tokenizer": ["EOS_TOKEN", "PAD_TOKEN", "load_tokenizer", "train_tokenizer"],
 }
 _MODULE_OF = {name: mod for mod, names in _EXPORTS.items() for name in names}

@@ -1,0 +1,81 @@
+"""Reward modelling: the score at the last real token and the Bradley–Terry loss as (sum, count).
+
+Preference batches hold pairs: every field is [batch, 2, length] with row 0 the chosen and row 1
+the rejected sequence of a pair (`rlft.data.preferences.pad_pairs`), so a pair never straddles
+two devices or two micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlft.objectives.sft import batch_field
+
+Array = jax.Array
+
+
+def last_token_index(segment_ids: Array) -> Array:
+    """int32 [batch]: the slot of the last non-padding token of each row (0 for an empty row).
+
+    Works for right padding, left padding and packing alike (the last slot with segment_ids > 0).
+    """
+    real = segment_ids > 0
+    length = segment_ids.shape[-1]
+    from_end = jnp.argmax(real[..., ::-1], axis=-1)
+    return jnp.where(jnp.any(real, axis=-1), length - 1 - from_end, 0).astype(jnp.int32)
+
+
+def last_token_scores(scores: Array, segment_ids: Array) -> Array:
+    """float32 [batch]: scores [batch, length] read at the last real token of each row."""
+    index = last_token_index(segment_ids)
+    return jnp.take_along_axis(scores, index[:, None], axis=-1)[:, 0].astype(jnp.float32)
+
+
+def flatten_pairs(batch: Any) -> dict[str, Array]:
+    """Pair batch fields [batch, 2, length] -> [2 * batch, length], chosen rows first then rejected."""
+    out = {}
+    for name in ("tokens", "positions", "segment_ids", "loss_mask"):
+        x = batch_field(batch, name)
+        out[name] = jnp.concatenate([x[:, 0], x[:, 1]], axis=0)
+    return out
+
+
+def bradley_terry_loss(chosen: Array, rejected: Array, margin: float | Array = 0.0,
+                       center_weight: float = 0.0) -> tuple[Array, Array, dict]:
+    """(loss sum, pair count, aux sums) for rewards chosen, rejected float32 [batch].
+
+    loss = sum_i -log σ(r_c - r_r - margin) + center_weight · sum_i (r_c + r_r)², so that
+    loss / count = mean BT loss + center_weight · mean((r_c + r_r)²).
+    aux: "correct" (pairs with r_c > r_r), "margin" (sum of r_c - r_r), "chosen", "rejected"
+    (sums of the rewards), "bt_loss" (the Bradley–Terry part alone), "center" (sum of (r_c + r_r)²).
+    """
+    chosen = chosen.astype(jnp.float32)
+    rejected = rejected.astype(jnp.float32)
+    diff = chosen - rejected
+    bt = -jnp.sum(jax.nn.log_sigmoid(diff - margin))
+    center = jnp.sum(jnp.square(chosen + rejected))
+    loss = bt + center_weight * center if center_weight else bt
+    count = jnp.asarray(chosen.shape[0], jnp.float32)
+    aux = {"correct": jnp.sum((diff > 0).astype(jnp.float32)), "margin": jnp.sum(diff),
+           "chosen": jnp.sum(chosen), "rejected": jnp.sum(rejected), "bt_loss": bt, "center": center}
+    return loss, count, aux
+
+
+def pair_rewards(graphdef: nnx.GraphDef, params: nnx.State, batch: Any) -> tuple[Array, Array]:
+    """(chosen, rejected) rewards float32 [batch] of a ScalarModel on a pair batch [batch, 2, length]."""
+    flat = flatten_pairs(batch)
+    scores = nnx.merge(graphdef, params)(flat["tokens"], flat["positions"], flat["segment_ids"])
+    rewards = last_token_scores(scores, flat["segment_ids"])
+    n = rewards.shape[0] // 2
+    return rewards[:n], rewards[n:]
+
+
+def reward_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Any, margin: float = 0.0,
+                center_weight: float = 0.0) -> tuple[Array, Array, dict]:
+    """`bradley_terry_loss` of a ScalarModel's last-token rewards on a pair batch [batch, 2, length]."""
+    chosen, rejected = pair_rewards(graphdef, params, batch)
+    return bradley_terry_loss(chosen, rejected, margin, center_weight)

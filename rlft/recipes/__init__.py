@@ -1,0 +1,1 @@
+"""Building blocks shared by experiment modules (config sections, pretrained bases, judges)."""

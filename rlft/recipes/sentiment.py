@@ -1,0 +1,134 @@
+"""The sentiment case studies' shared base: config sections, tokenizer, pretraining, VADER judge.
+
+Every sentiment experiment starts from a small GPT-2-layout decoder pretrained from scratch on the
+training sentences of the VADER human-rated corpora (full-sequence loss, each sentence framed by
+EOS), with a byte-level BPE trained on the same sentences. `pretrained_base` builds it in the
+work directory (stage "pretrain", resumable) or, with `init_from=RUN_DIR`, reuses the tokenizer,
+model config and pretrain-stage params of an earlier sentiment run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlft.checkpoints import load_model_config, save_model_config
+from rlft.data.human_ratings import load_split
+from rlft.data.tokenizer import load_tokenizer, train_tokenizer
+from rlft.errors import RlftError
+from rlft.models import Decoder, ModelConfig
+from rlft.sharding import make_mesh, sharded_init
+from rlft.stages import run_sft_stage, sft_stage_config
+
+PRETRAIN_SOURCES = ("movie_reviews", "amazon", "nyt", "tweets")
+
+
+def base_config(preset: str, experiment: str) -> ml_collections.ConfigDict:
+    """seed, data (source, pretrain_sources, data_dir), tokenizer, model, mesh, pretrain sections.
+
+    Presets: "default" and "tiny" (a 2-layer d64 model and a few steps, for tests).
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(source="movie_reviews", pretrain_sources=PRETRAIN_SOURCES,
+                                            data_dir=""))
+    c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=2048))
+    c.model = ml_collections.ConfigDict(dict(d_model=256, n_layers=4, n_heads=4, max_positions=128))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.pretrain = sft_stage_config(steps=600, batch_size=32, learning_rate=1e-3, max_length=64,
+                                  full_sequence_loss=True)
+    if preset == "tiny":
+        c.data.pretrain_sources = ("movie_reviews",)
+        c.tokenizer.vocab_size = 512
+        c.model.update(d_model=64, n_layers=2, n_heads=4)
+        c.pretrain.update(steps=8, batch_size=16, save_every=4)
+    elif preset != "default":
+        raise RlftError(f"{experiment}: unknown preset {preset!r} (default, tiny)")
+    return c
+
+
+@dataclasses.dataclass
+class Base:
+    """A pretrained language model and what it was built with."""
+
+    tokenizer: object
+    model_config: ModelConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    params: nnx.State
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def encode_sentence(self, text: str) -> tuple[list[int], list[int]]:
+        """([EOS], ids + [EOS]): a sentence framed as in pretraining (EOS opens and closes it)."""
+        return [self.eos_id], self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[dict]):
+    """The run's tokenizer: WORKDIR/tokenizer if saved, else trained on `rows`' texts and saved there."""
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        return load_tokenizer(tok_dir)
+    return train_tokenizer((r["text"] for r in rows), config.tokenizer.vocab_size, tok_dir)
+
+
+def pretrain_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
+    """Tokenizer, model config (saved in WORKDIR), mesh and the resumable "pretrain" stage's params."""
+    data_dir = config.data.data_dir or None
+    rows = [r for src in config.data.pretrain_sources for r in load_split(src, "train", data_dir)]
+    tokenizer = _tokenizer(config, workdir, rows)
+    model_cfg = ModelConfig.gpt2(vocab_size=len(tokenizer), **config.model)
+    save_model_config(workdir, model_cfg)
+    mesh = make_mesh(dict(config.mesh))
+    graphdef, params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
+    base = Base(tokenizer, model_cfg, mesh, graphdef, params)
+    corpus = [base.encode_sentence(r["text"]) for r in rows]
+    base.params = run_sft_stage("pretrain", workdir, graphdef, params, corpus, config.pretrain, mesh,
+                                config.seed, base.pad_id)
+    return base
+
+
+def base_from_run(run_dir: str, stage: str, workdir: str, mesh_shape: dict) -> Base:
+    """The tokenizer, model config and STAGE params of an earlier run, copied into WORKDIR's metadata."""
+    from rlft.warm_start import decoder_state
+
+    stage_dir = os.path.join(run_dir, stage)
+    if not os.path.isdir(run_dir):
+        raise RlftError(f"init_from={run_dir}: no such run directory")
+    if not os.path.isdir(stage_dir):
+        raise RlftError(f"init_from={run_dir}: no stage directory {stage!r} there "
+                        f"(set init_stage to one of its stages)")
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    model_cfg = load_model_config(run_dir)
+    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    save_model_config(workdir, model_cfg)
+    mesh = make_mesh(mesh_shape)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
+    return Base(tokenizer, model_cfg, mesh, graphdef, decoder_state(model_cfg, stage_dir, mesh))
+
+
+def pretrained_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
+    """`base_from_run(config.init_from, config.init_stage)` if init_from is set, else `pretrain_base`."""
+    if config.get("init_from"):
+        return base_from_run(config.init_from, config.init_stage, workdir, dict(config.mesh))
+    return pretrain_base(config, workdir)
+
+
+def vader_compound(texts: Sequence[str]) -> np.ndarray:
+    """float64 [len(texts)]: the VADER lexicon judge's compound score in [-1, 1] of each text."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    judge = SentimentIntensityAnalyzer()
+    return np.array([judge.polarity_scores(t)["compound"] for t in texts], np.float64)

@@ -1,0 +1,81 @@
+"""Reward-model scores of token sequences on a mesh, and the reward statistics RL normalises with.
+
+WORKDIR/<stage>/reward_stats.json records the mean and std of a reward model's scores on a
+reference set, and how texts were tokenised for it (`add_bos`: the EOS id opens each sequence;
+`add_eos`: EOS closes it; `max_length`: the truncation length), so `rlft.load(...).score(texts)`
+reproduces the training inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlft.data.batching import Example, pad_right
+from rlft.errors import RlftError
+from rlft.objectives.reward import last_token_scores
+from rlft.sharding import shard_batch
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_scores(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array) -> jax.Array:
+    """float32 [batch]: a ScalarModel's score at the last real token of each row."""
+    return last_token_scores(nnx.merge(graphdef, params)(tokens, positions, segment_ids), segment_ids)
+
+
+def sequence_scores(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
+                    length: int, pad_id: int, mesh: Mesh, batch_size: int = 64) -> np.ndarray:
+    """float32 [len(examples)]: the reward of each (prompt, completion) token example, right padded."""
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)  # static shapes: one compilation
+        batch, _ = pad_right(chunk, length, pad_id)
+        b = shard_batch(batch, mesh)
+        out.append(np.asarray(_last_scores(graphdef, params, b.tokens, b.positions, b.segment_ids))[:real])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def write_reward_stats(stage_dir: str, scores: np.ndarray, reference: str, add_bos: bool,
+                       add_eos: bool, max_length: int) -> dict:
+    """Writes STAGE_DIR/reward_stats.json (mean, std, count of `scores` [n]); returns its content.
+
+    add_bos, add_eos and max_length (the truncation length) describe the training inputs.
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.size == 0:
+        raise RlftError(f"{stage_dir}: no reference texts to compute reward statistics on")
+    stats = {"mean": float(scores.mean()), "std": float(scores.std()), "count": int(scores.size),
+             "reference": reference, "add_bos": bool(add_bos), "add_eos": bool(add_eos),
+             "max_length": int(max_length)}
+    os.makedirs(stage_dir, exist_ok=True)
+    with open(os.path.join(stage_dir, REWARD_STATS_FILE), "w") as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+def read_reward_stats(stage_dir: str) -> dict | None:
+    """The stage's reward_stats.json as a dict, or None if it has none."""
+    path = os.path.join(stage_dir, REWARD_STATS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise RlftError(f"{path}: malformed JSON ({e})") from None
+
+
+def normalize_scores(scores: np.ndarray, stats: dict, eps: float = 1e-8) -> np.ndarray:
+    """(scores - mean) / std with the reference statistics of `stats`."""
+    return (np.asarray(scores, np.float32) - stats["mean"]) / (stats["std"] + eps)
