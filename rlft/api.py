@@ -58,6 +58,41 @@ class Model:
             raise RlftError("logits() needs a language model; this is a scalar (reward/value) model")
         return np.asarray(self._forward(self.params, *self._inputs(token_ids, attention_mask)))
 
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0) -> dict:
+        """Sample completions of text or token-id prompts (temperature=0: greedy).
+
+        Returns {"text": [str] (when prompts are strings), "tokens": int32 [batch, max_new_tokens]
+        (pad after EOS), "mask": [batch, max_new_tokens], "logprobs": float32 [batch,
+        max_new_tokens] under the distribution sampled from}.
+        """
+        from rlft.data.batching import pad_left
+        from rlft.sampling import SamplingParams, sample
+
+        if self.kind != "lm":
+            raise RlftError("generate() needs a language model; this is a scalar (reward/value) model")
+        if not len(prompts):
+            raise RlftError("generate(): no prompts")
+        as_text = isinstance(prompts[0], str)
+        tok = self._require_tokenizer() if as_text or self.tokenizer is not None else None
+        ids = [tok.encode(p, add_special_tokens=False) if as_text else [int(t) for t in p] for p in prompts]
+        for prompt, row in zip(prompts, ids):
+            if not row:
+                raise RlftError(f"generate(): prompt {prompt!r} has no tokens")
+        eos_id = -1 if tok is None or tok.eos_token_id is None else tok.eos_token_id  # -1: never stops
+        pad_id = 0 if tok is None or tok.pad_token_id is None else tok.pad_token_id
+        tokens, mask, _ = pad_left(ids, max(len(r) for r in ids), pad_id)
+        out = sample(self.graphdef, self.params, tokens, mask, jax.random.key(seed),
+                     max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                     sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+        result = {"tokens": np.asarray(out.tokens), "mask": np.asarray(out.mask),
+                  "logprobs": np.asarray(out.logprobs)}
+        if as_text:
+            result["text"] = [tok.decode(row[:n], skip_special_tokens=True)
+                              for row, n in zip(result["tokens"].tolist(), np.asarray(out.lengths))]
+        return result
+
     def score(self, texts: Sequence[str], prompts: Sequence[str] | None = None, normalize: bool = False,
               batch_size: int = 64) -> np.ndarray:
         """float32 [len(texts)]: a reward model's score of each text at its last real token.

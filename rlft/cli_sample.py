@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-
-import numpy as np
 
 from rlft.errors import RlftError
 
@@ -19,7 +16,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlft sample", description="Sample completions of prompts from a checkpoint.")
-    parser.add_argument("path", help="a Hugging Face checkpoint directory (with its tokenizer)")
+    parser.add_argument("path", help="anything rlft.load takes: an HF checkpoint or an rlft run/checkpoint dir")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat for a batch of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -30,26 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def left_pad(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, mask), both int32 [batch, longest]: rows right-aligned, pad_id / 0 on the left."""
-    length = max(len(row) for row in ids)
-    tokens = np.full((len(ids), length), pad_id, np.int32)
-    mask = np.zeros((len(ids), length), np.int32)
-    for i, row in enumerate(ids):
-        if row:
-            tokens[i, length - len(row):] = row
-            mask[i, length - len(row):] = 1
-    return tokens, mask
-
-
 def sample_command(args: list[str]) -> int:
     """Run `rlft sample` with the arguments after `sample`; returns the exit status (0)."""
-    import jax
-    from flax import nnx
-
-    from rlft.models.decoder import Decoder
-    from rlft.models.hf import load_hf_checkpoint
-    from rlft.sampling import SamplingParams, sample
+    import rlft
+    from rlft.sampling import SamplingParams
 
     opts = _parser().parse_args(args)
     for flag, ok, rule in (("--max-new-tokens", opts.max_new_tokens >= 1, ">= 1"),
@@ -59,25 +40,15 @@ def sample_command(args: list[str]) -> int:
         if not ok:
             raise RlftError(f"{flag}={getattr(opts, flag[2:].replace('-', '_'))}: must be {rule}")
     sampling = SamplingParams(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
-    if not os.path.isdir(opts.path):
-        raise RlftError(f"{opts.path}: no such checkpoint directory")
-    cfg, params, tokenizer = load_hf_checkpoint(opts.path)
-    if tokenizer is None:
+    model = rlft.load(opts.path)
+    if model.tokenizer is None:
         raise RlftError(f"{opts.path}: no tokenizer files (tokenizer.json, vocab.json or tokenizer.model)")
-    ids = [list(tokenizer.encode(p)) for p in opts.prompt]
-    for prompt, row in zip(opts.prompt, ids):
-        if not row:
-            raise RlftError(f"--prompt {prompt!r} encodes to no tokens")
-    eos_id = -1 if tokenizer.eos_token_id is None else tokenizer.eos_token_id  # -1 never fires
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else max(eos_id, 0)
-    tokens, mask = left_pad(ids, pad_id)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-    out = sample(graphdef, params, tokens, mask, jax.random.key(opts.seed),
-                 max_new_tokens=opts.max_new_tokens, eos_id=eos_id, pad_id=pad_id, sampling=sampling)
-    out_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    out = model.generate(opts.prompt, max_new_tokens=opts.max_new_tokens, temperature=sampling.temperature,
+                         top_k=sampling.top_k, top_p=sampling.top_p, seed=opts.seed)
+    eos_id = model.tokenizer.eos_token_id
     for i, prompt in enumerate(opts.prompt):
-        completion = out_tokens[i, : lengths[i]].tolist()
+        completion = out["tokens"][i, : int(out["mask"][i].sum())].tolist()
         stop = "eos" if completion and completion[-1] == eos_id else "length"
         print(f"--- sample {i}: {len(completion)} tokens, stopped at {stop} ---")
-        print(prompt + tokenizer.decode(completion, skip_special_tokens=True))
+        print(prompt + out["text"][i])
     return 0

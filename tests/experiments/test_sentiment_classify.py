@@ -63,6 +63,14 @@ def test_load_and_export_the_run(tiny_run, tmp_path):
     np.testing.assert_array_equal(model.logits(ids), same.logits(ids))
     assert np.abs(rlft.load(os.path.join(tiny_run, "pretrain")).logits(ids) - model.logits(ids)).max() > 1e-3
 
+    # Greedy generation from the run continues with the logits' argmax, step after step.
+    out = model.generate(["a wonderful, moving film\nSentiment:"], max_new_tokens=3, temperature=0)
+    assert isinstance(out["text"][0], str)
+    context = ids
+    for t in range(int(out["mask"][0].sum())):
+        assert out["tokens"][0, t] == int(np.argmax(model.logits(context)[0, -1]))
+        context = np.concatenate([context, out["tokens"][:, t:t + 1]], axis=1)
+
     assert main(["export", tiny_run, "--out", str(tmp_path / "hf")]) == 0
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
