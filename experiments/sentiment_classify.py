@@ -21,7 +21,8 @@ import numpy as np
 from rlft.data.batching import encode_example
 from rlft.data.human_ratings import load_split
 from rlft.recipes import sentiment
-from rlft.stages import completion_logprobs, run_sft_stage, sft_stage_config
+from rlft.scoring import completion_logprobs
+from rlft.stages import run_sft_stage, sft_stage_config
 
 LABELS = (" negative", " positive")
 

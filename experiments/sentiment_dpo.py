@@ -32,7 +32,8 @@ from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, load_pairs, preference_data_config
 from rlft.objectives.dpo import check_dpo_args
 from rlft.recipes import sentiment
-from rlft.stages import completion_logprobs, dpo_stage_config, run_dpo_stage, run_sft_stage, sft_stage_config
+from rlft.scoring import completion_logprobs
+from rlft.stages import dpo_stage_config, run_dpo_stage, run_sft_stage, sft_stage_config
 
 PROMPT = "Write a positive movie review sentence:\n"
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.data.batching import Example, pad_right
+from rlft.data.batching import Example, TokenBatch, pad_right
 from rlft.errors import RlftError
 from rlft.objectives.reward import last_token_scores
+from rlft.objectives.sft import token_logprobs
 from rlft.sharding import shard_batch
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -33,18 +35,39 @@ def _last_scores(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, p
     return last_token_scores(nnx.merge(graphdef, params)(tokens, positions, segment_ids), segment_ids)
 
 
-def sequence_scores(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
-                    length: int, pad_id: int, mesh: Mesh, batch_size: int = 64) -> np.ndarray:
-    """float32 [len(examples)]: the reward of each (prompt, completion) token example, right padded."""
+@functools.partial(jax.jit, static_argnums=0)
+def _completion_logprob(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+                        segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """float32 [batch]: a Decoder's log-probability of the loss_mask tokens of each row."""
+    logits = nnx.merge(graphdef, params)(tokens, positions, segment_ids)
+    return jnp.sum(token_logprobs(logits, tokens) * loss_mask, axis=-1)
+
+
+def _map_padded(fn: Callable[[TokenBatch], jax.Array], examples: Sequence[Example], length: int,
+                pad_id: int, mesh: Mesh, batch_size: int) -> np.ndarray:
+    """fn over right-padded, batch-sharded chunks of examples; float32 [len(examples)]."""
     out = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # static shapes: one compilation
         batch, _ = pad_right(chunk, length, pad_id)
-        b = shard_batch(batch, mesh)
-        out.append(np.asarray(_last_scores(graphdef, params, b.tokens, b.positions, b.segment_ids))[:real])
+        out.append(np.asarray(fn(shard_batch(batch, mesh)))[:real])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def sequence_scores(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
+                    length: int, pad_id: int, mesh: Mesh, batch_size: int = 64) -> np.ndarray:
+    """float32 [len(examples)]: the reward of each (prompt, completion) token example, right padded."""
+    fn = lambda b: _last_scores(graphdef, params, b.tokens, b.positions, b.segment_ids)
+    return _map_padded(fn, examples, length, pad_id, mesh, batch_size)
+
+
+def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
+                        length: int, pad_id: int, mesh: Mesh, batch_size: int = 64) -> np.ndarray:
+    """float32 [len(examples)]: log p(completion | prompt) summed over completion tokens."""
+    fn = lambda b: _completion_logprob(graphdef, params, b.tokens, b.positions, b.segment_ids, b.loss_mask)
+    return _map_padded(fn, examples, length, pad_id, mesh, batch_size)
 
 
 def write_reward_stats(stage_dir: str, scores: np.ndarray, reference: str, add_bos: bool,

@@ -6,14 +6,12 @@ again resumes from its latest checkpoint, and a finished stage just returns its 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Callable
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -26,8 +24,6 @@ from rlft.errors import RlftError
 from rlft.data.preferences import EncodedPair, pad_pairs
 from rlft.logging import MetricsLogger
 from rlft.objectives.dpo import check_dpo_args
-from rlft.objectives.sft import token_logprobs
-from rlft.sharding import shard_batch
 from rlft.steps import (TrainState, abstract_train_state, batch_shardings, compile_step, dpo_step,
                         init_sharded_train_state, make_optimizer, reward_step, sft_step)
 from rlft.train_loop import DATA_POSITION, restore_or_init, train
@@ -168,22 +164,3 @@ def run_dpo_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.S
     return run_stage(name, workdir, graphdef, params, len(pairs), _pair_batches(pairs, cfg.max_length, pad_id),
                      dpo_step, cfg, mesh, seed, kind="lm", extra_args=(reference,), beta=cfg.beta,
                      label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _completion_logprob(graphdef: nnx.GraphDef, params: nnx.State, batch: TokenBatch) -> jax.Array:
-    logits = nnx.merge(graphdef, params)(batch.tokens, batch.positions, batch.segment_ids)
-    return jnp.sum(token_logprobs(logits, batch.tokens) * batch.loss_mask, axis=-1)
-
-
-def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
-                        length: int, pad_id: int, mesh: Mesh, batch_size: int = 64) -> np.ndarray:
-    """log p(completion | prompt) summed over completion tokens, float32 [len(examples)]."""
-    out = []
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)  # static shapes: one compilation
-        batch, _ = pad_right(chunk, length, pad_id)
-        out.append(np.asarray(_completion_logprob(graphdef, params, shard_batch(batch, mesh)))[:real])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
