@@ -230,3 +230,21 @@ def test_sharded_steps_equal_unsharded(shape, unsharded_run):
     assert adam.mu["layers"][0]["attn"]["q"].get_value().sharding == q.sharding
     assert adam.nu["embed"].get_value().sharding == state.params["embed"].get_value().sharding
     assert state.step.sharding.spec == P() and state.rng.sharding.spec == P()
+
+
+@pytest.mark.parametrize("vocab", [7, 64, 96, 512, 1000, 50257])
+def test_first_argmax_equals_argmax_with_ties_infs_and_nans(vocab):
+    from rlft.objectives.sft import first_argmax
+
+    rng = np.random.default_rng(vocab)
+    x = rng.normal(size=(3, 4, vocab)).astype(np.float32)
+    x[0, 0] = 0.0                                            # all tied: index 0
+    x[0, 1, 2] = x[0, 1, vocab - 1] = np.nan                 # NaN counts as the maximum
+    x[0, 2, 3] = x[0, 2, vocab - 1] = x[0, 2].max() + 1      # tie: the first one
+    x[1, 2] = -np.inf
+    x[1, 3, 1] = x[1, 3, 4 % vocab] = np.inf
+    x[2, 0, vocab - 1] = 100.0                               # in the last chunk
+    ties = rng.integers(0, 3, size=(5, 6, vocab)).astype(np.float32)
+    f = jax.jit(first_argmax)
+    for arr in (x, np.where(np.isnan(x), 1.0, x).astype(np.float32), ties):
+        np.testing.assert_array_equal(np.asarray(f(arr)), np.asarray(jnp.argmax(arr, axis=-1)))

@@ -73,14 +73,24 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate x [batch, length, heads, head_dim] by positions [batch, length] (HF rotate-half)."""
+def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+    """(cos, sin) float32 [batch, length, 1, head_dim] of the RoPE angles; shared by every layer."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array,
+               cos_sin: tuple[Array, Array] | None = None) -> Array:
+    """Rotate x [batch, length, heads, head_dim] by positions [batch, length] (HF rotate-half).
+
+    `cos_sin` (from `rope_cos_sin`) skips recomputing the angles when given.
+    """
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(positions, inv_freq)
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 @struct.dataclass
@@ -158,16 +168,20 @@ class Attention(nnx.Module):
         if cfg.out_bias:
             self.o_bias = _const(0.0, (d,), ("embed",))
 
-    def __call__(self, x: Array, positions: Array, allowed: Array, kv: tuple | None):
-        """x [B, T, D] -> ([B, T, D], (k, v)); kv: this layer's cache and write index, or None."""
+    def __call__(self, x: Array, positions: Array, allowed: Array, kv: tuple | None,
+                 rope: tuple[Array, Array] | None = None):
+        """x [B, T, D] -> ([B, T, D], (k, v)); kv: this layer's cache and write index, or None.
+
+        rope: precomputed (cos, sin) from `rope_cos_sin` (RoPE families), else computed here.
+        """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         bias = lambda name: getattr(self, name)[...] if hasattr(self, name) else None
         q = dense(x, self.q[...], bias("q_bias"), 1, dtype)
         k = dense(x, self.k[...], bias("k_bias"), 1, dtype)
         v = dense(x, self.v[...], bias("v_bias"), 1, dtype)
         if cfg.uses_rope:
-            inv_freq = rope_inverse_frequencies(cfg)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            inv_freq = None if rope is not None else rope_inverse_frequencies(cfg)
+            q, k = apply_rope(q, positions, inv_freq, rope), apply_rope(k, positions, inv_freq, rope)
         if kv is not None:
             k_cache, v_cache, index = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
@@ -220,8 +234,8 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, allowed, kv):
-        a, kv = self.attn(self.attn_norm(x), positions, allowed, kv)
+    def __call__(self, x, positions, allowed, kv, rope=None):
+        a, kv = self.attn(self.attn_norm(x), positions, allowed, kv, rope)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -258,10 +272,13 @@ class Decoder(nnx.Module):
             key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                         (0, cache.index))
             allowed = attention_weights_mask(segment_ids, key_segments, cache.index + jnp.arange(length))
+        # RoPE angles depend only on positions: computed once here, shared by every layer.
+        rope = (rope_cos_sin(positions, rope_inverse_frequencies(self.config))
+                if self.config.uses_rope else None)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, (k, v) = layer(x, positions, allowed, kv)
+            x, (k, v) = layer(x, positions, allowed, kv, rope)
             new_k.append(k)
             new_v.append(v)
         x = self.final_norm(x)
@@ -273,10 +290,7 @@ class Decoder(nnx.Module):
     def logits_from_hidden(self, x: Array) -> Array:
         """LM-head logits in float32: [batch, length, d_model] -> [batch, length, vocab]."""
         dtype = jnp.dtype(self.config.dtype)
-        if self.config.tie_embeddings:
-            w = self.embed[...].T
-        else:
-            w = self.lm_head[...]
+        w = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
         return dense(x, w, None, 1, dtype).astype(jnp.float32)
 
     def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
