@@ -19,6 +19,7 @@ from rlft import steps
 from rlft.models import Decoder, ModelConfig
 from rlft.objectives import sft_loss, token_logprobs
 from rlft.sharding import make_mesh, shard_batch, state_shardings
+from tests.pairs_util import random_params
 
 CFG = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64)
 
@@ -29,14 +30,7 @@ def make_model(seed: int = 0) -> Decoder:
 
 def host_params(seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, random numpy params) shaped like make_model(): compiling an init is slow on CPU."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
-    rng = np.random.default_rng(seed)
-
-    def one(path, x):
-        value = rng.normal(0.0, 0.05, x.shape).astype(np.float32)
-        return value + 1.0 if "scale" in jax.tree_util.keystr(path) else value
-
-    return graphdef, jax.tree_util.tree_map_with_path(one, abstract)
+    return random_params(make_model, seed)
 
 
 @functools.lru_cache
