@@ -97,8 +97,11 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array,
 class KVCache:
     """A static key/value cache: fixed [batch, max_len] slots, written at `index`.
 
-    k, v: per layer [batch, max_len, kv_heads, head_dim]; segment_ids: [batch, max_len]
-    (0 = empty slot or padding); index: int32 scalar, the next slot to write.
+    Per layer, k: [batch, kv_heads, max_len, head_dim] and v: [batch, kv_heads, head_dim, max_len],
+    the operand layouts XLA:CPU's fast (YNNPACK) batched matmuls take as they are: with
+    [batch, max_len, kv_heads, head_dim] XLA copied every layer's cache twice per decode step.
+    segment_ids: [batch, max_len] (0 = empty slot or padding); index: int32 scalar, the next slot
+    to write.
     """
 
     k: tuple
@@ -106,15 +109,14 @@ class KVCache:
     segment_ids: Array
     index: Array
 
-    LOGICAL_AXES = ("batch", "length", "kv_heads", "head_dim")
-
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
         """An empty cache for `batch` rows of up to `max_len` tokens."""
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        k_shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        v_shape = (batch, cfg.n_kv_heads, cfg.head_dim, max_len)
         dtype = jnp.dtype(cfg.dtype)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+        return cls(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
+                   v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
@@ -182,18 +184,19 @@ class Attention(nnx.Module):
         if cfg.uses_rope:
             inv_freq = None if rope is not None else rope_inverse_frequencies(cfg)
             q, k = apply_rope(q, positions, inv_freq, rope), apply_rope(k, positions, inv_freq, rope)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, KV, T, Dh], [B, KV, Dh, T]
         if kv is not None:
             k_cache, v_cache, index = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, 0, index))
         b, t, h, hd = q.shape
         groups = h // cfg.n_kv_heads
         q = q.reshape(b, t, cfg.n_kv_heads, groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype)).reshape(b, t, h, hd)
+        out = jnp.einsum("bkgts,bkds->btkgd", probs, v.astype(dtype)).reshape(b, t, h, hd)
         return dense(out, self.o[...], bias("o_bias"), 2, dtype), (k, v)
 
 
