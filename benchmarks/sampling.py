@@ -3,7 +3,8 @@
 Both sides run the same GPT-2-layout weights (random, built with transformers and imported with
 `load_hf_checkpoint`) on the same batch of prompts, produce exactly `--new-tokens` tokens (no EOS),
 and alternate A, B, A, B in one process; medians and the ratio rlft / PyTorch are printed.
-PyTorch uses its KV cache and `torch.set_num_threads(2)`.
+PyTorch uses its KV cache and `torch.set_num_threads(2)`. glibc's allocator is tuned for both, as the
+`rlft` command does (`rlft.host.tune_host_malloc`; `RLFT_MALLOC=default` leaves it alone).
 
     python benchmarks/sampling.py                    # tiny and GPT-2 small shapes
     python benchmarks/sampling.py --shapes tiny --reps 9
@@ -18,15 +19,19 @@ import statistics
 import tempfile
 import time
 
-import jax
-import numpy as np
-import torch
-import transformers
-from flax import nnx
+from rlft.host import tune_host_malloc
 
-from rlft.models.decoder import Decoder
-from rlft.models.hf import load_hf_checkpoint
-from rlft.sampling import SamplingParams, _sample_jit, sample
+MALLOC_TUNED = tune_host_malloc() if __name__ == "__main__" else False  # before torch/XLA threads start
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from rlft.models.decoder import Decoder  # noqa: E402
+from rlft.models.hf import load_hf_checkpoint  # noqa: E402
+from rlft.sampling import SamplingParams, _sample_jit, sample  # noqa: E402
 
 SHAPES = {
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 512, "n_positions": 256},
@@ -130,7 +135,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}")
+          f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}; "
+          f"malloc {'tuned' if MALLOC_TUNED else 'default'}")
     for shape in args.shapes.split(","):
         reps = args.reps or (7 if shape == "tiny" else 3)
         bench_shape(shape, reps, args.batch, args.prompt_len, args.new_tokens, args.modes.split(","))

@@ -25,8 +25,8 @@ second term the full (non-causal) T x T attention products, forward + backward; 
 matmul peak measured in the same run (best of several jnp.dot / torch.mm on 2048 and 4096 square
 matrices).
 
-The process's glibc allocator is tuned before JAX starts (`tune_host_malloc`; `--malloc=default`
-leaves it alone): without it XLA:CPU page-faults every step's temporary buffers anew.
+The process's glibc allocator is tuned before JAX starts, as the `rlft` command does
+(`rlft.host.tune_host_malloc`; `RLFT_MALLOC=default` leaves it alone): without it XLA:CPU page-faults every step's temporary buffers anew.
 
     python benchmarks/sft_throughput.py                   # tiny and GPT-2 small shapes
     python benchmarks/sft_throughput.py --shape tiny --repeats 15
@@ -35,44 +35,16 @@ leaves it alone): without it XLA:CPU page-faults every step's temporary buffers 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
 
-def tune_host_malloc() -> bool:
-    """Keep freed memory in glibc's heap so that XLA's per-step buffers are not page-faulted anew.
+from rlft.host import tune_host_malloc  # noqa: E402
 
-    XLA:CPU allocates each execution's temporaries (235 MiB for the tiny step, 1.5 GiB for GPT-2
-    small) with posix_memalign on a worker thread; glibc serves allocations that large with a
-    fresh mmap and returns them with munmap, so every step page-faults all of its temporary
-    memory again (61k faults per tiny step, 430k per GPT-2 small step). One arena, no mmap and no
-    trimming (a threshold of -1 is SIZE_MAX to glibc) make later steps reuse the same pages. Must
-    run before JAX starts its threads.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
-    return all(libc.mallopt(option, value) == 1 for option, value in (
-        (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1), (m_top_pad, 64 << 20)))
-
-
-def _default_malloc_requested(argv: list[str]) -> bool:
-    return "--malloc=default" in argv or any(
-        a == "--malloc" and b == "default" for a, b in zip(argv, argv[1:]))
-
-
-MALLOC_TUNED = False
-if __name__ == "__main__" and not _default_malloc_requested(sys.argv):
-    MALLOC_TUNED = tune_host_malloc()  # before jax is imported and starts its thread pools
+MALLOC_TUNED = tune_host_malloc() if __name__ == "__main__" else False  # before torch/XLA threads start
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -285,9 +257,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="rows (default: 32 tiny, 8 small)")
     parser.add_argument("--length", type=int, default=0, help="tokens per row (default: 64 tiny, "
                         "128 small)")
-    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                        help="tuned: glibc keeps freed memory for reuse (tune_host_malloc), for rlft "
-                        "and PyTorch alike; default: leave the allocator alone")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {len(jax.devices())} device(s)), "

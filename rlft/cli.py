@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from rlft.errors import RlftError
+from rlft.host import tune_host_malloc
 
 
 def _default_workdir(spec: str, preset: str) -> str:
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rlft` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    tune_host_malloc()  # before JAX starts its thread pools; RLFT_MALLOC=default opts out
     parser = build_parser()
     try:
         if argv and argv[0] == "sample":
