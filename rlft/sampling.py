@@ -23,13 +23,14 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from rlft.errors import RlftError
 from rlft.models.decoder import KVCache, positions_from_mask
+from rlft.objectives.sft import first_argmax
+from rlft.sharding import batch_axes, batch_sharding, replicated
 
 Array = jax.Array
-BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +119,6 @@ def sampling_log_probs(logits: Array, sampling: SamplingParams) -> Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-def _first_argmax(x: Array) -> Array:
-    """argmax over the last axis (first index among ties), as two vectorised reductions.
-
-    XLA:CPU's variadic-reduce argmax is ~5x slower on [32, 50257] logits.
-    """
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    hit = x == jnp.max(x, axis=-1, keepdims=True)
-    return jnp.minimum(jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1), x.shape[-1] - 1)
-
-
 def _last_positive(w: Array) -> Array:
     """Index of the last entry > 0 along the last axis of w (0 if none)."""
     iota = jax.lax.broadcasted_iota(jnp.int32, w.shape, w.ndim - 1)
@@ -160,7 +151,7 @@ def _draw(key: Array, logits: Array) -> Array:
 def _choose(logits: Array, key: Array, sampling: SamplingParams) -> tuple[Array, Array]:
     """Next tokens [batch] and their logprobs [batch] from float32 logits [batch, vocab]."""
     if sampling.greedy:
-        tokens = _first_argmax(logits)
+        tokens = first_argmax(logits)
     else:
         logits = _truncate(logits / sampling.temperature, sampling.top_k, sampling.top_p)
         tokens = _draw(key, logits)
@@ -226,16 +217,6 @@ def _sample_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
                                   lengths=jnp.sum(mask, axis=-1)))
 
 
-def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
-    """Sharding of batch-major arrays: leading dim over the mesh's ('data', 'fsdp') axes."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    size = math.prod(mesh.shape[a] for a in axes)
-    if batch % size:
-        raise RlftError(f"sampling: batch size {batch} is not divisible by the mesh's {axes} axes "
-                        f"(size {size})")
-    return NamedSharding(mesh, PartitionSpec(axes or None))
-
-
 _CONFIGS: dict[nnx.GraphDef, object] = {}  # graphdef -> ModelConfig: merging costs ms per call
 
 
@@ -280,9 +261,13 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
         if any(t != AxisType.Auto for t in mesh.axis_types):  # with_sharding_constraint needs Auto
             raise RlftError(f"sampling: mesh axis types {mesh.axis_types} must all be Auto, as "
                             "rlft.sharding.make_mesh makes them (jax.make_mesh(..., axis_types=...))")
-        sharding = batch_sharding(mesh, prompt_tokens.shape[0])
+        sharding = batch_sharding(mesh, 1)  # also constrains the [batch, ...] cache and outputs
+        axes = batch_axes(mesh)
+        if prompt_tokens.shape[0] % math.prod(mesh.shape[a] for a in axes):
+            raise RlftError(f"sampling: batch size {prompt_tokens.shape[0]} is not divisible by the "
+                            f"mesh's {axes} axes (size {math.prod(mesh.shape[a] for a in axes)})")
         prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), sharding)
-        rng = jax.device_put(rng, NamedSharding(mesh, PartitionSpec()))
+        rng = jax.device_put(rng, replicated(mesh))
     if param_shardings is not None:
         params = jax.device_put(params, param_shardings)
     return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng,

@@ -122,9 +122,14 @@ def put_state(state: Any, shardings: Any) -> Any:
     return jax.device_put(state, shardings)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a batch is split over: those of ('data', 'fsdp') the mesh has."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading dimension over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    """Leading dimension over the mesh's batch axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh) or None, *([None] * (ndim - 1))))
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

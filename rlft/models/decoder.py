@@ -80,13 +80,8 @@ def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array,
-               cos_sin: tuple[Array, Array] | None = None) -> Array:
-    """Rotate x [batch, length, heads, head_dim] by positions [batch, length] (HF rotate-half).
-
-    `cos_sin` (from `rope_cos_sin`) skips recomputing the angles when given.
-    """
-    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(positions, inv_freq)
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate x [batch, length, heads, head_dim] by angles from `rope_cos_sin` (HF rotate-half)."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
@@ -170,11 +165,11 @@ class Attention(nnx.Module):
         if cfg.out_bias:
             self.o_bias = _const(0.0, (d,), ("embed",))
 
-    def __call__(self, x: Array, positions: Array, allowed: Array, kv: tuple | None,
+    def __call__(self, x: Array, allowed: Array, kv: tuple | None,
                  rope: tuple[Array, Array] | None = None):
         """x [B, T, D] -> ([B, T, D], (k, v)); kv: this layer's cache and write index, or None.
 
-        rope: precomputed (cos, sin) from `rope_cos_sin` (RoPE families), else computed here.
+        rope: (cos, sin) from `rope_cos_sin` for RoPE families (computed once per forward), else None.
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         bias = lambda name: getattr(self, name)[...] if hasattr(self, name) else None
@@ -182,8 +177,7 @@ class Attention(nnx.Module):
         k = dense(x, self.k[...], bias("k_bias"), 1, dtype)
         v = dense(x, self.v[...], bias("v_bias"), 1, dtype)
         if cfg.uses_rope:
-            inv_freq = None if rope is not None else rope_inverse_frequencies(cfg)
-            q, k = apply_rope(q, positions, inv_freq, rope), apply_rope(k, positions, inv_freq, rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, KV, T, Dh], [B, KV, Dh, T]
         if kv is not None:
             k_cache, v_cache, index = kv
@@ -237,8 +231,8 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, allowed, kv, rope=None):
-        a, kv = self.attn(self.attn_norm(x), positions, allowed, kv, rope)
+    def __call__(self, x, allowed, kv, rope=None):
+        a, kv = self.attn(self.attn_norm(x), allowed, kv, rope)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -281,7 +275,7 @@ class Decoder(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, (k, v) = layer(x, positions, allowed, kv, rope)
+            x, (k, v) = layer(x, allowed, kv, rope)
             new_k.append(k)
             new_v.append(v)
         x = self.final_norm(x)
