@@ -12,8 +12,6 @@ judge's accuracy (compound >= 0 -> positive) on the same test sentences.
 
 from __future__ import annotations
 
-import json
-import os
 
 import ml_collections
 import numpy as np
@@ -83,14 +81,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "majority_class_accuracy": float(max(labels.mean(), 1 - labels.mean())),
     }
     report["model_beats_vader"] = report["model_accuracy"] > report["vader_accuracy"]
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(f"# Sentiment classification: {config.data.source}\n\n"
+    markdown = (f"# Sentiment classification: {config.data.source}\n\n"
                 f"Held-out test sentences with |mean human rating| > {config.data.min_abs_rating}: "
                 f"{len(test_set)} (training examples: {len(train_set)}).\n\n"
                 "| classifier | test accuracy |\n|---|---|\n"
                 f"| rlft decoder (pretrain + SFT) | {report['model_accuracy']:.3f} |\n"
                 f"| VADER lexicon (compound >= 0) | {report['vader_accuracy']:.3f} |\n"
                 f"| majority class | {report['majority_class_accuracy']:.3f} |\n")
+    sentiment.write_report(workdir, report, markdown)
     return report

@@ -22,8 +22,6 @@ log π_ref(rejected)) and the VADER judge (compound of chosen > compound of reje
 
 from __future__ import annotations
 
-import json
-import os
 
 import ml_collections
 import numpy as np
@@ -98,10 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "policy_logp_chosen": float(np.mean(pol_c)), "policy_logp_rejected": float(np.mean(pol_r)),
         "reference_logp_chosen": float(np.mean(ref_c)), "reference_logp_rejected": float(np.mean(ref_r)),
     }
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(f"# DPO on human ratings: {config.data.source}\n\n"
+    markdown = (f"# DPO on human ratings: {config.data.source}\n\n"
                 f"Prompt {config.data.prompt!r}; pairs of sentences whose mean human ratings differ by >= "
                 f"{config.data.min_gap} (higher rated chosen). Held-out test pairs (test sentences only): "
                 f"{len(test_pairs)}; training pairs: {len(train_pairs)}; loss {config.dpo.loss_type}, "
@@ -114,4 +109,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"(chosen / rejected): policy {report['policy_logp_chosen']:.2f} / "
                 f"{report['policy_logp_rejected']:.2f}, reference {report['reference_logp_chosen']:.2f} / "
                 f"{report['reference_logp_rejected']:.2f}.\n")
+    sentiment.write_report(workdir, report, markdown)
     return report

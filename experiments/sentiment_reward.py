@@ -21,7 +21,6 @@ compound scores.
 
 from __future__ import annotations
 
-import json
 import os
 
 import ml_collections
@@ -118,10 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report["model_beats_vader"] = bool(
         report["model_pairwise_accuracy"] > report["vader_pairwise_accuracy_ties_half"]
         and report["model_pearson"] > report["vader_pearson"])
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(f"# Reward model on human ratings: {config.data.source}\n\n"
+    markdown = (f"# Reward model on human ratings: {config.data.source}\n\n"
                 f"Held-out test pairs (mean human ratings differ by >= {config.data.min_gap}, test-split "
                 f"sentences only): {len(test_pairs)}; training pairs: {len(train_pairs)}; test sentences "
                 f"for the correlation: {len(sentences)}.\n\n"
@@ -132,4 +128,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"| VADER compound (ties 1/2) | {report['vader_pairwise_accuracy_ties_half']:.3f} | |\n\n"
                 f"Reward statistics on the validation sentences (reward/reward_stats.json): "
                 f"mean {stats['mean']:.3f}, std {stats['std']:.3f}.\n")
+    sentiment.write_report(workdir, report, markdown)
     return report
