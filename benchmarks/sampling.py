@@ -90,7 +90,7 @@ def bench_shape(shape: str, reps: int, batch: int, prompt_len: int, new_tokens: 
         first_call = time.perf_counter() - start
         compiled = _sample_jit.lower(
             graphdef, params, prompts, mask, jax.random.key(0), np.int32(-1), np.int32(0),
-            max_new_tokens=new_tokens, sampling=sampling, batch_sharding=None).compile()
+            max_new_tokens=new_tokens, sampling=sampling, mesh=None).compile()
         mem = compiled.memory_analysis()
         run_torch(0)  # warm-up
         if mode == "greedy":  # same weights, same argmax: the tokens should agree

@@ -23,12 +23,12 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh
 
 from rlft.errors import RlftError
 from rlft.models.decoder import KVCache, positions_from_mask
 from rlft.objectives.sft import first_argmax
-from rlft.sharding import batch_axes, batch_sharding, replicated
+from rlft.sharding import batch_axes, batch_sharding, checked_sharding, mesh_rules, replicated
 
 Array = jax.Array
 
@@ -165,33 +165,41 @@ def completion_mask(tokens: Array, eos_id: int) -> Array:
     return (jnp.cumsum(is_eos, axis=-1) - is_eos == 0).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "batch_sharding"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "mesh"))
 def _sample_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
                 rng: Array, eos_id: Array, pad_id: Array, *, max_new_tokens: int,
-                sampling: SamplingParams, batch_sharding: NamedSharding | None) -> SampleOutput:
-    """Prefill + while-loop decode; compiled once per (graphdef, shapes, static settings).
+                sampling: SamplingParams, mesh: Mesh | None) -> SampleOutput:
+    """Prefill + while-loop decode; compiled once per (graphdef, shapes, static settings, mesh).
 
-    eos_id and pad_id are traced int32 scalars, so changing them does not recompile.
+    eos_id and pad_id are traced int32 scalars, so changing them does not recompile. With a mesh,
+    the KV cache and every batch-major array are constrained by the same logical-axis rules as
+    training (batch over ('data', 'fsdp'), kv_heads over 'tensor').
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_tokens.shape
     steps = max_new_tokens
 
-    def constrain(tree):
-        if batch_sharding is None:
-            return tree
-        return jax.tree.map(lambda x: x if x.ndim == 0 else
-                            jax.lax.with_sharding_constraint(x, batch_sharding), tree)
+    def constrain(x: Array, axes: tuple) -> Array:
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, checked_sharding(mesh, x.shape, axes, mesh_rules(mesh), "sampler array"))
+
+    def constrain_cache(cache: KVCache) -> KVCache:
+        return cache.replace(k=tuple(constrain(k, KVCache.K_AXES) for k in cache.k),
+                             v=tuple(constrain(v, KVCache.V_AXES) for v in cache.v),
+                             segment_ids=constrain(cache.segment_ids, ("batch", "length")))
 
     prompt_mask = (prompt_mask > 0).astype(jnp.int32)
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)
-    cache = constrain(KVCache.zeros(model.config, batch, prompt_len + steps))
+    cache = constrain_cache(KVCache.zeros(model.config, batch, prompt_len + steps))
     hidden, cache = model.hidden(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
+    cache = constrain_cache(cache)
     # Left padding: the last column holds every row's last real token; the LM head runs only there.
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
     token, logprob = _choose(logits, jax.random.fold_in(rng, 0), sampling)
-    tokens = constrain(jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(token))
-    logprobs = constrain(jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(logprob))
+    tokens = constrain(jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(token), ("batch", "length"))
+    logprobs = constrain(jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(logprob), ("batch", "length"))
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -207,14 +215,15 @@ def _sample_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
         logprob = jnp.where(done, 0.0, logprob)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, step))
-        return step + 1, cache, token, done | (token == eos_id), tokens, logprobs
+        return step + 1, constrain_cache(cache), token, done | (token == eos_id), tokens, logprobs
 
     state = (jnp.ones((), jnp.int32), cache, token, token == eos_id, tokens, logprobs)
     _, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, state)
     mask = completion_mask(tokens, eos_id)
-    return constrain(SampleOutput(tokens=jnp.where(mask > 0, tokens, pad_id).astype(jnp.int32),
-                                  mask=mask, logprobs=jnp.where(mask > 0, logprobs, 0.0),
-                                  lengths=jnp.sum(mask, axis=-1)))
+    rows = ("batch", "length")
+    return SampleOutput(tokens=constrain(jnp.where(mask > 0, tokens, pad_id).astype(jnp.int32), rows),
+                        mask=constrain(mask, rows), logprobs=constrain(jnp.where(mask > 0, logprobs, 0.0), rows),
+                        lengths=constrain(jnp.sum(mask, axis=-1), ("batch",)))
 
 
 _CONFIGS: dict[nnx.GraphDef, object] = {}  # graphdef -> ModelConfig: merging costs ms per call
@@ -256,23 +265,21 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
         if not sampling.greedy:
             raise RlftError("sampling: an rng key is required unless temperature == 0 (greedy)")
         rng = jax.random.key(0)
-    sharding = None
     if mesh is not None:
         if any(t != AxisType.Auto for t in mesh.axis_types):  # with_sharding_constraint needs Auto
             raise RlftError(f"sampling: mesh axis types {mesh.axis_types} must all be Auto, as "
                             "rlft.sharding.make_mesh makes them (jax.make_mesh(..., axis_types=...))")
-        sharding = batch_sharding(mesh, 1)  # also constrains the [batch, ...] cache and outputs
         axes = batch_axes(mesh)
         if prompt_tokens.shape[0] % math.prod(mesh.shape[a] for a in axes):
             raise RlftError(f"sampling: batch size {prompt_tokens.shape[0]} is not divisible by the "
                             f"mesh's {axes} axes (size {math.prod(mesh.shape[a] for a in axes)})")
-        prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), sharding)
+        prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), batch_sharding(mesh, 2))
         rng = jax.device_put(rng, replicated(mesh))
     if param_shardings is not None:
         params = jax.device_put(params, param_shardings)
     return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng,
                        jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=max_new_tokens,
-                       sampling=sampling, batch_sharding=sharding)
+                       sampling=sampling, mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))

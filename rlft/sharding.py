@@ -71,6 +71,16 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] = RULES
     return PartitionSpec(*spec)
 
 
+def mesh_rules(mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict[str, Any]:
+    """`rules` with the mesh axes that `mesh` lacks dropped (those dimensions are replicated)."""
+    def keep(entry):
+        names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,))
+                      if n in mesh.axis_names)
+        return (names if isinstance(entry, tuple) else names[0]) if names else None
+
+    return {name: keep(entry) for name, entry in rules.items()}
+
+
 def _mesh_size(mesh: Mesh, entry: Any) -> int:
     if entry is None:
         return 1

@@ -1,5 +1,7 @@
 """rlft.sampling: greedy parity with transformers' generate, logprobs, distributions, seeds, sharding."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,10 @@ from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
 from rlft.models.decoder import positions_from_mask
 from rlft.models.hf import load_hf_checkpoint
+from rlft.sharding import make_mesh, state_shardings
 from rlft.sampling import (
     SamplingParams,
+    _sample_jit,
     _top_p_keep,
     completion_mask,
     sample,
@@ -224,6 +228,45 @@ def test_sharded_equals_unsharded(small_model, shape, axes):
     assert len(out.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5, rtol=0)
+
+
+def test_training_mesh_with_sharded_params_and_cache_equals_unsharded(small_model):
+    """A (data 2, fsdp 2, tensor 2) mesh as training uses it: params sharded by the logical rules
+    (FSDP over embed, heads/kv_heads/mlp/vocab over tensor), the KV cache over batch and kv_heads."""
+    mesh = make_mesh((2, 2, 2))
+    graphdef, params = small_model
+    shardings = state_shardings(params, mesh)
+    assert any("tensor" in str(s.spec) for s in jax.tree.leaves(shardings))
+    ref = _sample8(small_model, jax.random.key(5))[2]
+    out = _sample8(small_model, jax.random.key(5), mesh=mesh, param_shardings=shardings)[2]
+    assert out.tokens.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5, rtol=0)
+    # The cache lives inside the jit: its k [8, KV 2, 18 slots, Dh 8] and v [8, 2, 8, 18] are
+    # constrained over batch and kv_heads, as KVCache.K_AXES / V_AXES and RULES say.
+    tokens = np.ones((8, 6), np.int32)
+    text = _sample_jit.lower(graphdef, jax.device_put(params, shardings), tokens, tokens,
+                             jax.random.key(0), np.int32(EOS), np.int32(PAD), max_new_tokens=12,
+                             sampling=SamplingParams(), mesh=mesh).as_text()
+    for shape in ("8x2x18x8xf32", "8x2x8x18xf32"):
+        assert f'[{{"data", "fsdp"}}, {{"tensor"}}, {{}}, {{}}]> : tensor<{shape}>' in text, shape
+
+
+def test_decode_loop_does_not_copy_the_cache(small_model):
+    """The cache layouts are chosen so that XLA updates them in place and reads them without a
+    transpose: no copy or transpose of a cache-shaped array may run inside the decode loop (the
+    first layout, [batch, length, kv_heads, head_dim], copied every layer's cache twice per step)."""
+    graphdef, params = small_model
+    tokens = np.ones((8, 6), np.int32)
+    text = _sample_jit.lower(graphdef, params, tokens, tokens, jax.random.key(0), np.int32(EOS),
+                             np.int32(PAD), max_new_tokens=12, sampling=SamplingParams(),
+                             mesh=None).compile().as_text()
+    cache_shaped = [line for line in text.splitlines()
+                    if re.search(r"= f32\[8,2,(18,8|8,18)\]", line) and "while/body" in line]
+    assert any("dynamic-update-slice" in line for line in cache_shaped)  # the loop writes the cache
+    copies = [line for line in cache_shaped if re.search(r"\b(copy|transpose)", line.split("=")[0] +
+                                                         line.split("=")[1].split("(")[0])]
+    assert not copies, copies
 
 
 def test_mesh_mistakes_are_clear_errors(small_model):

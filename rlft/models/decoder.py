@@ -104,6 +104,9 @@ class KVCache:
     segment_ids: Array
     index: Array
 
+    K_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes (rlft.sharding.RULES)
+    V_AXES = ("batch", "kv_heads", "head_dim", "length")
+
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
         """An empty cache for `batch` rows of up to `max_len` tokens."""
