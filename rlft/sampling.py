@@ -57,12 +57,14 @@ class SamplingParams:
 
 @struct.dataclass
 class SampleOutput:
-    """Sampled completions; every field is [batch, max_new_tokens] except `lengths` [batch]."""
+    """Sampled completions; every field is [batch, max_new_tokens] except `lengths` and `steps`."""
 
     tokens: Array  # int32, pad_id after the first EOS
     mask: Array  # int32, 1 up to and including the first EOS, 0 after
     logprobs: Array  # float32, logprob of each token under the sampled distribution, 0 where masked
     lengths: Array  # int32 [batch], number of unmasked tokens (EOS included)
+    steps: Array  # int32 scalar, tokens generated per row before the loop stopped: max_new_tokens,
+    #               or max(lengths) when every row produced EOS earlier
 
 
 def _float_order_keys(x: Array) -> Array:
@@ -218,12 +220,12 @@ def _sample_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
         return step + 1, constrain_cache(cache), token, done | (token == eos_id), tokens, logprobs
 
     state = (jnp.ones((), jnp.int32), cache, token, token == eos_id, tokens, logprobs)
-    _, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, state)
+    steps_run, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, state)
     mask = completion_mask(tokens, eos_id)
     rows = ("batch", "length")
     return SampleOutput(tokens=constrain(jnp.where(mask > 0, tokens, pad_id).astype(jnp.int32), rows),
                         mask=constrain(mask, rows), logprobs=constrain(jnp.where(mask > 0, logprobs, 0.0), rows),
-                        lengths=constrain(jnp.sum(mask, axis=-1), ("batch",)))
+                        lengths=constrain(jnp.sum(mask, axis=-1), ("batch",)), steps=steps_run)
 
 
 _CONFIGS: dict[nnx.GraphDef, object] = {}  # graphdef -> ModelConfig: merging costs ms per call

@@ -202,6 +202,28 @@ def test_first_token_distribution(vocab8_model, sampling):
                                atol=1e-5)
 
 
+def test_loop_stops_once_every_row_is_done(vocab8_model):
+    """Rows that finished stop changing, and the decode loop exits when the last row emits EOS."""
+    graphdef, params = vocab8_model
+    tokens, mask = _left_padded([3, 6, 1, 6, 2, 5, 4, 6], 6, 8, seed=2)
+    run = lambda eos_id: sample(graphdef, params, tokens, mask, jax.random.key(11), max_new_tokens=24,
+                                eos_id=eos_id, pad_id=0, sampling=SamplingParams(temperature=1.5))
+    free = run(-1)
+    assert int(free.steps) == 24 and (np.asarray(free.lengths) == 24).all()
+    drawn = np.asarray(free.tokens)
+    # EOS := the token whose first occurrence, taken in the row where it comes latest, is earliest.
+    last_first = {v: max(int(np.argmax(row == v)) if (row == v).any() else 99 for row in drawn)
+                  for v in range(8)}
+    eos_id = min(last_first, key=last_first.get)
+    assert last_first[eos_id] < 20
+    out = run(eos_id)
+    lengths = np.asarray(out.lengths)
+    assert int(out.steps) == lengths.max() == last_first[eos_id] + 1  # stopped early
+    for row, n in zip(range(8), lengths):  # same draws up to each row's EOS, then padding
+        np.testing.assert_array_equal(np.asarray(out.tokens)[row, :n], drawn[row, :n])
+        assert drawn[row, n - 1] == eos_id and (np.asarray(out.tokens)[row, n:] == 0).all()
+
+
 # --- seeds and sharding -----------------------------------------------------------------------
 
 def _mesh(shape, axes):
