@@ -6,6 +6,11 @@ and alternate A, B, A, B in one process; medians and the ratio rlft / PyTorch ar
 PyTorch uses its KV cache and `torch.set_num_threads(2)`. glibc's allocator is tuned for both, as the
 `rlft` command does (`rlft.host.tune_host_malloc`; `RLFT_MALLOC=default` leaves it alone).
 
+rlft runs twice: on one device, and with the batch sharded over `--host-devices` (default 2) CPU
+devices (`--xla_force_host_platform_device_count`), i.e. data parallel over the cores. A small
+model's decode step is a chain of latency-bound ops that a single XLA:CPU program cannot spread
+over two cores; two independent half-batch programs can.
+
     python benchmarks/sampling.py                    # tiny and GPT-2 small shapes
     python benchmarks/sampling.py --shapes tiny --reps 9
 """
@@ -13,15 +18,33 @@ PyTorch uses its KV cache and `torch.set_num_threads(2)`. glibc's allocator is t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
 import tempfile
 import time
 
+import sys
+
 from rlft.host import tune_host_malloc
 
-MALLOC_TUNED = tune_host_malloc() if __name__ == "__main__" else False  # before torch/XLA threads start
+
+def _host_devices(argv: list[str]) -> int:
+    """--host-devices N (read before JAX starts: the CPU device count is fixed at start-up)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--host-devices"):
+            return int(arg.split("=", 1)[1] if "=" in arg else argv[i + 1])
+    return 2
+
+
+MALLOC_TUNED = False
+HOST_DEVICES = 1
+if __name__ == "__main__":
+    MALLOC_TUNED = tune_host_malloc()  # before torch/XLA threads start
+    HOST_DEVICES = _host_devices(sys.argv)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={HOST_DEVICES}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,6 +55,7 @@ from flax import nnx  # noqa: E402
 from rlft.models.decoder import Decoder  # noqa: E402
 from rlft.models.hf import load_hf_checkpoint  # noqa: E402
 from rlft.sampling import SamplingParams, _sample_jit, sample  # noqa: E402
+from rlft.sharding import make_mesh, replicated  # noqa: E402
 
 SHAPES = {
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 512, "n_positions": 256},
@@ -70,9 +94,9 @@ def bench_shape(shape: str, reps: int, batch: int, prompt_len: int, new_tokens: 
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=mode != "greedy",
             temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0, use_cache=True)
 
-        def run_rlft(seed: int, sampling=sampling):
+        def run_rlft(seed: int, sampling=sampling, mesh=None, params=params):
             out = sample(graphdef, params, prompts, mask, jax.random.key(seed),
-                         max_new_tokens=new_tokens, eos_id=-1, pad_id=0, sampling=sampling)
+                         max_new_tokens=new_tokens, eos_id=-1, pad_id=0, sampling=sampling, mesh=mesh)
             out.tokens.block_until_ready()
             assert int(out.lengths.min()) == new_tokens
             return out
@@ -85,9 +109,17 @@ def bench_shape(shape: str, reps: int, batch: int, prompt_len: int, new_tokens: 
             assert out.shape[1] == prompt_len + new_tokens, out.shape
             return out
 
-        start = time.perf_counter()
-        first = run_rlft(0)
-        first_call = time.perf_counter() - start
+        runs = {"rlft": run_rlft, "torch": run_torch}
+        sharded = f"rlft x{jax.device_count()}"
+        if jax.device_count() > 1:  # the batch over all host devices, parameters replicated
+            mesh = make_mesh((-1, 1, 1))
+            runs[sharded] = functools.partial(run_rlft, mesh=mesh,
+                                              params=jax.device_put(params, replicated(mesh)))
+        first_call, firsts = {}, {}
+        for name in (n for n in runs if n != "torch"):
+            start = time.perf_counter()
+            firsts[name] = runs[name](0)
+            first_call[name] = time.perf_counter() - start
         compiled = _sample_jit.lower(
             graphdef, params, prompts, mask, jax.random.key(0), np.int32(-1), np.int32(0),
             max_new_tokens=new_tokens, sampling=sampling, mesh=None).compile()
@@ -95,33 +127,31 @@ def bench_shape(shape: str, reps: int, batch: int, prompt_len: int, new_tokens: 
         run_torch(0)  # warm-up
         if mode == "greedy":  # same weights, same argmax: the tokens should agree
             ref = run_torch(0)[:, prompt_len:].numpy()
-            agree = float(np.mean(np.asarray(first.tokens) == ref))
-        times = {"rlft": [], "torch": []}
+            agree = {k: float(np.mean(np.asarray(v.tokens) == ref)) for k, v in firsts.items()}
+        times = {name: [] for name in runs}
         for rep in range(reps):
-            for name, fn in (("rlft", run_rlft), ("torch", run_torch)):
+            for name, fn in runs.items():
                 start = time.perf_counter()
                 fn(rep + 1)
                 times[name].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
-        load = os.getloadavg()[0]
         tps = {k: batch * new_tokens / v for k, v in med.items()}
-        compile_s = first_call - med["rlft"]
-        print(f"[{shape} {mode}] rlft {tps['rlft']:,.0f} new tok/s, PyTorch generate "
-              f"{tps['torch']:,.0f} new tok/s, ratio {tps['rlft'] / tps['torch']:.2f}x; "
-              f"rlft compile ~{compile_s:.1f} s (first call {first_call:.1f} s); "
-              f"1-min load average {load:.1f} on {os.cpu_count()} CPUs")
         best = {k: batch * new_tokens / min(v) for k, v in times.items()}
-        print(f"    best of {reps}: rlft {best['rlft']:,.0f}, PyTorch {best['torch']:,.0f} new tok/s, ratio "
-              f"{best['rlft'] / best['torch']:.2f}x (least disturbed by other load)")
-        print(f"    medians: rlft {med['rlft'] * 1e3:.0f} ms, torch {med['torch'] * 1e3:.0f} ms per "
-              f"batch; all rlft {[round(t * 1e3) for t in times['rlft']]}, "
-              f"all torch {[round(t * 1e3) for t in times['torch']]}")
+        print(f"[{shape} {mode}] PyTorch generate {tps['torch']:,.0f} new tok/s; 1-min load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        for name in (n for n in runs if n != "torch"):
+            where = "one device" if name == "rlft" else f"batch over {jax.device_count()} host devices"
+            print(f"    {name} ({where}): {tps[name]:,.0f} new tok/s, ratio "
+                  f"{tps[name] / tps['torch']:.2f}x (best of {reps}: {best[name] / best['torch']:.2f}x); "
+                  f"compile ~{first_call[name] - med[name]:.1f} s (first call {first_call[name]:.1f} s)")
+        print("    medians per batch: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()) +
+              "; all: " + "; ".join(f"{k} {[round(t * 1e3) for t in v]}" for k, v in times.items()))
         if mem is not None:
-            print(f"    XLA sampler memory: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
+            print(f"    XLA sampler memory (one device): args {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
                   f"outputs {mem.output_size_in_bytes / 2**20:.2f} MiB, "
                   f"temp {mem.temp_size_in_bytes / 2**20:.1f} MiB; process peak RSS {rss_mib():.0f} MiB")
         if mode == "greedy":
-            print(f"    greedy tokens equal to PyTorch's: {agree:.1%}")
+            print("    greedy tokens equal to PyTorch's: " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()))
 
 
 def main() -> None:
@@ -132,6 +162,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--host-devices", type=int, default=2,
+                        help="CPU devices for the batch-sharded rlft run (1 = skip it)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
