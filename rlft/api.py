@@ -60,15 +60,18 @@ class Model:
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> dict:
         """Sample completions of text or token-id prompts (temperature=0: greedy).
 
         Returns {"text": [str] (when prompts are strings), "tokens": int32 [batch, max_new_tokens]
         (pad after EOS), "mask": [batch, max_new_tokens], "logprobs": float32 [batch,
-        max_new_tokens] under the distribution sampled from}.
+        max_new_tokens] under the distribution sampled from}. With `mesh` (from
+        `rlft.sharding.make_mesh`), the prompts are split over its data axes and the parameters
+        replicated; the number of prompts must divide evenly. Same results as without.
         """
         from rlft.data.batching import pad_left
         from rlft.sampling import SamplingParams, sample
+        from rlft.sharding import replicated
 
         if self.kind != "lm":
             raise RlftError("generate() needs a language model; this is a scalar (reward/value) model")
@@ -83,9 +86,11 @@ class Model:
         eos_id = -1 if tok is None or tok.eos_token_id is None else tok.eos_token_id  # -1: never stops
         pad_id = 0 if tok is None or tok.pad_token_id is None else tok.pad_token_id
         tokens, mask, _ = pad_left(ids, max(len(r) for r in ids), pad_id)
+        param_shardings = None if mesh is None else jax.tree.map(lambda _: replicated(mesh), self.params)
         out = sample(self.graphdef, self.params, tokens, mask, jax.random.key(seed),
                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                     sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+                     sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
+                     mesh=mesh, param_shardings=param_shardings)
         result = {"tokens": np.asarray(out.tokens), "mask": np.asarray(out.mask),
                   "logprobs": np.asarray(out.logprobs)}
         if as_text:

@@ -345,6 +345,21 @@ def test_sample_command_prints_completions(checkpoint_with_tokenizer, capsys):
     assert capsys.readouterr().out == printed  # same seed, same text
 
 
+def test_model_generate_on_a_mesh_equals_one_device(checkpoint_with_tokenizer):
+    import rlft
+
+    model = rlft.load(checkpoint_with_tokenizer)
+    prompts = ["the film was", "bad", "good and", "long", "the", "was good", "film", "and bad"]
+    kw = dict(max_new_tokens=6, temperature=0.9, top_k=20, seed=5)
+    ref = model.generate(prompts, **kw)
+    out = model.generate(prompts, mesh=make_mesh((-1, 1, 1)), **kw)  # 8 data shards
+    assert out["text"] == ref["text"]
+    np.testing.assert_array_equal(out["tokens"], ref["tokens"])
+    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], atol=1e-5, rtol=0)
+    with pytest.raises(RlftError, match="not divisible"):
+        model.generate(prompts[:3], mesh=make_mesh((-1, 1, 1)), **kw)
+
+
 def test_sample_command_errors(checkpoint_with_tokenizer, tmp_path):
     from rlft.cli import main
     from rlft.cli_sample import sample_command
