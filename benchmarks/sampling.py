@@ -13,6 +13,7 @@ over two cores; two independent half-batch programs can.
 
     python benchmarks/sampling.py                    # tiny and GPT-2 small shapes
     python benchmarks/sampling.py --shapes tiny --reps 9
+    python benchmarks/sampling.py --host-devices 1   # one CPU device: no batch-sharded run
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import functools
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
-
-import sys
 
 from rlft.host import tune_host_malloc
 
@@ -39,12 +39,10 @@ def _host_devices(argv: list[str]) -> int:
 
 
 MALLOC_TUNED = False
-HOST_DEVICES = 1
-if __name__ == "__main__":
-    MALLOC_TUNED = tune_host_malloc()  # before torch/XLA threads start
-    HOST_DEVICES = _host_devices(sys.argv)
+if __name__ == "__main__":  # before torch and XLA start their threads and devices
+    MALLOC_TUNED = tune_host_malloc()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={HOST_DEVICES}").strip()
+                               f" --xla_force_host_platform_device_count={_host_devices(sys.argv)}").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

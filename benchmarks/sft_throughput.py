@@ -26,7 +26,8 @@ matmul peak measured in the same run (best of several jnp.dot / torch.mm on 2048
 matrices).
 
 The process's glibc allocator is tuned before JAX starts, as the `rlft` command does
-(`rlft.host.tune_host_malloc`; `RLFT_MALLOC=default` leaves it alone): without it XLA:CPU page-faults every step's temporary buffers anew.
+(`rlft.host.tune_host_malloc`; `RLFT_MALLOC=default` leaves it alone): without it XLA:CPU
+page-faults every step's temporary buffers anew.
 
     python benchmarks/sft_throughput.py                   # tiny and GPT-2 small shapes
     python benchmarks/sft_throughput.py --shape tiny --repeats 15
@@ -41,8 +42,7 @@ import statistics
 import tempfile
 import time
 
-
-from rlft.host import tune_host_malloc  # noqa: E402
+from rlft.host import tune_host_malloc
 
 MALLOC_TUNED = tune_host_malloc() if __name__ == "__main__" else False  # before torch/XLA threads start
 
