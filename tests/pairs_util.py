@@ -1,11 +1,14 @@
-"""Shared helpers of the reward and DPO tests: a tiny GPT-2 config, random params and pair batches."""
+"""Shared helpers of the reward and DPO tests: a tiny GPT-2 config, random params, pair batches,
+and a stage run interrupted mid-way."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
+from rlft.data.preferences import pad_pairs
 from rlft.models import ModelConfig
 
 CFG = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64)
@@ -40,3 +43,23 @@ def random_pair_batch(pairs: int, length: int, seed: int = 0) -> dict:
             fields["segment_ids"][i, j, :n] = 1
             fields["loss_mask"][i, j, len(prompt):n] = 1.0
     return fields
+
+
+def interrupt_pair_stage(run, workdir, monkeypatch) -> None:
+    """Run `run(workdir)` (a pair stage) until KeyboardInterrupt at its third training batch.
+
+    Batches come from `rlft.stages.pad_pairs`: the template batch, then batches 0 and 1; the
+    fourth call raises, as Ctrl-C would there. The patch is undone before returning.
+    """
+    calls = {"n": 0}
+
+    def interrupting(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return pad_pairs(*args, **kw)
+
+    monkeypatch.setattr("rlft.stages.pad_pairs", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(workdir)
+    monkeypatch.undo()

@@ -10,13 +10,12 @@ import pytest
 from flax import nnx
 
 from rlft import steps
-from rlft.data.preferences import pad_pairs
 from rlft.errors import RlftError
 from rlft.models import Decoder
 from rlft.objectives.dpo import dpo_loss, pair_logprobs
 from rlft.sharding import make_mesh, shard_batch, state_shardings
 from rlft.stages import dpo_stage_config, run_dpo_stage
-from tests.pairs_util import CFG, random_pair_batch, random_params
+from tests.pairs_util import CFG, interrupt_pair_stage, random_pair_batch, random_params
 
 POLICY = np.array([[-10.0, -12.0], [-8.0, -7.5], [-20.0, -20.0], [-3.0, -9.0]], np.float32)
 REFERENCE = np.array([[-11.0, -11.0], [-8.5, -8.0], [-19.0, -21.0], [-4.0, -8.0]], np.float32)
@@ -170,18 +169,7 @@ def test_dpo_stage_resume_equals_uninterrupted(tmp_path, monkeypatch):
                                                       mesh, seed=2, pad_id=1))
 
     straight = run(tmp_path / "straight")
-    calls = {"n": 0}
-
-    def interrupting(*args, **kw):  # the template batch, then batches 0, 1; interrupt at batch 2
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return pad_pairs(*args, **kw)
-
-    monkeypatch.setattr("rlft.stages.pad_pairs", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed")
-    monkeypatch.undo()
+    interrupt_pair_stage(run, tmp_path / "resumed", monkeypatch)
     resumed = run(tmp_path / "resumed")
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(a, b)

@@ -17,7 +17,7 @@ from rlft.objectives.reward import bradley_terry_loss, last_token_index, last_to
 from rlft.sharding import make_mesh, shard_batch, state_shardings
 from rlft.stages import reward_stage_config, run_reward_stage
 from rlft.warm_start import decoder_state, scalar_model_from_lm
-from tests.pairs_util import CFG, random_pair_batch, random_params
+from tests.pairs_util import CFG, interrupt_pair_stage, random_pair_batch, random_params
 
 
 def make_scalar_model() -> ScalarModel:
@@ -171,19 +171,7 @@ def test_reward_stage_resume_equals_uninterrupted(tmp_path, monkeypatch):
                                                          cfg, mesh, seed=1, pad_id=1))
 
     straight = run(tmp_path / "straight")
-    calls = {"n": 0}
-    original = pad_pairs
-
-    def interrupting(*args, **kw):  # the template batch, then batches 0, 1; interrupt at batch 2
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(*args, **kw)
-
-    monkeypatch.setattr("rlft.stages.pad_pairs", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed")
-    monkeypatch.undo()
+    interrupt_pair_stage(run, tmp_path / "resumed", monkeypatch)
     assert sorted(int(d.name) for d in (tmp_path / "resumed" / "reward" / "checkpoints").iterdir()
                   if d.name.isdigit()) == [2]
     resumed = run(tmp_path / "resumed")
