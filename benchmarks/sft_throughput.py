@@ -1,6 +1,6 @@
 """Training tokens per second of the rlft SFT step beside PyTorch / transformers, same shape, same run.
 
-rlft: `rlft.steps.sft_step` compiled with `rlft.steps.compile_step` on a 1-device mesh
+rlft: `rlft.steps.sft_step` compiled with `rlft.steps.jit_step` on a 1-device mesh
 (`make_mesh((1, 1, 1))`), AdamW from `rlft.steps.make_optimizer` (global-norm clipping 1.0, weight
 decay 0.01), full-sequence loss (every token after the first of each row is a target), float32.
 PyTorch: `transformers.GPT2LMHeadModel` in train mode with dropout 0 (resid/embd/attn_pdrop=0,
@@ -171,7 +171,7 @@ def bench_shape(name: str, repeats: int, steps_per_rep: int, batch: int, length:
     state = steps.init_sharded_train_state(graphdef, jax.tree.map(jnp.asarray, host_params), tx, 0, mesh)
     del host_params
     batches = [shard_batch(b, mesh) for b in host_batches]
-    step = steps.compile_step(steps.sft_step, jax.tree.map(lambda a: a.sharding, state),
+    step = steps.jit_step(steps.sft_step, jax.tree.map(lambda a: a.sharding, state),
                               jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), host_batches[0]),
                               mesh, graphdef=graphdef, tx=tx, accum_steps=1)
     start = time.perf_counter()

@@ -1,11 +1,14 @@
-"""Orbax checkpoints of a TrainState: periodic async saves, resume, restore onto any mesh, notebook loads.
+"""Orbax checkpoints of any train-state dataclass: periodic async saves, resume, restore onto any
+mesh, notebook loads.
 
-Layout of a run directory:
+A state is a flax struct dataclass with a `params` field (the model that `rlft.load` reads:
+TrainState, or the RL stage's PGState with its critic, KL coefficient and baseline); every other
+field is saved too, so a restore is exact. Layout of a run directory:
 
     WORKDIR/model_config.json            ModelConfig.to_dict() (`save_model_config`)
-    WORKDIR/checkpoints/<step>/params    the parameters as a nested dict (nnx.to_pure_dict layout)
-    WORKDIR/checkpoints/<step>/train     {"step", "opt_state", "rng"}: everything else of the state
-    WORKDIR/checkpoints/<step>/extra     JSON: data position, KL coefficient, whatever the loop needs
+    WORKDIR/checkpoints/<step>/params    state.params as a nested dict (nnx.to_pure_dict layout)
+    WORKDIR/checkpoints/<step>/train     every other field of the state (step, opt_state, rng, ...)
+    WORKDIR/checkpoints/<step>/extra     JSON of the host loop: the data position only
 
 Trees are stored as nested dicts with string keys built from their key paths (an nnx.Variable
 contributes its value, not a "value" level), so any optimizer state round-trips; restore puts the
@@ -15,6 +18,7 @@ notebook can read them without the optimizer state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Self
@@ -76,12 +80,13 @@ def from_nested(nested: dict, like: Any) -> Any:
 
 
 def _train_part(state: Any) -> dict:
-    """The non-parameter part of a TrainState as a plain dict."""
-    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    """Every field of a state dataclass but `params`, as a plain dict (None fields dropped)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.name != PARAMS and getattr(state, f.name) is not None}
 
 
 class Checkpointer:
-    """Saves a TrainState every `save_every` steps into `directory`/<step>, keeping the last `keep`."""
+    """Saves a state dataclass every `save_every` steps into `directory`/<step>, keeping the last `keep`."""
 
     def __init__(self, directory: str | Path, save_every: int = 1000, keep: int | None = 3,
                  async_save: bool = True):
@@ -118,7 +123,7 @@ class Checkpointer:
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
         """(state, extra) at `step` (None = latest), placed like the abstract target's shardings.
 
-        `abstract_state`: a TrainState of jax.ShapeDtypeStruct(shape, dtype, sharding=...), e.g.
+        `abstract_state`: a state dataclass of jax.ShapeDtypeStruct(shape, dtype, sharding=...), e.g.
         `rlft.steps.abstract_train_state(...)`; any mesh works, whatever mesh saved it.
         """
         step = self.latest_step() if step is None else step
@@ -133,8 +138,7 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         params = from_nested(restored[PARAMS], abstract_state.params)
         train = from_nested(restored[TRAIN], abstract_train)
-        state = abstract_state.replace(step=train["step"], params=params,
-                                       opt_state=train["opt_state"], rng=train["rng"])
+        state = abstract_state.replace(params=params, **train)
         return state, dict(restored[EXTRA] or {})
 
     def wait(self) -> None:

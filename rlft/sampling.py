@@ -5,19 +5,18 @@ Conventions (DESIGN.md section 6):
   row sits at position `prompt_length + s`, whatever the row's padding.
 - A fixed number of tokens is sampled; everything after a row's first EOS is `pad_id` with mask 0
   and logprob 0. The loop exits early once every row has produced EOS.
-- Logprobs are those of the distribution actually sampled from: logits / temperature, then top-k,
-  then top-p over the renormalised top-k set, renormalised again. Greedy decoding
-  (temperature == 0) reports the temperature-1 logprob of the argmax under the untruncated
-  distribution, i.e. what `sequence_logprobs` with temperature 1 and no truncation returns.
-- Top-k and top-p truncate by value: every token whose logit ties the cut-off is kept.
+- Logprobs are those of the distribution actually sampled from (`rlft.logprobs`, the one path the
+  losses use too): logits / temperature, then top-k, then top-p. Greedy decoding (temperature 0)
+  reports the temperature-1 logprob of the argmax under the untruncated distribution.
+- `sample_sequences` is the pure, jittable sampler (call it inside a jitted rollout);
+  `Sequences.from_sample` lays prompt + completion out as a training batch on device;
+  `sample` is the checked, compiled entry point for callers outside jit.
 - RNG is explicit: step s draws with `jax.random.fold_in(rng, s)`; the draws do not depend on
   how the batch is sharded (JAX's partitionable threefry).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 
 import jax
@@ -27,32 +26,11 @@ from jax.sharding import AxisType, Mesh
 
 from rlft.errors import RlftError
 from rlft.models.decoder import KVCache, positions_from_mask
-from rlft.objectives.sft import first_argmax
+from rlft.logprobs import SamplingParams, sampling_logits
+from rlft.ops import first_argmax
 from rlft.sharding import batch_axes, batch_sharding, checked_sharding, mesh_rules, replicated
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How next tokens are drawn: temperature (0 = greedy), top-k (0 = off), top-p (1 = off)."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise RlftError(f"sampling.temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise RlftError(f"sampling.top_k={self.top_k}: must be an integer >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            raise RlftError(f"sampling.top_p={self.top_p}: must be in (0, 1] (1 = off)")
-
-    @property
-    def greedy(self) -> bool:
-        """Temperature 0 means argmax decoding."""
-        return self.temperature == 0
 
 
 @struct.dataclass
@@ -65,60 +43,6 @@ class SampleOutput:
     lengths: Array  # int32 [batch], number of unmasked tokens (EOS included)
     steps: Array  # int32 scalar, tokens generated per row before the loop stopped: max_new_tokens,
     #               or max(lengths) when every row produced EOS earlier
-
-
-def _float_order_keys(x: Array) -> Array:
-    """int32 keys that sort like the float32 values x (for exact bisection over floats)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-def _top_p_keep(logits: Array, top_p: float) -> Array:
-    """bool [..., vocab]: the smallest highest-probability set with mass >= top_p (no sort).
-
-    Bisection over the float order finds the largest logit c with P(logit >= c) >= top_p in 32
-    masked-sum passes: a full-vocabulary sort costs far more on CPU (e.g. 450 ms vs 30 ms for
-    [32, 50257]). Equivalent to keeping token i of the descending order while the mass strictly
-    before it is < top_p.
-    """
-    probs = jax.nn.softmax(logits, axis=-1)
-    keys = _float_order_keys(logits)
-
-    def halve(_, bounds):
-        lo, hi = bounds  # invariant: mass(keys >= lo) >= top_p > mass(keys >= hi), or lo = min
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
-        enough = jnp.sum(jnp.where(keys >= mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    bounds = (jnp.min(keys, axis=-1, keepdims=True), jnp.max(keys, axis=-1, keepdims=True))
-    lo, _ = jax.lax.fori_loop(0, 32, halve, bounds)
-    return keys >= lo
-
-
-def _truncate(logits: Array, top_k: int, top_p: float) -> Array:
-    """Set logits [..., vocab] outside the top-k / top-p set to -inf (ties with the cut-off kept)."""
-    vocab = logits.shape[-1]
-    if not 0 < top_k < vocab:
-        if top_p < 1:
-            logits = jnp.where(jax.lax.stop_gradient(_top_p_keep(logits, top_p)), logits, -jnp.inf)
-        return logits
-    ranked = jax.lax.top_k(logits, top_k)[0]  # sorted, descending
-    if top_p < 1:  # top-p over the renormalised top-k set: a k-long cumsum
-        probs = jax.nn.softmax(ranked, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # 0 for the first token: it is always kept
-        n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)
-    else:
-        cutoff = ranked[..., -1:]
-    return jnp.where(logits >= jax.lax.stop_gradient(cutoff), logits, -jnp.inf)
-
-
-def sampling_log_probs(logits: Array, sampling: SamplingParams) -> Array:
-    """Log-probs [..., vocab] of the distribution sampled from (-inf on truncated tokens)."""
-    if sampling.greedy:
-        return jax.nn.log_softmax(logits, axis=-1)
-    logits = _truncate(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-    return jax.nn.log_softmax(logits, axis=-1)
 
 
 def _last_positive(w: Array) -> Array:
@@ -155,7 +79,7 @@ def _choose(logits: Array, key: Array, sampling: SamplingParams) -> tuple[Array,
     if sampling.greedy:
         tokens = first_argmax(logits)
     else:
-        logits = _truncate(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+        logits = sampling_logits(logits, sampling)
         tokens = _draw(key, logits)
     picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), picked - jax.nn.logsumexp(logits, axis=-1)
@@ -167,15 +91,17 @@ def completion_mask(tokens: Array, eos_id: int) -> Array:
     return (jnp.cumsum(is_eos, axis=-1) - is_eos == 0).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "mesh"))
-def _sample_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
-                rng: Array, eos_id: Array, pad_id: Array, *, max_new_tokens: int,
-                sampling: SamplingParams, mesh: Mesh | None) -> SampleOutput:
-    """Prefill + while-loop decode; compiled once per (graphdef, shapes, static settings, mesh).
+def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
+                     prompt_mask: Array, rng: Array, eos_id: Array | int, pad_id: Array | int, *,
+                     max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                     mesh: Mesh | None = None) -> SampleOutput:
+    """Prefill + while-loop decode of left-padded prompts [batch, prompt_len]: a pure function.
 
-    eos_id and pad_id are traced int32 scalars, so changing them does not recompile. With a mesh,
+    Jittable and meant to be called inside a jitted rollout (graphdef, max_new_tokens, sampling
+    and mesh are static). eos_id and pad_id may be traced int32 scalars. With a mesh (Auto axes),
     the KV cache and every batch-major array are constrained by the same logical-axis rules as
-    training (batch over ('data', 'fsdp'), kv_heads over 'tensor').
+    training (batch over ('data', 'fsdp'), kv_heads over 'tensor'). No argument checks: `sample`
+    does those for callers outside jit.
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_tokens.shape
@@ -226,6 +152,40 @@ def _sample_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
     return SampleOutput(tokens=constrain(jnp.where(mask > 0, tokens, pad_id).astype(jnp.int32), rows),
                         mask=constrain(mask, rows), logprobs=constrain(jnp.where(mask > 0, logprobs, 0.0), rows),
                         lengths=constrain(jnp.sum(mask, axis=-1), ("batch",)), steps=steps_run)
+
+
+_sample_jit = jax.jit(sample_sequences, static_argnames=("graphdef", "max_new_tokens", "sampling", "mesh"))
+
+
+@struct.dataclass
+class Sequences:
+    """Prompt + completion rows in the training layout (what the RL losses consume).
+
+    tokens, positions, segment_ids: int32 [batch, prompt_len + max_new_tokens] (left-padded prompt,
+    then the completion; padding and tokens after the first EOS have segment 0);
+    completion_mask: float32 [batch, max_new_tokens], 1 on completion tokens up to and including
+    the first EOS; logprobs: float32 [batch, max_new_tokens], the sampler's log-probs (0 where
+    masked). The prompt width is `tokens.shape[1] - completion_mask.shape[1]`.
+    """
+
+    tokens: Array
+    positions: Array
+    segment_ids: Array
+    completion_mask: Array
+    logprobs: Array
+
+    @property
+    def prompt_length(self) -> int:
+        """Columns of the (left-padded) prompt; completion column s is token column prompt_length + s."""
+        return self.tokens.shape[1] - self.completion_mask.shape[1]
+
+    @classmethod
+    def from_sample(cls, prompt_tokens: Array, prompt_mask: Array, out: SampleOutput) -> "Sequences":
+        """The training layout of `sample_sequences` output; pure, runs on device inside jit."""
+        segment_ids = jnp.concatenate([(prompt_mask > 0).astype(jnp.int32), out.mask.astype(jnp.int32)], axis=1)
+        return cls(tokens=jnp.concatenate([prompt_tokens.astype(jnp.int32), out.tokens], axis=1),
+                   positions=positions_from_mask(segment_ids), segment_ids=segment_ids,
+                   completion_mask=out.mask.astype(jnp.float32), logprobs=out.logprobs)
 
 
 _CONFIGS: dict[nnx.GraphDef, object] = {}  # graphdef -> ModelConfig: merging costs ms per call
@@ -282,31 +242,3 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng,
                        jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=max_new_tokens,
                        sampling=sampling, mesh=mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
-def _sequence_logprobs_jit(graphdef, params, prompt_tokens, prompt_mask, completion_tokens,
-                           completion_valid, sampling):
-    model = nnx.merge(graphdef, params)
-    prompt_len, steps = prompt_tokens.shape[1], completion_tokens.shape[1]
-    tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1).astype(jnp.int32)
-    mask = (jnp.concatenate([prompt_mask, completion_valid], axis=1) > 0).astype(jnp.int32)
-    hidden, _ = model.hidden(tokens, positions_from_mask(mask), mask)
-    # Only the columns that predict completion tokens go through the LM head.
-    logits = model.logits_from_hidden(hidden[:, prompt_len - 1: prompt_len + steps - 1])
-    log_probs = sampling_log_probs(logits, sampling)
-    taken = jnp.take_along_axis(log_probs, completion_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.where(completion_valid > 0, taken, 0.0)
-
-
-def sequence_logprobs(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
-                      prompt_mask: Array, completion_tokens: Array, completion_mask: Array,
-                      sampling: SamplingParams = SamplingParams()) -> Array:
-    """float32 [batch, n]: logprob of each completion token under the sampled distribution.
-
-    One full forward over the left-padded prompt [batch, p] followed by the right-padded completion
-    [batch, n]; the same temperature / top-k / top-p as `sample`; 0 where completion_mask is 0.
-    Differentiable in `params` (the truncation cut-offs are constants).
-    """
-    return _sequence_logprobs_jit(graphdef, params, prompt_tokens, prompt_mask, completion_tokens,
-                                  completion_mask, sampling)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from rlft.data.batching import Example, TokenBatch, pad_right
 from rlft.errors import RlftError
 from rlft.objectives.reward import last_token_scores
-from rlft.objectives.sft import token_logprobs
+from rlft.logprobs import sequence_logprobs
 from rlft.sharding import shard_batch
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -39,8 +39,8 @@ def _last_scores(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, p
 def _completion_logprob(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
                         segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """float32 [batch]: a Decoder's log-probability of the loss_mask tokens of each row."""
-    logits = nnx.merge(graphdef, params)(tokens, positions, segment_ids)
-    return jnp.sum(token_logprobs(logits, tokens) * loss_mask, axis=-1)
+    logp = sequence_logprobs(graphdef, params, tokens, positions, segment_ids)
+    return jnp.sum(jnp.where(loss_mask[:, 1:] > 0, logp, 0.0), axis=-1)
 
 
 def _map_padded(fn: Callable[[TokenBatch], jax.Array], examples: Sequence[Example], length: int,

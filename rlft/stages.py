@@ -6,6 +6,7 @@ again resumes from its latest checkpoint, and a finished stage just returns its 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from rlft.errors import RlftError
 from rlft.data.preferences import EncodedPair, pad_pairs
 from rlft.logging import MetricsLogger
 from rlft.objectives.dpo import check_dpo_args
-from rlft.steps import (TrainState, abstract_train_state, batch_shardings, compile_step, dpo_step,
+from rlft.steps import (TrainState, abstract_train_state, batch_shardings, jit_step, dpo_step,
                         init_sharded_train_state, make_optimizer, reward_step, sft_step)
 from rlft.train_loop import DATA_POSITION, restore_or_init, train
 
@@ -74,16 +75,28 @@ def dpo_stage_config(steps: int, batch_size: int, learning_rate: float,
     return cfg
 
 
-def run_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State, num_examples: int,
+def step_hyperparameters(step_fn: Callable, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keyword-only hyper-parameters of `step_fn` that `cfg` sets (e.g. dpo_step's beta).
+
+    So a stage section reaches its step without copying fields by hand; graphdef, tx and
+    accum_steps are the stage's to pass.
+    """
+    names = [p.name for p in inspect.signature(step_fn).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("graphdef", "tx", "accum_steps")]
+    return {name: cfg[name] for name in names if name in cfg}
+
+
+def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State, num_examples: int,
               make_batch: Callable[[np.ndarray], Any], step_fn: Callable[..., tuple[TrainState, dict]],
               cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int, kind: str = "lm",
-              extra_args: tuple = (), **step_kwargs: Any) -> nnx.State:
+              extra_args: tuple = ()) -> nnx.State:
     """Train `params` with `step_fn` for cfg.steps on batches `make_batch(indices)`; final params.
 
     make_batch maps example indices [cfg.batch_size] to a host batch (a pytree of numpy arrays
     with a leading batch dimension); step_fn(state, batch, *extra_args, graphdef=, tx=,
-    accum_steps=, **step_kwargs) is compiled once with `compile_step` (extra_args, e.g. frozen
-    reference params, keep their shardings and are not donated). The optimizer comes from cfg
+    accum_steps=, **hyper-parameters) is compiled once with `jit_step`, its keyword-only
+    hyper-parameters taken from cfg by name (`step_hyperparameters`); extra_args, e.g. frozen
+    reference params, keep their shardings and are not donated. The optimizer comes from cfg
     (learning_rate, warmup_steps, weight_decay, clip_norm); checkpoints and metrics go to
     WORKDIR/NAME, which is recorded in WORKDIR/stages.json with `kind` ("lm" or "scalar").
     Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order);
@@ -109,9 +122,10 @@ def run_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State
                epoch_batches(num_examples, cfg.batch_size, seed, start_index=extra[DATA_POSITION]))
     template = make_batch(np.arange(cfg.batch_size))
     extra_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args)
-    compiled = compile_step(step_fn, shardings, batch_shardings(template, mesh), mesh, extra_shardings,
-                            graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps, **step_kwargs)
-    step = (lambda s, b: compiled(s, b, *extra_args)) if extra_args else compiled
+    jitted = jit_step(step_fn, shardings, batch_shardings(template, mesh), mesh, extra_shardings,
+                      graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps,
+                      **step_hyperparameters(step_fn, cfg))
+    step = (lambda s, b: jitted(s, b, *extra_args)) if extra_args else jitted
     with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
         state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps)
     checkpointer.close()
@@ -131,8 +145,9 @@ def run_sft_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.S
                              full_sequence_loss=cfg.full_sequence_loss)
         return batch
 
-    return run_stage(name, workdir, graphdef, params, len(examples), host_batch, sft_step, cfg, mesh,
-                     seed, kind="lm")
+    return run_stage(name=name, workdir=workdir, graphdef=graphdef, params=params,
+                     num_examples=len(examples), make_batch=host_batch, step_fn=sft_step, cfg=cfg,
+                     mesh=mesh, seed=seed, kind="lm")
 
 
 def _pair_batches(pairs: Sequence[EncodedPair], length: int, pad_id: int) -> Callable[[np.ndarray], TokenBatch]:
@@ -147,9 +162,9 @@ def run_reward_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nn
 
     The stage is recorded as kind "scalar", so `rlft.load` of it gives a model with `score()`.
     """
-    return run_stage(name, workdir, graphdef, params, len(pairs), _pair_batches(pairs, cfg.max_length, pad_id),
-                     reward_step, cfg, mesh, seed, kind="scalar", margin=cfg.margin,
-                     center_weight=cfg.center_weight)
+    return run_stage(name=name, workdir=workdir, graphdef=graphdef, params=params,
+                     num_examples=len(pairs), make_batch=_pair_batches(pairs, cfg.max_length, pad_id),
+                     step_fn=reward_step, cfg=cfg, mesh=mesh, seed=seed, kind="scalar")
 
 
 def run_dpo_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
@@ -161,6 +176,6 @@ def run_dpo_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.S
     """
     check_dpo_args(cfg.beta, cfg.label_smoothing, cfg.loss_type)
     reference = params if reference_params is None else reference_params
-    return run_stage(name, workdir, graphdef, params, len(pairs), _pair_batches(pairs, cfg.max_length, pad_id),
-                     dpo_step, cfg, mesh, seed, kind="lm", extra_args=(reference,), beta=cfg.beta,
-                     label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)
+    return run_stage(name=name, workdir=workdir, graphdef=graphdef, params=params,
+                     num_examples=len(pairs), make_batch=_pair_batches(pairs, cfg.max_length, pad_id),
+                     step_fn=dpo_step, cfg=cfg, mesh=mesh, seed=seed, kind="lm", extra_args=(reference,))

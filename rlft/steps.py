@@ -1,11 +1,11 @@
 """Train state, optimizer, gradient accumulation and the pure SFT, reward and DPO steps.
 
-A step is `step(state, batch, **static) -> (state, metrics)`: a pure function of pytrees, compiled
-once by `compile_step` with explicit in/out shardings and the state donated. Losses are carried as
+A step is `step(state, batch, **static) -> (state, metrics)`: a pure function of pytrees, wrapped
+once by `jit_step` with explicit in/out shardings and the state donated. Losses are carried as
 (sum, count): the gradient of one step is sum over micro-batches of grad(loss_sum) divided by the
 total token count (pair count for reward and DPO steps), so micro-batching and the device count
-never change it. Every step reuses `TrainState`, `accumulate_gradients`, `apply_gradients` and
-`compile_step`.
+never change it. Every step ends with the one epilogue `gradient_update` (accumulate -> divide by
+the count -> apply); the policy-gradient step (rlft/pg_step.py) uses the same pieces.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 from rlft.errors import RlftError
 from rlft.objectives.dpo import check_dpo_args, dpo_loss, pair_logprobs
 from rlft.objectives.reward import reward_loss
-from rlft.objectives.sft import batch_field, sft_loss
+from rlft.objectives.sft import sft_loss
+from rlft.ops import batch_field
 from rlft.sharding import batch_sharding, checked_sharding, replicated, state_shardings
 
 Array = jax.Array
@@ -123,8 +124,12 @@ def step_key(state: TrainState, *, salt: int = 0) -> Array:
     return jax.random.fold_in(key, salt) if salt else key
 
 
-def _tree_shardings(tree: Any, mesh: Mesh, what: str) -> Any:
-    """Shardings for a tree of Variables (by logical_axes metadata) and scalars (replicated)."""
+def tree_shardings(tree: Any, mesh: Mesh, what: str) -> Any:
+    """Shardings for a state tree: Variables by their logical_axes, small plain arrays replicated.
+
+    Plain arrays of rank <= 1 (step counters, RNG key data, KL coefficients, baselines) are
+    replicated; a larger array without logical axes is an error, never a silent replication.
+    """
 
     def one(path, leaf):
         name = f"{what}{jax.tree_util.keystr(path)}"
@@ -133,7 +138,7 @@ def _tree_shardings(tree: Any, mesh: Mesh, what: str) -> Any:
             if axes is None:
                 raise RlftError(f"sharding: {name} has no logical_axes metadata")
             return leaf.replace(value=checked_sharding(mesh, leaf.shape, axes, what=name))
-        if len(jnp.shape(leaf)) == 0:
+        if len(jnp.shape(leaf)) <= 1:
             return replicated(mesh)
         raise RlftError(f"sharding: {name} of shape {jnp.shape(leaf)} is neither a parameter-like "
                         f"Variable nor a scalar; give it a rule")
@@ -141,12 +146,9 @@ def _tree_shardings(tree: Any, mesh: Mesh, what: str) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-    """A TrainState of NamedShardings: params by their rules, moments like their params, rest replicated."""
-    return TrainState(step=replicated(mesh),
-                      params=state_shardings(abstract_state.params, mesh),
-                      opt_state=_tree_shardings(abstract_state.opt_state, mesh, "opt_state"),
-                      rng=replicated(mesh))
+def train_state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """The state's tree of NamedShardings (any state dataclass: TrainState, PGState, ...)."""
+    return tree_shardings(abstract_state, mesh, "state")
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -225,29 +227,53 @@ def accumulate_gradients(loss_fn: LossFn, params: nnx.State, batch: Any,
     return grads, loss, count, aux
 
 
+def apply_update(params: Any, opt_state: Any, grads: Any,
+                 tx: optax.GradientTransformation) -> tuple[Any, Any, dict]:
+    """One optimizer update: (params, opt_state, {grad_norm, learning_rate, param_norm})."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"grad_norm": optax.tree.norm(grads),
+                               "learning_rate": current_learning_rate(opt_state),
+                               "param_norm": optax.tree.norm(params)}
+
+
 def apply_gradients(state: TrainState, grads: nnx.State,
                     tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer update; returns the new state and {grad_norm, learning_rate, param_norm}."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"grad_norm": optax.tree.norm(grads),
-                       "learning_rate": current_learning_rate(opt_state),
-                       "param_norm": optax.tree.norm(params)}
+    """One optimizer update of a TrainState (step + 1); returns it and `apply_update`'s metrics."""
+    params, opt_state, metrics = apply_update(state.params, state.opt_state, grads, tx)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def mean_gradients(loss_fn: LossFn, params: Any, batch: Any,
+                   accum_steps: int) -> tuple[Any, Array, Array, dict]:
+    """(grads / count, loss_sum / count, count, aux sums): `accumulate_gradients`, divided once.
+
+    count is clamped at 1, so an all-padding batch gives zero gradients, not NaN.
+    """
+    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, params, batch, accum_steps)
+    denom = jnp.maximum(count, 1.0)
+    return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, denom, aux
+
+
+def gradient_update(state: TrainState, loss_fn: LossFn, batch: Any, tx: optax.GradientTransformation,
+                    accum_steps: int) -> tuple[TrainState, dict, dict, Array]:
+    """The epilogue every step shares: accumulate -> divide by the count -> apply.
+
+    Returns (new state, metrics {loss, grad_norm, learning_rate, param_norm}, aux sums, count).
+    Steps turn aux sums into means by dividing by the returned (clamped) count.
+    """
+    grads, loss, count, aux = mean_gradients(loss_fn, state.params, batch, accum_steps)
+    state, metrics = apply_gradients(state, grads, tx)
+    return state, {"loss": loss, **metrics}, aux, count
 
 
 def sft_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
              tx: optax.GradientTransformation, accum_steps: int = 1) -> tuple[TrainState, dict]:
     """One SFT update on batch leaves [accum_steps * micro_batch, length]; mean-per-token gradient."""
     loss_fn = functools.partial(sft_loss, graphdef)
-    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    state, metrics = apply_gradients(state, grads, tx)
-    metrics = {"loss": loss_sum / denom, "tokens": count, "input_tokens": aux["input_tokens"],
-               "accuracy": aux["correct"] / denom,
-               **metrics}
-    return state, metrics
+    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps)
+    return state, {**metrics, "tokens": count, "input_tokens": aux["input_tokens"],
+                   "accuracy": aux["correct"] / count}
 
 
 def reward_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
@@ -259,15 +285,10 @@ def reward_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
     margin, chosen, rejected (means over pairs), pairs.
     """
     loss_fn = functools.partial(reward_loss, graphdef, margin=margin, center_weight=center_weight)
-    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    state, metrics = apply_gradients(state, grads, tx)
-    metrics = {"loss": loss_sum / denom, "bt_loss": aux["bt_loss"] / denom,
-               "accuracy": aux["correct"] / denom, "margin": aux["margin"] / denom,
-               "chosen": aux["chosen"] / denom, "rejected": aux["rejected"] / denom,
-               "pairs": count, **metrics}
-    return state, metrics
+    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps)
+    return state, {**metrics, "bt_loss": aux["bt_loss"] / count, "accuracy": aux["correct"] / count,
+                   "margin": aux["margin"] / count, "chosen": aux["chosen"] / count,
+                   "rejected": aux["rejected"] / count, "pairs": count}
 
 
 def dpo_step(state: TrainState, batch: Any, reference_params: nnx.State | None = None, *,
@@ -291,25 +312,21 @@ def dpo_step(state: TrainState, batch: Any, reference_params: nnx.State | None =
         return dpo_loss(pair_logprobs(graphdef, params, micro), reference, beta, label_smoothing,
                         loss_type)
 
-    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    state, metrics = apply_gradients(state, grads, tx)
-    metrics = {"loss": loss_sum / denom, "rewards/accuracies": aux["correct"] / denom,
-               "rewards/margins": aux["margin"] / denom,
-               "rewards/chosen": aux["chosen_reward"] / denom,
-               "rewards/rejected": aux["rejected_reward"] / denom,
-               "logps/chosen": aux["chosen_logp"] / denom,
-               "logps/rejected": aux["rejected_logp"] / denom, "pairs": count, **metrics}
-    return state, metrics
+    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps)
+    return state, {**metrics, "rewards/accuracies": aux["correct"] / count,
+                   "rewards/margins": aux["margin"] / count,
+                   "rewards/chosen": aux["chosen_reward"] / count,
+                   "rewards/rejected": aux["rejected_reward"] / count,
+                   "logps/chosen": aux["chosen_logp"] / count,
+                   "logps/rejected": aux["rejected_logp"] / count, "pairs": count}
 
 
-def compile_step(step_fn: Callable[..., tuple[TrainState, dict]], state_shardings: TrainState,
-                 batch_sharding_tree: Any, mesh: Mesh, extra_shardings: tuple = (),
-                 **static: Any) -> Callable:
-    """jit(step_fn(state, batch, *extra, **static)) with explicit shardings, metrics replicated.
+def jit_step(step_fn: Callable[..., tuple[Any, dict]], state_shardings: Any,
+             batch_sharding_tree: Any, mesh: Mesh, extra_shardings: tuple = (),
+             **static: Any) -> Callable:
+    """jax.jit(step_fn(state, batch, *extra, **static)) with explicit shardings, metrics replicated.
 
-    Only the state is donated; `extra_shardings` place further positional arguments (e.g. the
+    Compiles on first call (lower it with `.lower(...)` to inspect). Only the state is donated; `extra_shardings` place further positional arguments (e.g. the
     frozen reference params of `dpo_step`), which are never donated.
     """
     return jax.jit(functools.partial(step_fn, **static),

@@ -139,13 +139,14 @@ def test_dpo_step_sharded_equals_unsharded(unsharded_dpo_run):
     shardings = jax.tree.map(lambda a: a.sharding, steps.abstract_train_state(graphdef, params, tx, mesh))
     state = steps.init_sharded_train_state(graphdef, params, tx, 0, mesh)
     example = random_pair_batch(8, 16, seed=30)
-    fn = steps.compile_step(steps.dpo_step, shardings, steps.batch_shardings(example, mesh), mesh,
+    fn = steps.jit_step(steps.dpo_step, shardings, steps.batch_shardings(example, mesh), mesh,
                             (ref_shardings,), graphdef=graphdef, tx=tx, accum_steps=2, beta=0.5,
                             label_smoothing=0.1)
     for i in range(2):
         state, m = fn(state, shard_batch(random_pair_batch(8, 16, seed=30 + i), mesh), reference)
-        for k, v in m.items():
-            np.testing.assert_allclose(float(v), want_metrics[i][k], rtol=1e-5, atol=1e-6, err_msg=k)
+        for k, v in m.items():  # atol: margins are differences of log-prob sums near -60, whose
+            # float32 resolution is ~8e-6; the reduction order differs across 8 devices
+            np.testing.assert_allclose(float(v), want_metrics[i][k], rtol=1e-5, atol=1e-5, err_msg=k)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_states[1])):
         np.testing.assert_allclose(np.asarray(a), b, atol=1e-5)
     assert not any(x.is_deleted() for x in jax.tree.leaves(reference))  # the reference is not donated

@@ -123,7 +123,7 @@ def test_reward_step_sharded_equals_unsharded(unsharded_reward_run):
     shardings = jax.tree.map(lambda a: a.sharding, steps.abstract_train_state(graphdef, params, tx, mesh))
     state = steps.init_sharded_train_state(graphdef, params, tx, 0, mesh)
     example = random_pair_batch(8, 16, seed=20)
-    fn = steps.compile_step(steps.reward_step, shardings, steps.batch_shardings(example, mesh), mesh,
+    fn = steps.jit_step(steps.reward_step, shardings, steps.batch_shardings(example, mesh), mesh,
                             graphdef=graphdef, tx=tx, accum_steps=2, margin=0.25, center_weight=0.01)
     for i in range(2):
         state, m = fn(state, shard_batch(random_pair_batch(8, 16, seed=20 + i), mesh))

@@ -15,15 +15,8 @@ from rlft.models import Decoder, ModelConfig
 from rlft.models.decoder import positions_from_mask
 from rlft.models.hf import load_hf_checkpoint
 from rlft.sharding import make_mesh, state_shardings
-from rlft.sampling import (
-    SamplingParams,
-    _sample_jit,
-    _top_p_keep,
-    completion_mask,
-    sample,
-    sampling_log_probs,
-    sequence_logprobs,
-)
+from rlft.logprobs import SamplingParams, _top_p_keep, sampling_log_probs, sequence_logprobs
+from rlft.sampling import Sequences, _sample_jit, completion_mask, sample, sample_sequences
 
 PAD = 3
 
@@ -125,13 +118,21 @@ def _sample8(small_model, key, sampling=SETTINGS[-1], eos_id=EOS, **kw):
     return tokens, mask, out
 
 
+def _recompute(graphdef, params, tokens, mask, out, sampling):
+    """Completion log-probs [batch, n] by one full forward over the training layout (masked)."""
+    seqs = Sequences.from_sample(jnp.asarray(tokens), jnp.asarray(mask), out)
+    logp = sequence_logprobs(graphdef, params, seqs.tokens, seqs.positions, seqs.segment_ids,
+                             start=seqs.prompt_length, sampling=sampling)
+    return jnp.where(seqs.completion_mask > 0, logp, 0.0)
+
+
 @pytest.mark.parametrize("sampling", SETTINGS, ids=str)
 def test_logprobs_match_full_forward(small_model, sampling):
     graphdef, params = small_model
     # EOS := the 3rd token of row 0 without EOS, so that row 0 stops there (same key, same draws).
     eos_id = int(_sample8(small_model, jax.random.key(0), sampling, eos_id=-1)[2].tokens[0, 2])
     tokens, mask, out = _sample8(small_model, jax.random.key(0), sampling, eos_id=eos_id)
-    recomputed = sequence_logprobs(graphdef, params, tokens, mask, out.tokens, out.mask, sampling)
+    recomputed = _recompute(graphdef, params, tokens, mask, out, sampling)
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(recomputed), atol=1e-5, rtol=0)
 
     got, got_mask, lp = map(np.asarray, (out.tokens, out.mask, out.logprobs))
@@ -147,10 +148,37 @@ def test_sequence_logprobs_gradient_is_finite(small_model):
     graphdef, params = small_model
     sampling = SETTINGS[-1]  # top-k and top-p: -inf logits must not leak NaNs into the gradient
     tokens, mask, out = _sample8(small_model, jax.random.key(0), sampling)
-    loss = lambda p: sequence_logprobs(graphdef, p, tokens, mask, out.tokens, out.mask, sampling).sum()
+    loss = lambda p: _recompute(graphdef, p, tokens, mask, out, sampling).sum()
     grads = jax.grad(loss)(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert any(bool((g != 0).any()) for g in jax.tree.leaves(grads))
+
+
+def test_sample_sequences_runs_inside_a_jitted_rollout(small_model):
+    """The public sampler traced inside a user's jit == the compiled entry point; layout checked."""
+    graphdef, params = small_model
+    tokens, mask = _left_padded([3, 6, 1, 6], 6, 64, seed=5)
+    sampling = SamplingParams(temperature=0.9)
+
+    @jax.jit
+    def rollout(params, tokens, mask, key):
+        out = sample_sequences(graphdef, params, tokens, mask, key, 5, PAD, max_new_tokens=7,
+                               sampling=sampling)
+        return Sequences.from_sample(tokens, mask, out)
+
+    seqs = rollout(params, tokens, mask, jax.random.key(3))
+    ref = sample(graphdef, params, tokens, mask, jax.random.key(3), max_new_tokens=7, eos_id=5,
+                 pad_id=PAD, sampling=sampling)
+    np.testing.assert_array_equal(np.asarray(seqs.tokens[:, 6:]), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(seqs.tokens[:, :6]), tokens)
+    np.testing.assert_array_equal(np.asarray(seqs.completion_mask), np.asarray(ref.mask))
+    np.testing.assert_allclose(np.asarray(seqs.logprobs), np.asarray(ref.logprobs), atol=1e-6)
+    assert seqs.prompt_length == 6
+    segs, pos = np.asarray(seqs.segment_ids), np.asarray(seqs.positions)
+    np.testing.assert_array_equal(segs, np.concatenate([mask, np.asarray(ref.mask)], axis=1))
+    for row in range(4):  # positions count the real tokens: prompt 0..p-1, then p, p+1, ...
+        real = np.flatnonzero(segs[row])
+        np.testing.assert_array_equal(pos[row, real], np.arange(len(real)))
 
 
 def test_completion_mask_includes_first_eos_only():

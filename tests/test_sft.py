@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from rlft import steps
 from rlft.models import Decoder, ModelConfig
-from rlft.objectives import sft_loss, token_logprobs
+from rlft.logprobs import token_logprobs
+from rlft.objectives import sft_loss
 from rlft.sharding import make_mesh, shard_batch, state_shardings
 from tests.pairs_util import random_params
 
@@ -205,7 +206,7 @@ def test_sharded_steps_equal_unsharded(shape, unsharded_run):
     state = steps.init_sharded_train_state(graphdef, params, tx, 0, mesh)
     example = random_batch(8, 16, seed=10)
     # Two micro-batches of 4 rows each, against one batch of 8 unsharded.
-    fn = steps.compile_step(steps.sft_step, shardings, steps.batch_shardings(example, mesh), mesh,
+    fn = steps.jit_step(steps.sft_step, shardings, steps.batch_shardings(example, mesh), mesh,
                             graphdef=graphdef, tx=tx, accum_steps=2)
     for i in range(2):
         state, m = fn(state, shard_batch(random_batch(8, 16, seed=10 + i), mesh))
@@ -228,7 +229,7 @@ def test_sharded_steps_equal_unsharded(shape, unsharded_run):
 
 @pytest.mark.parametrize("vocab", [7, 64, 96, 512, 1000, 50257])
 def test_first_argmax_equals_argmax_with_ties_infs_and_nans(vocab):
-    from rlft.objectives.sft import first_argmax
+    from rlft.ops import first_argmax
 
     rng = np.random.default_rng(vocab)
     x = rng.normal(size=(3, 4, vocab)).astype(np.float32)

@@ -65,7 +65,7 @@ class Job:
         self.abstract = steps.abstract_train_state(self.graphdef, self.params, self.tx, self.mesh)
         shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
         example = next(batches(0))[1]
-        self.step_fn = steps.compile_step(steps.sft_step, shardings,
+        self.step_fn = steps.jit_step(steps.sft_step, shardings,
                                           steps.batch_shardings(example, self.mesh), self.mesh,
                                           graphdef=self.graphdef, tx=self.tx, accum_steps=2)
 

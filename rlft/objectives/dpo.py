@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlft.errors import RlftError
-from rlft.objectives.reward import flatten_pairs
-from rlft.objectives.sft import token_logprobs
+from rlft.logprobs import sequence_logprobs
+from rlft.ops import flatten_pairs
 
 Array = jax.Array
 
@@ -63,8 +63,8 @@ def pair_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: Any) -> Arra
     The batch fields are [batch, 2, length]; loss_mask marks the completion tokens.
     """
     flat = flatten_pairs(batch)
-    logits = nnx.merge(graphdef, params)(flat["tokens"], flat["positions"], flat["segment_ids"])
-    logp = jnp.sum(token_logprobs(logits, flat["tokens"]) * flat["loss_mask"], axis=-1)
+    logp = sequence_logprobs(graphdef, params, flat["tokens"], flat["positions"], flat["segment_ids"])
+    logp = jnp.sum(jnp.where(flat["loss_mask"][:, 1:] > 0, logp, 0.0), axis=-1)
     n = logp.shape[0] // 2
     return jnp.stack([logp[:n], logp[n:]], axis=1)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlft.objectives.sft import batch_field
+from rlft.ops import flatten_pairs
 
 Array = jax.Array
 
@@ -33,15 +33,6 @@ def last_token_scores(scores: Array, segment_ids: Array) -> Array:
     """float32 [batch]: scores [batch, length] read at the last real token of each row."""
     index = last_token_index(segment_ids)
     return jnp.take_along_axis(scores, index[:, None], axis=-1)[:, 0].astype(jnp.float32)
-
-
-def flatten_pairs(batch: Any) -> dict[str, Array]:
-    """Pair batch fields [batch, 2, length] -> [2 * batch, length], chosen rows first then rejected."""
-    out = {}
-    for name in ("tokens", "positions", "segment_ids", "loss_mask"):
-        x = batch_field(batch, name)
-        out[name] = jnp.concatenate([x[:, 0], x[:, 1]], axis=0)
-    return out
 
 
 def bradley_terry_loss(chosen: Array, rejected: Array, margin: float | Array = 0.0,
