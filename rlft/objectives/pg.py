@@ -1,0 +1,174 @@
+"""Policy-gradient losses: the PPO clipped surrogate, the clipped value loss, entropy, aggregation.
+
+Per-token losses are [batch, length] float32 and unaggregated; `aggregate` turns them into a
+(sum, count) pair whose parts add across micro-batches and devices, so dividing once at the end
+gives the same gradient however the batch is split:
+
+    token-mean            Σ x·m / Σ m                    (every token weighs the same; PPO, DAPO)
+    seq-mean-token-mean   Σ_b (Σ_t x·m / Σ_t m) / B      (every sequence weighs the same; GRPO)
+    seq-mean-token-sum    Σ_b Σ_t x·m / B
+    fixed-length          Σ x·m / (B · max_length)       (Dr. GRPO's constant normaliser)
+
+B counts every row of the batch, including rows with no mask token (they add 0 to the sum), so a
+split of the batch never changes the normaliser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from rlft.errors import RlftError
+
+Array = jax.Array
+Aggregation = Callable[[Array, Array, int], tuple[Array, Array]]
+
+
+def _masked(per_token: Array, mask: Array) -> tuple[Array, Array]:
+    """(x where mask > 0 else 0, mask as float32); padding values are never read."""
+    keep = mask > 0
+    return jnp.where(keep, jnp.asarray(per_token, jnp.float32), 0.0), keep.astype(jnp.float32)
+
+
+def _rows(x: Array) -> Array:
+    return jnp.asarray(x.shape[0], jnp.float32)
+
+
+def _token_mean(per_token: Array, mask: Array, max_length: int) -> tuple[Array, Array]:
+    """(Σ x·m, Σ m): the mean over all completion tokens of the batch."""
+    del max_length
+    x, m = _masked(per_token, mask)
+    return jnp.sum(x), jnp.sum(m)
+
+
+def _seq_mean_token_mean(per_token: Array, mask: Array, max_length: int) -> tuple[Array, Array]:
+    """(Σ_b Σ_t x·m / max(Σ_t m, 1), B): the mean over sequences of each sequence's token mean."""
+    del max_length
+    x, m = _masked(per_token, mask)
+    per_row = jnp.sum(x, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+    return jnp.sum(per_row), _rows(x)
+
+
+def _seq_mean_token_sum(per_token: Array, mask: Array, max_length: int) -> tuple[Array, Array]:
+    """(Σ x·m, B): the mean over sequences of each sequence's token sum."""
+    del max_length
+    x, _ = _masked(per_token, mask)
+    return jnp.sum(x), _rows(x)
+
+
+def _fixed_length(per_token: Array, mask: Array, max_length: int) -> tuple[Array, Array]:
+    """(Σ x·m, B·max_length): a normaliser that does not depend on the completions' lengths."""
+    x, _ = _masked(per_token, mask)
+    return jnp.sum(x), _rows(x) * float(max_length)
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "token-mean": _token_mean,
+    "seq-mean-token-mean": _seq_mean_token_mean,
+    "seq-mean-token-sum": _seq_mean_token_sum,
+    "fixed-length": _fixed_length,
+}
+
+
+def check_aggregation(name: str, field: str = "rl.loss_aggregation") -> None:
+    """Raises RlftError naming `field` when `name` is not a key of AGGREGATIONS."""
+    if name not in AGGREGATIONS:
+        raise RlftError(f"{field}={name!r}: expected one of {sorted(AGGREGATIONS)}")
+
+
+def aggregate(per_token: Array, mask: Array, mode: str, max_length: int) -> tuple[Array, Array]:
+    """(sum, count) float32 scalars of per_token [B, T] under mask [B, T] for a static `mode`.
+
+    `max_length` is the completion length normaliser of "fixed-length" (usually the sampler's
+    max_new_tokens); the other modes ignore it.
+    """
+    check_aggregation(mode)
+    return AGGREGATIONS[mode](per_token, mask, max_length)
+
+
+def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *, eps_low: float,
+                      eps_high: float, clip: bool = True) -> tuple[Array, dict[str, Array]]:
+    """PPO's clipped surrogate, per token (Schulman et al. 2017; asymmetric ε as in DAPO).
+
+    Args:
+      logp: [B, T] log-probs of the sampled tokens under the current policy (differentiated).
+      old_logp: [B, T] log-probs under the policy that sampled them (treated as constants).
+      advantages: [B, T] (sequence-level advantages broadcast over tokens by the caller).
+      eps_low, eps_high: the ratio band [1 − eps_low, 1 + eps_high].
+      clip: False gives the plain importance-weighted policy gradient −ratio·A, whose gradient
+        at ratio 1 is −A·∇logp.
+
+    Returns:
+      (loss [B, T], stats), loss = −min(ratio·A, clip(ratio, 1 − eps_low, 1 + eps_high)·A) with
+      ratio = exp(logp − old_logp). stats holds stop-gradient'ed per-token arrays:
+        "ratio":     the importance ratio;
+        "clipped":   1.0 where the clipped branch is strictly the smaller one, i.e. the clip
+                     changed the objective and zeroed the token's gradient:
+                     (A > 0 & ratio > 1 + eps_high) | (A < 0 & ratio < 1 − eps_low); 0 if clip=False;
+        "approx_kl": (ratio − 1) − log ratio, the k3 estimator of KL(π_old‖π) on tokens sampled
+                     from π_old (what trl/PPO report as policy/approxkl); >= 0, 0 at ratio 1.
+    """
+    logp = jnp.asarray(logp, jnp.float32)
+    old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+    advantages = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+    log_ratio = logp - old_logp
+    ratio = jnp.exp(log_ratio)
+    unclipped = ratio * advantages
+    if clip:
+        clipped_ratio = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+        loss = -jnp.minimum(unclipped, clipped_ratio * advantages)
+        active = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
+    else:
+        loss = -unclipped
+        active = jnp.zeros(ratio.shape, bool)
+    stats = {
+        "ratio": ratio,
+        "clipped": active.astype(jnp.float32),
+        "approx_kl": (ratio - 1.0) - log_ratio,
+    }
+    return loss, jax.tree.map(jax.lax.stop_gradient, stats)
+
+
+def value_loss(values: Array, old_values: Array, returns: Array, *,
+               clip_eps: float | None) -> tuple[Array, dict[str, Array]]:
+    """PPO's clipped value loss per token [B, T].
+
+    0.5·max((v − R)², (clip(v, v_old − ε, v_old + ε) − R)²); with `clip_eps` None or <= 0 (a
+    static Python float) the unclipped 0.5·(v − R)². stats["clipped"] is 1.0 (stop-gradient'ed)
+    where the clipped term is strictly the larger one, i.e. where clipping zeroed the gradient.
+    """
+    values = jnp.asarray(values, jnp.float32)
+    old_values = jax.lax.stop_gradient(jnp.asarray(old_values, jnp.float32))
+    returns = jax.lax.stop_gradient(jnp.asarray(returns, jnp.float32))
+    unclipped = jnp.square(values - returns)
+    if clip_eps is None or clip_eps <= 0:
+        return 0.5 * unclipped, {"clipped": jnp.zeros(values.shape, jnp.float32)}
+    clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    clipped = jnp.square(clipped_values - returns)
+    loss = 0.5 * jnp.maximum(unclipped, clipped)
+    return loss, {"clipped": jax.lax.stop_gradient((clipped > unclipped).astype(jnp.float32))}
+
+
+def entropy_from_log_probs(log_probs: Array) -> Array:
+    """Entropy −Σ_v p log p [...] of normalised log-probs [..., V], in float32.
+
+    Entries of −inf (tokens removed by top-k/top-p truncation) contribute 0, and neither the
+    value nor its gradient is NaN (the −inf is replaced before the product, not after).
+    """
+    log_probs = jnp.asarray(log_probs, jnp.float32)
+    kept = log_probs != -jnp.inf  # a NaN input still gives NaN
+    safe = jnp.where(kept, log_probs, 0.0)
+    return -jnp.sum(jnp.where(kept, jnp.exp(safe) * safe, 0.0), axis=-1)
+
+
+def check_pg_args(eps_low: float, eps_high: float, vf_clip: float | None = None) -> None:
+    """Raises RlftError naming the out-of-range field: `rl.clip_eps_low` must be in [0, 1),
+    `rl.clip_eps_high` >= 0 and `rl.vf_clip` None or >= 0 (0 = no value clipping)."""
+    if not 0.0 <= eps_low < 1.0:
+        raise RlftError(f"rl.clip_eps_low={eps_low}: must be in [0, 1)")
+    if not eps_high >= 0.0:
+        raise RlftError(f"rl.clip_eps_high={eps_high}: must be >= 0")
+    if vf_clip is not None and not vf_clip >= 0.0:
+        raise RlftError(f"rl.vf_clip={vf_clip}: must be >= 0 (or None for no value clipping)")
