@@ -114,13 +114,6 @@ def logprobs_of(logits: Array, targets: Array, sampling: SamplingParams = Sampli
     return picked - jax.nn.logsumexp(z, axis=-1)
 
 
-def entropy_of(logits: Array, sampling: SamplingParams = SamplingParams()) -> Array:
-    """float32 [...]: entropy of the sampling distribution of logits [..., vocab] (0 for truncated tokens)."""
-    log_probs = sampling_log_probs(logits, sampling)
-    probs = jnp.exp(log_probs)
-    return -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), axis=-1)
-
-
 def next_tokens(tokens: Array) -> Array:
     """int32 [B, T]: tokens[:, t + 1] at t; the last column (no next token) repeats column 0."""
     tokens = tokens.astype(jnp.int32)

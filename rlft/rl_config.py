@@ -1,0 +1,212 @@
+"""RL hyper-parameters: the `rl` config section, per-algorithm defaults, and their validation.
+
+`--config.rl.algorithm=ppo|grpo|rloo|reinforce` picks a family's defaults; every component is its
+own field and overrides them (a field left at None takes the algorithm's value):
+
+| field                | ppo        | grpo                 | rloo       | reinforce  |
+|----------------------|------------|----------------------|------------|------------|
+| advantage            | gae        | grpo                 | rloo       | reinforce  |
+| critic               | separate   | none                 | none       | none       |
+| kl.placement         | reward     | loss                 | reward     | reward     |
+| kl.estimator         | k1         | k3                   | k1         | k1         |
+| kl.coef              | 0.05       | 0.04                 | 0.05       | 0.05       |
+| loss_aggregation     | token-mean | seq-mean-token-mean  | token-mean | token-mean |
+| whiten_advantages    | True       | False                | False      | False      |
+| clip                 | True       | True                 | True       | False      |
+| epochs               | 4          | 1                    | 1          | 1          |
+
+`resolve_pg_config(section)` validates everything before any work starts and returns a frozen,
+hashable `PGConfig` (a static argument of the jitted step). Errors name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+from rlft.errors import RlftError
+from rlft.logprobs import SamplingParams
+from rlft.objectives.advantages import SEQUENCE_LEVEL, check_estimator
+from rlft.objectives.kl import (check_kl_coef, check_kl_controller, check_kl_estimator,
+                                check_kl_placement)
+from rlft.objectives.pg import check_aggregation, check_pg_args
+
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce")
+CRITICS = ("none", "separate", "shared")
+
+ALGORITHM_DEFAULTS: dict[str, dict] = {
+    "ppo": dict(advantage="gae", critic="separate", kl_placement="reward", kl_estimator="k1",
+                kl_coef=0.05, loss_aggregation="token-mean", whiten_advantages=True, clip=True,
+                epochs=4),
+    "grpo": dict(advantage="grpo", critic="none", kl_placement="loss", kl_estimator="k3",
+                 kl_coef=0.04, loss_aggregation="seq-mean-token-mean", whiten_advantages=False,
+                 clip=True, epochs=1),
+    "rloo": dict(advantage="rloo", critic="none", kl_placement="reward", kl_estimator="k1",
+                 kl_coef=0.05, loss_aggregation="token-mean", whiten_advantages=False, clip=True,
+                 epochs=1),
+    "reinforce": dict(advantage="reinforce", critic="none", kl_placement="reward", kl_estimator="k1",
+                      kl_coef=0.05, loss_aggregation="token-mean", whiten_advantages=False,
+                      clip=False, epochs=1),
+}
+
+
+def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning_rate: float,
+                    max_new_tokens: int, algorithm: str = "grpo", **overrides) -> ml_collections.ConfigDict:
+    """The `rl` section of an experiment: one step = prompts_per_step × group_size completions.
+
+    Fields at None take the algorithm's defaults (module table). Sampling: temperature, top_k,
+    top_p (logprobs everywhere are those of this distribution).
+    """
+    section = dict(
+        algorithm=algorithm, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+        max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+        learning_rate=learning_rate, critic_learning_rate=None, warmup_steps=0, weight_decay=0.0,
+        clip_norm=1.0, accum_steps=1,
+        advantage=None, critic=None, gamma=1.0, lam=0.95, whiten_advantages=None,
+        grpo_scale_by_std=True, grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
+        clip=None, clip_eps_low=0.2, clip_eps_high=0.2, vf_coef=0.1, vf_clip=0.2,
+        entropy_coef=0.0, loss_aggregation=None, epochs=None, minibatches=1,
+        no_eos_penalty=0.0,
+        kl=ml_collections.ConfigDict(dict(coef=None, estimator=None, placement=None,
+                                          controller="fixed", target=6.0, horizon=10000.0)),
+        save_every=max(steps // 4, 1), keep=2,
+    )
+    cfg = ml_collections.ConfigDict(section)
+    cfg.update(overrides)
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class PGConfig:
+    """Every static choice of the policy-gradient step, resolved and validated (hashable)."""
+
+    advantage: str
+    critic: str
+    gamma: float
+    lam: float
+    whiten_advantages: bool
+    grpo_scale_by_std: bool
+    grpo_ddof: int
+    grpo_eps: float
+    baseline_decay: float
+    kl_coef: float  # the initial coefficient; the current one lives in the state
+    kl_estimator: str
+    kl_placement: str
+    kl_controller: str
+    kl_target: float
+    kl_horizon: float
+    clip: bool
+    clip_eps_low: float
+    clip_eps_high: float
+    vf_coef: float
+    vf_clip: float
+    entropy_coef: float
+    loss_aggregation: str
+    epochs: int
+    minibatches: int
+    accum_steps: int
+    group_size: int
+    max_new_tokens: int
+    no_eos_penalty: float
+    eos_id: int
+    sampling: SamplingParams
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference forward is needed unless the KL coefficient is fixed at 0."""
+        return self.kl_coef > 0 or self.kl_controller == "adaptive"
+
+    @property
+    def recompute_old_logprobs(self) -> bool:
+        """One update per rollout needs no separate old-policy forward: old = current, detached."""
+        return self.epochs * self.minibatches > 1
+
+
+def _pick(section: ml_collections.ConfigDict, defaults: dict, field: str, key: str | None = None):
+    value = section[field] if key is None else section.kl[key]
+    return defaults[field if key is None else f"kl_{key}"] if value is None else value
+
+
+def _positive_int(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RlftError(f"{field}={value!r}: must be an integer >= 1")
+    return value
+
+
+def _in_range(value, field: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (low_open and value == low) or value > high:
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise RlftError(f"{field}={value!r}: must be a finite number in {bound}")
+    return float(value)
+
+
+def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: str = "rl") -> PGConfig:
+    """A validated PGConfig from an `rl_stage_config` section (algorithm defaults filled in)."""
+    algorithm = section.algorithm
+    if algorithm not in ALGORITHMS:
+        raise RlftError(f"{prefix}.algorithm={algorithm!r}: expected one of {list(ALGORITHMS)}")
+    d = ALGORITHM_DEFAULTS[algorithm]
+    for field in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches",
+                  "accum_steps", "save_every", "keep"):
+        _positive_int(section[field], f"{prefix}.{field}")
+    advantage = _pick(section, d, "advantage")
+    check_estimator(advantage, f"{prefix}.advantage")
+    critic = _pick(section, d, "critic")
+    if critic not in CRITICS:
+        raise RlftError(f"{prefix}.critic={critic!r}: expected one of {list(CRITICS)}")
+    if advantage == "gae" and critic == "none":
+        raise RlftError(f"{prefix}.advantage='gae' needs a value function: set {prefix}.critic to "
+                        f"'separate' or 'shared'")
+    group = section.group_size
+    if advantage in ("grpo", "rloo") and group < 2:
+        raise RlftError(f"{prefix}.group_size={group}: {advantage} compares the completions of a prompt "
+                        f"with each other and needs a group of at least 2")
+    estimator = _pick(section, d, "estimator", "estimator")
+    check_kl_estimator(estimator, f"{prefix}.kl.estimator")
+    placement = _pick(section, d, "placement", "placement")
+    check_kl_placement(placement, f"{prefix}.kl.placement")
+    kl_coef = _pick(section, d, "coef", "coef")
+    check_kl_coef(kl_coef, f"{prefix}.kl.coef")
+    check_kl_controller(section.kl.controller, target=section.kl.target, horizon=section.kl.horizon,
+                        field=f"{prefix}.kl.controller")
+    aggregation = _pick(section, d, "loss_aggregation")
+    check_aggregation(aggregation, f"{prefix}.loss_aggregation")
+    check_pg_args(section.clip_eps_low, section.clip_eps_high, section.vf_clip)
+    epochs = _positive_int(_pick(section, d, "epochs"), f"{prefix}.epochs")
+    rows = section.prompts_per_step * group
+    if rows % section.minibatches:
+        raise RlftError(f"{prefix}.minibatches={section.minibatches} does not divide the rollout of "
+                        f"{rows} completions (prompts_per_step × group_size)")
+    if (rows // section.minibatches) % section.accum_steps:
+        raise RlftError(f"{prefix}.accum_steps={section.accum_steps} does not divide a minibatch of "
+                        f"{rows // section.minibatches} completions")
+    _in_range(section.learning_rate, f"{prefix}.learning_rate", 0.0, low_open=True)
+    if section.critic_learning_rate is not None:
+        _in_range(section.critic_learning_rate, f"{prefix}.critic_learning_rate", 0.0, low_open=True)
+    sampling = SamplingParams(temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
+    if sampling.greedy:
+        raise RlftError(f"{prefix}.temperature=0: RL needs sampled completions (temperature > 0)")
+    return PGConfig(
+        advantage=advantage, critic=critic,
+        gamma=_in_range(section.gamma, f"{prefix}.gamma", 0.0, 1.0),
+        lam=_in_range(section.lam, f"{prefix}.lam", 0.0, 1.0),
+        whiten_advantages=bool(_pick(section, d, "whiten_advantages")),
+        grpo_scale_by_std=bool(section.grpo_scale_by_std),
+        grpo_ddof=int(_in_range(section.grpo_ddof, f"{prefix}.grpo_ddof", 0, 1)),
+        grpo_eps=_in_range(section.grpo_eps, f"{prefix}.grpo_eps", 0.0),
+        baseline_decay=_in_range(section.baseline_decay, f"{prefix}.baseline_decay", 0.0, 1.0),
+        kl_coef=float(kl_coef), kl_estimator=estimator, kl_placement=placement,
+        kl_controller=section.kl.controller, kl_target=float(section.kl.target),
+        kl_horizon=float(section.kl.horizon),
+        clip=bool(_pick(section, d, "clip")), clip_eps_low=float(section.clip_eps_low),
+        clip_eps_high=float(section.clip_eps_high),
+        vf_coef=_in_range(section.vf_coef, f"{prefix}.vf_coef", 0.0),
+        vf_clip=float(section.vf_clip or 0.0),
+        entropy_coef=_in_range(section.entropy_coef, f"{prefix}.entropy_coef", 0.0),
+        loss_aggregation=aggregation, epochs=epochs, minibatches=section.minibatches,
+        accum_steps=section.accum_steps, group_size=group, max_new_tokens=section.max_new_tokens,
+        no_eos_penalty=_in_range(section.no_eos_penalty, f"{prefix}.no_eos_penalty", 0.0),
+        eos_id=int(eos_id), sampling=sampling)

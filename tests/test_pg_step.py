@@ -1,0 +1,169 @@
+"""The policy-gradient step: first-update identities, device/accumulation invariance, learning, bad config."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rlft.errors import RlftError
+from rlft.models import Decoder, ModelConfig, ScalarModel
+from rlft.pg_step import init_pg_state, pg_step, pg_updates
+from rlft.rl_config import resolve_pg_config, rl_stage_config
+from rlft.rollout import make_experience, sample_rollout
+from rlft.sharding import make_mesh, shard_batch, state_shardings
+from rlft.steps import batch_shardings, jit_step, make_optimizer, train_state_shardings
+from tests.pairs_util import random_params
+
+CFG = ModelConfig.gpt2(vocab_size=16, d_model=32, n_layers=1, n_heads=2, max_positions=32)
+EOS, PAD, TARGET = 1, 0, 5
+PROMPTS, GROUP, NEW = 4, 4, 6
+
+
+def config(algorithm: str, **overrides):
+    section = rl_stage_config(steps=30, prompts_per_step=PROMPTS, group_size=GROUP, learning_rate=3e-3,
+                              max_new_tokens=NEW, algorithm=algorithm, **overrides)
+    return resolve_pg_config(section, eos_id=EOS)
+
+
+def models(pc, seed=0):
+    graphdef, params = random_params(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), seed)
+    params = jax.tree.map(jnp.asarray, params)
+    critic_graphdef = critic_params = None
+    if pc.critic == "separate":
+        critic_graphdef, critic_params = random_params(lambda: ScalarModel(CFG, rngs=nnx.Rngs(0)), seed + 1)
+        critic_params = jax.tree.map(jnp.asarray, critic_params)
+    return graphdef, params, critic_graphdef, critic_params
+
+
+def prompts(seed=0):
+    tokens = np.random.default_rng(seed).integers(2, CFG.vocab_size, (PROMPTS * GROUP, 3)).astype(np.int32)
+    return jnp.asarray(tokens), jnp.ones_like(jnp.asarray(tokens))
+
+
+def scores_of(seqs):
+    """The toy task's reward: the fraction of completion slots holding TARGET."""
+    return jnp.sum((seqs.tokens[:, -NEW:] == TARGET) * seqs.completion_mask, -1) / NEW
+
+
+def rollout(pc, graphdef, params, key, seed=0):
+    tokens, mask = prompts(seed)
+    return sample_rollout(graphdef, params, tokens, mask, key, eos_id=EOS, pad_id=PAD,
+                          max_new_tokens=NEW, sampling=pc.sampling)
+
+
+def test_first_minibatch_of_first_epoch_has_ratio_one():
+    """With recomputed old logprobs (2 epochs × 2 minibatches) the first update sees the old policy."""
+    pc = config("ppo", minibatches=2, epochs=2)
+    assert pc.recompute_old_logprobs
+    graphdef, params, cg, cp = models(pc)
+    tx = make_optimizer(1e-2, 0, 100)
+    state = init_pg_state(params, tx, cp, tx, pc.kl_coef, 0)
+    seqs = rollout(pc, graphdef, params, jax.random.key(1))
+    experience, _ = make_experience(pc, graphdef, params, seqs, scores_of(seqs), params,
+                                    state.kl_coef, state.baseline, cg, cp)
+    _, stacked = pg_updates(state, experience, jax.random.key(2), graphdef=graphdef, critic_graphdef=cg,
+                            tx=tx, critic_tx=tx, config=pc)
+    tokens = np.asarray(stacked["tokens"])
+    assert tokens[0] > 0
+    np.testing.assert_allclose(np.asarray(stacked["ratio"])[0] / tokens[0], 1.0, atol=1e-5)
+    assert np.asarray(stacked["approx_kl"])[0] / tokens[0] < 1e-9
+    assert np.asarray(stacked["clipped"])[0] == 0
+    # the policy moved afterwards: later minibatches are off-policy (the identity above is not vacuous)
+    assert abs(np.asarray(stacked["ratio"])[-1] / tokens[-1] - 1.0) > 1e-4
+    # the sampler's logprobs equal the trainer's (same distribution, same tokens)
+    np.testing.assert_allclose(np.asarray(experience.old_logprobs), np.asarray(experience.sampler_logprobs),
+                               atol=2e-5)
+
+
+@pytest.mark.parametrize("algorithm,aggregation", [("ppo", "token-mean"), ("grpo", "seq-mean-token-mean"),
+                                                   ("rloo", "fixed-length")])
+def test_step_is_independent_of_devices_and_accumulation(algorithm, aggregation):
+    """8 devices with 2 accumulation micro-batches == 1 device, one batch (params after a step).
+
+    Plain SGD, so the params compare the summed gradients themselves (Adam's normalisation would
+    turn float noise in near-zero gradients into full-size steps).
+    """
+    results = []
+    for devices, accum in ((1, 1), (8, 2)):
+        pc = config(algorithm, loss_aggregation=aggregation, accum_steps=accum, minibatches=2)
+        graphdef, params, cg, cp = models(pc)
+        mesh = make_mesh((devices, 1, 1), jax.devices()[:devices])
+        params = jax.device_put(params, state_shardings(params, mesh))
+        if cp is not None:
+            cp = jax.device_put(cp, state_shardings(cp, mesh))
+        tx = optax.sgd(0.5)
+        state = init_pg_state(params, tx, cp, tx, pc.kl_coef, 0)
+        shardings = train_state_shardings(jax.eval_shape(lambda s: s, state), mesh)
+        state = jax.jit(lambda s: s, out_shardings=shardings)(state)  # fresh buffers: the step donates them
+        seqs = rollout(pc, graphdef, params, jax.random.key(1))
+        batch = shard_batch(jax.device_get({"sequences": seqs, "scores": scores_of(seqs)}), mesh)
+        ref_shardings = state_shardings(params, mesh)
+        step = jit_step(pg_step, shardings, batch_shardings(batch, mesh), mesh, (ref_shardings,),
+                        graphdef=graphdef, critic_graphdef=cg, tx=tx, critic_tx=tx, config=pc)
+        state, metrics = step(state, batch, params)
+        results.append((jax.device_get(state), jax.device_get(metrics)))
+    (a, ma), (b, mb) = results
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, atol=2e-6)
+    if a.critic_params is not None:
+        for x, y in zip(jax.tree.leaves(a.critic_params), jax.tree.leaves(b.critic_params)):
+            np.testing.assert_allclose(x, y, atol=2e-6)
+    for name in ("loss/total", "objective/kl", "policy/clipfrac", "grad_norm"):
+        np.testing.assert_allclose(ma[name], mb[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce"])
+def test_mean_reward_rises_on_a_toy_task(algorithm):
+    """Reward = emitting TARGET: the mean score of the last steps beats the first steps' clearly."""
+    pc = config(algorithm)
+    graphdef, params, cg, cp = models(pc)
+    steps = 30
+    tx = make_optimizer(3e-3, 0, steps * pc.epochs)
+    state = init_pg_state(params, tx, cp, tx, pc.kl_coef, 0)
+    sample = jax.jit(functools.partial(rollout, pc, graphdef))
+    step = jax.jit(functools.partial(pg_step, graphdef=graphdef, critic_graphdef=cg, tx=tx, critic_tx=tx,
+                                     config=pc))
+    scores = []
+    for i in range(steps):
+        seqs = sample(state.params, jax.random.key(i))
+        state, metrics = step(state, {"sequences": seqs, "scores": scores_of(seqs)}, params)
+        scores.append(float(metrics["objective/scores"]))
+        assert np.isfinite(float(metrics["loss/total"]))
+    first, last = np.mean(scores[:5]), np.mean(scores[-5:])
+    assert last > first + 0.1 and last > 2 * first, (algorithm, scores)
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(advantage="gea"), "rl.advantage"),
+    (dict(algorithm="ppg"), "rl.algorithm"),
+    (dict(group_size=1), "rl.group_size"),
+    (dict(clip_eps_low=-0.1), "rl.clip_eps_low"),
+    (dict(minibatches=3), "rl.minibatches"),
+    (dict(kl=dict(estimator="k4")), "rl.kl.estimator"),
+    (dict(kl=dict(controller="adaptive", target=0.0)), "rl.kl.target"),
+    (dict(loss_aggregation="mean"), "rl.loss_aggregation"),
+    (dict(temperature=0.0), "rl.temperature"),
+    (dict(steps=0), "rl.steps"),
+    (dict(gamma=1.5), "rl.gamma"),
+    (dict(advantage="gae", critic="none"), "rl.critic"),
+])
+def test_bad_configuration_names_the_field(override, field):
+    kl = override.pop("kl", {})
+    section = rl_stage_config(steps=10, prompts_per_step=4, group_size=4, learning_rate=1e-3,
+                              max_new_tokens=8, algorithm="grpo")
+    section.update(override)
+    section.kl.update(kl)
+    with pytest.raises(RlftError, match=field.replace(".", r"\.")):
+        resolve_pg_config(section, eos_id=EOS)
+
+
+def test_algorithm_defaults_and_overrides():
+    assert config("ppo").advantage == "gae" and config("ppo").critic == "separate"
+    assert config("grpo").kl_placement == "loss" and config("grpo").kl_estimator == "k3"
+    assert config("rloo").advantage == "rloo" and config("reinforce").clip is False
+    overridden = config("grpo", advantage="rloo", kl=dict(coef=0.0))  # a component flag wins
+    assert overridden.advantage == "rloo" and overridden.kl_coef == 0.0 and not overridden.uses_reference
