@@ -37,12 +37,13 @@ def _deleted(state: Any) -> bool:
 def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
           batches: Iterable[tuple[int, Any]], mesh: Mesh, checkpointer: Checkpointer | None,
           logger: MetricsLogger | None, total_steps: int,
-          extra_fn: Callable[[int, Any], dict] | None = None, prefix: str = "train") -> Any:
+          extra_fn: Callable[[int, Any], dict] | None = None, prefix: str | None = "train") -> Any:
     """Runs `step_fn(state, sharded_batch)` until `total_steps`; returns the final state.
 
     batches: (index, host batch) pairs, index counting batches since the start of training.
     Saves when `checkpointer.should_save(step)` and at the end; on KeyboardInterrupt saves the
     last completed step, then re-raises. extra_fn(step, state) adds JSON entries to each save.
+    Metric names are logged as "PREFIX/name" ("name" as it is when prefix is None).
     """
     step = int(jax.device_get(state.step))
     last = (state, step, None)  # (state, step, data position) of the last completed step
@@ -61,7 +62,7 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
             new_state, metrics = step_fn(last[0], shard_batch(host_batch, mesh))
             last = (new_state, last[1] + 1, index + 1)  # one assignment: safe against interrupts
             if logger is not None:
-                logger.log(last[1], {f"{prefix}/{k}": v for k, v in metrics.items()})
+                logger.log(last[1], {(f"{prefix}/{k}" if prefix else k): v for k, v in metrics.items()})
             save(force=False)
     except KeyboardInterrupt:
         if _deleted(last[0]):

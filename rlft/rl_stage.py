@@ -1,0 +1,151 @@
+"""The RL stage: prompts + a reward function -> a policy trained by PPO / GRPO / RLOO / REINFORCE.
+
+A thin loop (rlft.train_loop.train) over one step per prompt batch:
+
+    rollout (jit: sample prompts_per_step × group_size completions with the current policy)
+    -> decode on the host, score with the reward function
+    -> pg_step (jit: experience, epochs × minibatches updates, KL controller)
+
+Everything resumes exactly: the PGState (policy, critic, optimizers, KL coefficient, baseline,
+RNG, step) is checkpointed whole, the prompt order is a pure function of (seed, position), and
+the sampling key of a step is derived from the state's RNG and step. SIGINT saves. Metrics go to
+WORKDIR/NAME/metrics.jsonl and TensorBoard under the names trl users know (objective/kl,
+policy/clipfrac, val/explained_variance, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlft.checkpoints import Checkpointer
+from rlft.data.batching import pad_left
+from rlft.data.loader import epoch_batches
+from rlft.errors import RlftError
+from rlft.logging import MetricsLogger
+from rlft.models.heads import ScalarHead
+from rlft.pg_step import PGState, init_pg_state, pg_step
+from rlft.rewards import RewardFn, check_scores
+from rlft.rl_config import PGConfig, resolve_pg_config, rl_stage_config  # noqa: F401 (re-export)
+from rlft.rollout import sample_rollout
+from rlft.sharding import batch_sharding, sharded_init
+from rlft.stages import record_stage
+from rlft.steps import batch_shardings, jit_step, make_optimizer, train_state_shardings, with_shardings
+from rlft.train_loop import DATA_POSITION, restore_or_init, train
+from rlft.warm_start import scalar_model_from_lm
+
+SAMPLE_SALT = 1  # the sampling key of a step: fold_in(fold_in(rng, step), SAMPLE_SALT)
+
+
+def _critic(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State, critic_init,
+            mesh: Mesh, seed: int) -> tuple[nnx.GraphDef | None, nnx.State | None]:
+    """(graphdef, params) of the critic: none, a ScalarHead on the policy trunk, or a ScalarModel
+    whose backbone starts from `critic_init` (a reward model's (graphdef, params)) or the policy."""
+    if config.critic == "none":
+        return None, None
+    model_config = nnx.merge(graphdef, params).config
+    if config.critic == "shared":
+        return sharded_init(lambda: ScalarHead(model_config.d_model, rngs=nnx.Rngs(seed)), mesh)
+    if critic_init is not None:
+        return critic_init
+    return scalar_model_from_lm(model_config, params, mesh, seed=seed)
+
+
+def _prompt_batch(prompts: Sequence[dict], indices: np.ndarray, group: int, width: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+    """Rows prompt-major (each prompt repeated `group` times), left-padded to `width`."""
+    rows = np.repeat(indices, group)
+    tokens, mask, _ = pad_left([prompts[i]["ids"] for i in rows], width, pad_id)
+    return {"prompt_tokens": tokens, "prompt_mask": mask, "index": rows.astype(np.int32)}
+
+
+def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+                 prompts: Sequence[dict], reward_fn: RewardFn, cfg: ml_collections.ConfigDict,
+                 mesh: Mesh, seed: int, eos_id: int, pad_id: int, tokenizer,
+                 reference_params: nnx.State | None = None,
+                 critic_init: tuple[nnx.GraphDef, nnx.State] | None = None) -> nnx.State:
+    """Train the policy `params` with RL on `prompts` for cfg.steps steps; returns its final params.
+
+    prompts: records {"ids": prompt token ids, "text": ..., any fields the reward reads};
+    reward_fn(completions, records) -> float32 [n] (`rlft.rewards`); cfg: an `rl_stage_config`
+    section (validated before any work); reference_params: the frozen KL reference (default: the
+    starting policy); critic_init: (graphdef, params) of a ScalarModel to start a separate critic
+    from (e.g. the reward model; default: the policy with a zero value head). Checkpoints and
+    metrics go to WORKDIR/NAME, recorded in stages.json as a language model.
+    """
+    config = resolve_pg_config(cfg, eos_id, prefix=name)
+    if not prompts:
+        raise RlftError(f"{name}: no prompts")
+    if cfg.prompts_per_step > len(prompts):
+        raise RlftError(f"{name}.prompts_per_step={cfg.prompts_per_step}: more than the "
+                        f"{len(prompts)} prompts available")
+    width = max(len(p["ids"]) for p in prompts)
+    if min(len(p["ids"]) for p in prompts) < 1:
+        raise RlftError(f"{name}: every prompt needs at least one token")
+    stage_dir = os.path.join(workdir, name)
+    record_stage(workdir, name, "lm")
+
+    updates = cfg.steps * config.epochs * config.minibatches  # optimizer updates over the stage
+    make_tx = lambda lr: make_optimizer(lr, cfg.warmup_steps, updates, cfg.weight_decay, cfg.clip_norm)
+    tx = make_tx(cfg.learning_rate)
+    critic_graphdef, critic_params = _critic(config, graphdef, params, critic_init, mesh, seed)
+    critic_tx = None if critic_params is None else make_tx(cfg.critic_learning_rate or cfg.learning_rate)
+    init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
+    abstract = jax.eval_shape(init, params, critic_params)
+    shardings = train_state_shardings(abstract, mesh)
+    checkpointer = Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep)
+    state, extra = restore_or_init(checkpointer, with_shardings(abstract, shardings),
+                                   lambda: jax.jit(init, out_shardings=shardings)(params, critic_params))
+    start = int(jax.device_get(state.step))
+    if start >= cfg.steps:
+        checkpointer.close()
+        return state.params
+
+    reference = None
+    if config.uses_reference:
+        reference = params if reference_params is None else reference_params
+    rollout = jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
+                                        max_new_tokens=config.max_new_tokens,
+                                        sampling=config.sampling, mesh=mesh))
+    template = _prompt_batch(prompts, np.arange(cfg.prompts_per_step), config.group_size, width, pad_id)
+    sequences = jax.eval_shape(rollout, state.params, state.rng, state.step, template["prompt_tokens"],
+                               template["prompt_mask"])
+    batch_tree = {"sequences": sequences, "scores": jax.ShapeDtypeStruct(template["index"].shape, np.float32)}
+    extra_args = () if reference is None else (reference,)
+    pg = jit_step(pg_step, shardings, batch_shardings(batch_tree, mesh), mesh,
+                  tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
+                  graphdef=graphdef, critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx,
+                  config=config)
+    scores_sharding = batch_sharding(mesh, 1)
+
+    def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
+        seqs = rollout(state.params, state.rng, state.step, batch["prompt_tokens"], batch["prompt_mask"])
+        tokens = np.asarray(seqs.tokens[:, width:])
+        lengths = np.asarray(seqs.completion_mask.sum(-1)).astype(int)
+        texts = tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)],
+                                       skip_special_tokens=True)
+        records = [prompts[i] for i in np.asarray(batch["index"])]
+        scores = check_scores(reward_fn(texts, records), len(texts))
+        return pg(state, {"sequences": seqs, "scores": jax.device_put(scores, scores_sharding)}, *extra_args)
+
+    batches = ((i, _prompt_batch(prompts, idx, config.group_size, width, pad_id)) for i, idx in
+               epoch_batches(len(prompts), cfg.prompts_per_step, seed, start_index=extra[DATA_POSITION]))
+    with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
+        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None)
+    checkpointer.close()
+    return state.params
+
+
+def _rollout(graphdef, params, rng, step, prompt_tokens, prompt_mask, *, eos_id, pad_id,
+             max_new_tokens, sampling, mesh):
+    """sample_rollout with the step's key: fold_in(fold_in(rng, step), SAMPLE_SALT)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), step), SAMPLE_SALT)
+    return sample_rollout(graphdef, params, prompt_tokens, prompt_mask, key, eos_id=eos_id,
+                          pad_id=pad_id, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
