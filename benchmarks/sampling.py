@@ -27,22 +27,12 @@ import sys
 import tempfile
 import time
 
-from rlft.host import tune_host_malloc
-
-
-def _host_devices(argv: list[str]) -> int:
-    """--host-devices N (read before JAX starts: the CPU device count is fixed at start-up)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--host-devices"):
-            return int(arg.split("=", 1)[1] if "=" in arg else argv[i + 1])
-    return 2
-
+from rlft.host import force_host_devices, tune_host_malloc
 
 MALLOC_TUNED = False
 if __name__ == "__main__":  # before torch and XLA start their threads and devices
     MALLOC_TUNED = tune_host_malloc()
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_host_devices(sys.argv)}").strip()
+    force_host_devices(sys.argv)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Sequence
 
 import jax
@@ -58,12 +59,63 @@ def _critic(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State, critic_
     return scalar_model_from_lm(model_config, params, mesh, seed=seed)
 
 
-def _prompt_batch(prompts: Sequence[dict], indices: np.ndarray, group: int, width: int,
+def prompt_batch(prompts: Sequence[dict], indices: np.ndarray, group: int, width: int,
                   pad_id: int) -> dict[str, np.ndarray]:
     """Rows prompt-major (each prompt repeated `group` times), left-padded to `width`."""
     rows = np.repeat(indices, group)
     tokens, mask, _ = pad_left([prompts[i]["ids"] for i in rows], width, pad_id)
     return {"prompt_tokens": tokens, "prompt_mask": mask, "index": rows.astype(np.int32)}
+
+
+def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState,
+                 prompts: Sequence[dict], reward_fn: RewardFn, tokenizer, mesh: Mesh, eos_id: int,
+                 pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
+                 timings: dict[str, list[float]] | None = None):
+    """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> decode + reward (host) -> pg_step (jit).
+
+    `shardings`: the PGState's. With `timings`, each phase's wall time is
+    appended to timings["sampling_s" | "reward_s" | "update_s"] (the device is synchronised
+    between phases, which costs a little overlap; for benchmarks only).
+    """
+    width = max(len(p["ids"]) for p in prompts)
+    rollout = jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
+                                        max_new_tokens=config.max_new_tokens,
+                                        sampling=config.sampling, mesh=mesh))
+    extra_args = () if reference is None else (reference,)
+    pg = None
+    scores_sharding = batch_sharding(mesh, 1)
+
+    def timed(name, start):
+        if timings is not None:
+            timings.setdefault(name, []).append(time.perf_counter() - start)
+
+    def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
+        nonlocal pg
+        t0 = time.perf_counter()
+        seqs = rollout(state.params, state.rng, state.step, batch["prompt_tokens"], batch["prompt_mask"])
+        tokens = np.asarray(seqs.tokens[:, width:])  # waits for the sampler
+        timed("sampling_s", t0)
+        t0 = time.perf_counter()
+        lengths = np.asarray(seqs.completion_mask.sum(-1)).astype(int)
+        texts = tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)],
+                                       skip_special_tokens=True)
+        records = [prompts[i] for i in np.asarray(batch["index"])]
+        scores = jax.device_put(check_scores(reward_fn(texts, records), len(texts)), scores_sharding)
+        timed("reward_s", t0)
+        t0 = time.perf_counter()
+        if pg is None:  # compiled once, for the shapes of the first batch
+            tree = {"sequences": seqs, "scores": scores}
+            pg = jit_step(pg_step, shardings, batch_shardings(tree, mesh), mesh,
+                          tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
+                          graphdef=graphdef, critic_graphdef=critic_graphdef, tx=tx,
+                          critic_tx=critic_tx, config=config)
+        state, metrics = pg(state, {"sequences": seqs, "scores": scores}, *extra_args)
+        if timings is not None:
+            jax.block_until_ready(metrics)
+        timed("update_s", t0)
+        return state, metrics
+
+    return step
 
 
 def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
@@ -111,31 +163,11 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     reference = None
     if config.uses_reference:
         reference = params if reference_params is None else reference_params
-    rollout = jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
-                                        max_new_tokens=config.max_new_tokens,
-                                        sampling=config.sampling, mesh=mesh))
-    template = _prompt_batch(prompts, np.arange(cfg.prompts_per_step), config.group_size, width, pad_id)
-    sequences = jax.eval_shape(rollout, state.params, state.rng, state.step, template["prompt_tokens"],
-                               template["prompt_mask"])
-    batch_tree = {"sequences": sequences, "scores": jax.ShapeDtypeStruct(template["index"].shape, np.float32)}
-    extra_args = () if reference is None else (reference,)
-    pg = jit_step(pg_step, shardings, batch_shardings(batch_tree, mesh), mesh,
-                  tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
-                  graphdef=graphdef, critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx,
-                  config=config)
-    scores_sharding = batch_sharding(mesh, 1)
-
-    def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
-        seqs = rollout(state.params, state.rng, state.step, batch["prompt_tokens"], batch["prompt_mask"])
-        tokens = np.asarray(seqs.tokens[:, width:])
-        lengths = np.asarray(seqs.completion_mask.sum(-1)).astype(int)
-        texts = tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)],
-                                       skip_special_tokens=True)
-        records = [prompts[i] for i in np.asarray(batch["index"])]
-        scores = check_scores(reward_fn(texts, records), len(texts))
-        return pg(state, {"sequences": seqs, "scores": jax.device_put(scores, scores_sharding)}, *extra_args)
-
-    batches = ((i, _prompt_batch(prompts, idx, config.group_size, width, pad_id)) for i, idx in
+    step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings,
+                        prompts=prompts, reward_fn=reward_fn, tokenizer=tokenizer, mesh=mesh,
+                        eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
+                        critic_tx=critic_tx, reference=reference)
+    batches = ((i, prompt_batch(prompts, idx, config.group_size, width, pad_id)) for i, idx in
                epoch_batches(len(prompts), cfg.prompts_per_step, seed, start_index=extra[DATA_POSITION]))
     with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
         state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None)

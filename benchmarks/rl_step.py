@@ -1,0 +1,450 @@
+"""Seconds per RL optimizer step of rlft beside trl, on the same workload, in the same run.
+
+The workload (benchmarks/peers/workload.py, shared by both sides): a tiny random GPT-2 (4 layers x
+4 heads x d 256, vocab 512, n_positions 256, tied head), a byte-level BPE tokenizer of 512 ids
+trained locally, 64 prompts of exactly 16 tokens. One step = 4 prompts x 8 completions = 32
+completions, up to 48 new tokens, temperature 1 (no top-k / top-p), reward = number of letters 'a'
+in the completion text (a Python function), learning rate 1e-5, one update per rollout. Step time
+is the wall time between consecutive optimizer steps; the first ``--skip`` steps (compilation,
+warm-up) are left out and the median of the rest is reported.
+
+Rows (``--algorithms``):
+
+- ``grpo``: one row per ``--beta`` value (default 0 and 0.04). Peer: trl 1.16 ``GRPOTrainer`` with
+  its defaults otherwise (gradient checkpointing on, loss ``dapo``; beta > 0 adds the reference
+  model's forward).
+- ``rloo``: trl 1.16 ``RLOOTrainer`` defaults (beta 0.05: old and reference log-prob forwards).
+- ``ppo``: trl 1.12 ``trl.experimental.ppo.PPOTrainer`` (the last trl that has it). One "step" is
+  one PPO update: 32 rollouts (32 different prompts, one completion each), 4 PPO epochs over them
+  as 1 minibatch (4 AdamW steps), a random tiny ``GPT2ForSequenceClassification`` as reward model
+  and another as value model, kl_coef 0.05. Compare per update; ``--ppo-steps`` updates are run.
+
+Each peer runs in its own virtual environment, created on first use under the user cache
+(``~/.cache/rlft/bench/trl-1.16``: torch 2.13.0 + trl 1.16.0; ``~/.cache/rlft/bench/trl-1.12``:
+torch 2.13.0 + trl 1.12.0; see benchmarks/peers/envs.py; the first run spends a few minutes
+installing). The peer is a subprocess (benchmarks/peers/trl_grpo_rloo.py, trl_ppo.py) that prints
+one ``RESULT {json}`` line; its torch uses ``--threads`` threads. rlft runs in this process
+(`rlft_rl_step`). Both sides get glibc's allocator tuned as the ``rlft`` command does
+(``rlft.host.tune_host_malloc`` here, the equivalent ``MALLOC_*`` variables for the peer;
+``RLFT_MALLOC=default`` leaves both alone).
+
+Breakdown (medians over the measured steps, seconds; the peer scripts' docstrings say exactly
+which trl methods are timed):
+
+- ``sampling_s``: generating the completions (trl: tokenising, ``generate``, decoding);
+- ``logprobs_s``: no-grad forwards for old / reference log-probs (PPO: reference only, the old
+  log-probs come from the sampling logits);
+- ``reward_s``: the reward (GRPO/RLOO: the Python function; PPO: value- and reward-model forwards);
+- ``scoring_s``: everything between sampling and the update (includes logprobs_s and reward_s,
+  plus advantages and bookkeeping);
+- ``update_s``: the rest of the step: loss forward and backward, clipping, AdamW, logging
+  (PPO: all 4 epochs).
+
+Machines here are noisy (10-30% between runs minutes apart); only the ratios of one run mean
+anything. Each run also reports how many cores other processes used meanwhile ("other load"): on
+a busy machine trl's two OpenMP threads slow down far more than XLA does, so figures taken with
+other load above ~0.25 cores are not comparable. ``--rounds N`` repeats every row N times,
+alternating which side goes first, and reports the median of the per-round medians.
+
+    python benchmarks/rl_step.py                                   # all rows, 16 steps (PPO: 10 updates)
+    python benchmarks/rl_step.py --algorithms grpo --beta 0 --steps 8 --skip 2
+    python benchmarks/rl_step.py --no-peers --algorithms rloo      # rlft only
+    python benchmarks/rl_step.py --no-rlft --steps 4 --ppo-steps 3 # trl only (e.g. to check the peers)
+    python benchmarks/rl_step.py --algorithms ppo --rounds 3 --json /tmp/rl_step.json
+    python benchmarks/peers/envs.py                                # only create the peer environments
+
+Target: rlft's step time <= 0.5 x trl's on every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rlft.host import OPT_OUT_ENV, force_host_devices, tune_host_malloc
+
+MALLOC_TUNED = False
+if __name__ == "__main__":  # before XLA starts its threads and devices
+    MALLOC_TUNED = tune_host_malloc()
+    force_host_devices(sys.argv, default=1)
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+sys.path.insert(0, str(PEERS_DIR))
+
+import envs  # noqa: E402
+import workload  # noqa: E402
+
+TARGET_RATIO = 0.5  # rlft time / trl time
+RLOO_BETA = 0.05  # trl 1.16 RLOOConfig.beta default: the RLOO row runs trl's defaults
+PPO_KL_COEF = 0.05  # trl 1.12 PPOConfig.kl_coef default
+BREAKDOWN_KEYS = ("sampling_s", "logprobs_s", "reward_s", "scoring_s", "update_s")
+# glibc settings equivalent to rlft.host.tune_host_malloc, for a peer process started by us
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(64 << 20)}
+
+
+# --------------------------------------------------------------------------------------------
+# The workload, rlft's side
+# --------------------------------------------------------------------------------------------
+
+def rlft_workload() -> dict:
+    """The tokenizer and prompts the peers use, for rlft's side of the benchmark.
+
+    Returns ``{"tokenizer", "prompts" (64 texts), "prompt_ids" (int32 [64, 16]), "reward_fn"
+    (texts -> list of floats), "model_config" (GPT2Config kwargs), "digest"}``. The tokenizer is
+    built exactly as the peer scripts build it (benchmarks/peers/workload.py), so both sides see
+    the same ids; ``digest`` is compared with the one each peer reports.
+    """
+    import numpy as np
+
+    tok, prompts = workload.build_workload()
+    ids = np.asarray([tok(p)["input_ids"] for p in prompts], dtype=np.int32)
+    assert ids.shape == (workload.NUM_PROMPTS, workload.PROMPT_TOKENS), ids.shape
+    return {"tokenizer": tok, "prompts": prompts, "prompt_ids": ids, "reward_fn": workload.reward_count_a,
+            "model_config": dict(workload.TINY_GPT2, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+            "digest": workload.workload_digest(tok, prompts)}
+
+
+# --------------------------------------------------------------------------------------------
+# rlft's side of a row
+# --------------------------------------------------------------------------------------------
+
+def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
+    """Run ``steps`` RL optimizer steps of rlft on the workload and time them.
+
+    The step is the RL stage's own (`rlft.rl_stage.make_rl_step`: jitted rollout -> host decode and
+    reward -> jitted `pg_step`), on a mesh over this process's CPU devices (``--host-devices``).
+    Settings follow the peer's row: GRPO with KL ``beta`` as a k3 loss term and token-mean
+    aggregation (trl's "dapo"); RLOO with trl's beta 0.05 in the reward; PPO as trl 1.12 runs it
+    (32 prompts x 1 completion, 4 epochs x 1 minibatch, a separate critic from the policy, and a
+    random tiny reward model scoring prompt + completion, like trl's). Returns ``median_step_s``,
+    ``step_s`` and ``breakdown`` (sampling_s: the jitted sampler; reward_s == scoring_s: decoding
+    and the reward; update_s: the jitted step, reference / old logprobs, values and advantages
+    included; logprobs_s is not separable there and is left out).
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from rlft.data.loader import epoch_batches
+    from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
+    from rlft.pg_step import init_pg_state
+    from rlft.rl_config import resolve_pg_config, rl_stage_config
+    from rlft.rl_stage import make_rl_step, prompt_batch
+    from rlft.sharding import make_mesh, shard_batch, sharded_init
+    from rlft.steps import make_optimizer, train_state_shardings
+    from rlft.warm_start import scalar_model_from_lm
+
+    w = rlft_workload()
+    tok = w["tokenizer"]
+    shape = workload.TINY_GPT2
+    cfg = ModelConfig.gpt2(vocab_size=shape["vocab_size"], d_model=shape["n_embd"], n_layers=shape["n_layer"],
+                           n_heads=shape["n_head"], max_positions=shape["n_positions"])
+    mesh = make_mesh((-1, 1, 1))
+    graphdef, params = sharded_init(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+    ppo = algorithm == "ppo"
+    overrides = dict(loss_aggregation="token-mean") if algorithm == "grpo" else {}
+    if ppo:
+        overrides.update(epochs=4, minibatches=1)
+    section = rl_stage_config(steps=steps, prompts_per_step=32 if ppo else workload.PROMPTS_PER_STEP,
+                              group_size=1 if ppo else workload.GROUP_SIZE,
+                              learning_rate=workload.LEARNING_RATE, max_new_tokens=workload.MAX_NEW_TOKENS,
+                              algorithm=algorithm, temperature=workload.TEMPERATURE, **overrides)
+    section.kl.coef = beta
+    config = resolve_pg_config(section, eos_id=tok.eos_token_id)
+    prompts = [{"ids": row.tolist(), "text": text} for row, text in zip(w["prompt_ids"], w["prompts"])]
+    if ppo:  # a random reward model, as trl's PPO row has (prompt + completion through a GPT-2 scorer)
+        rm_graphdef, rm_params = sharded_init(lambda: ScalarModel(cfg, rngs=nnx.Rngs(2), head_init_std=0.02), mesh)
+        rm_forward = jax.jit(lambda p, t, m: nnx.merge(rm_graphdef, p)(t, positions_from_mask(m), m))
+
+        def reward_fn(texts, records):
+            ids = [r["ids"] + tok(t, add_special_tokens=False)["input_ids"] for t, r in zip(texts, records)]
+            width = 16 + workload.MAX_NEW_TOKENS
+            tokens = np.full((len(ids), width), tok.pad_token_id, np.int32)
+            mask = np.zeros((len(ids), width), np.int32)
+            for i, row in enumerate(ids):
+                row = row[:width]
+                tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+            scores = np.asarray(rm_forward(rm_params, tokens, mask))
+            return scores[np.arange(len(ids)), mask.sum(-1) - 1]
+    else:
+        reward_fn = lambda texts, records: np.asarray(w["reward_fn"](texts), np.float32)
+
+    total_updates = steps * config.epochs * config.minibatches
+    tx = make_optimizer(workload.LEARNING_RATE, 0, total_updates)
+    critic_graphdef = critic_params = critic_tx = None
+    if config.critic == "separate":
+        critic_graphdef, critic_params = scalar_model_from_lm(cfg, params, mesh, seed=1)
+        critic_tx = make_optimizer(workload.LEARNING_RATE, 0, total_updates)
+    init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, 0)
+    shardings = train_state_shardings(jax.eval_shape(init, params, critic_params), mesh)
+    state = jax.jit(init, out_shardings=shardings)(params, critic_params)
+    timings: dict[str, list[float]] = {}
+    step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings, prompts=prompts,
+                        reward_fn=reward_fn, tokenizer=tok, mesh=mesh, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id, tx=tx, critic_graphdef=critic_graphdef,
+                        critic_tx=critic_tx, reference=params if config.uses_reference else None,
+                        timings=timings)
+    width = workload.PROMPT_TOKENS
+    step_s, lengths, scores = [], [], []
+    batches = epoch_batches(len(prompts), section.prompts_per_step, seed=0)
+    for _ in range(steps):
+        _, indices = next(batches)
+        batch = shard_batch(prompt_batch(prompts, indices, config.group_size, width, tok.pad_token_id), mesh)
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(state)
+        step_s.append(time.perf_counter() - start)
+        lengths.append(float(metrics["completions/mean_length"]))
+        scores.append(float(metrics["objective/scores"]))
+    breakdown = {key: statistics.median(timings[key][skip:]) for key in ("sampling_s", "reward_s", "update_s")}
+    breakdown["scoring_s"] = breakdown["reward_s"]
+    return {"median_step_s": statistics.median(step_s[skip:]), "step_s": [round(x, 4) for x in step_s],
+            "steps": steps, "breakdown": breakdown, "mean_completion_length": statistics.mean(lengths),
+            "scores_first_last": [scores[0], scores[-1]], "devices": len(jax.devices()),
+            "kl_coef": config.kl_coef, "jax": jax.__version__}
+
+
+# --------------------------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------------------------
+
+def peer_command(algorithm: str, beta: float, steps: int, skip: int, threads: int) -> tuple[str, list[str]]:
+    """(environment name, script arguments) of the trl run matching a row."""
+    common = ["--steps", str(steps), "--skip", str(skip), "--threads", str(threads)]
+    if algorithm == "grpo":
+        return "trl-1.16", [str(PEERS_DIR / "trl_grpo_rloo.py"), "--trainer", "grpo", "--beta", str(beta), *common]
+    if algorithm == "rloo":  # trl's defaults, beta included
+        return "trl-1.16", [str(PEERS_DIR / "trl_grpo_rloo.py"), "--trainer", "rloo", *common]
+    if algorithm == "ppo":
+        return "trl-1.12", [str(PEERS_DIR / "trl_ppo.py"), *common]
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+def peer_environment() -> dict:
+    """Environment of a peer subprocess: ours, minus PYTHONPATH, plus the allocator settings."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if os.environ.get(OPT_OUT_ENV) != "default":
+        env.update(MALLOC_ENV)
+    return env
+
+
+def run_peer(algorithm: str, beta: float, steps: int, skip: int, threads: int, log_dir: Path, tag: str) -> dict:
+    """Run one peer subprocess, return its RESULT (raises RuntimeError with its output's tail on failure)."""
+    env_name, argv = peer_command(algorithm, beta, steps, skip, threads)
+    python = envs.ensure_env(env_name)
+    log_path = log_dir / f"{tag}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run([str(python), *argv], stdout=log, stderr=subprocess.STDOUT,
+                              env=peer_environment(), cwd=str(PEERS_DIR))
+    output = log_path.read_text()
+    results = [line[len("RESULT "):] for line in output.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or len(results) != 1:
+        tail = "\n".join(output.splitlines()[-30:])
+        raise RuntimeError(f"peer {tag} failed (exit {proc.returncode}, {len(results)} RESULT lines); "
+                           f"log {log_path}:\n{tail}")
+    result = json.loads(results[0])
+    result["log"] = str(log_path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Load, rows, table
+# --------------------------------------------------------------------------------------------
+
+class LoadMeter:
+    """Wall seconds of a call and the cores other processes used meanwhile.
+
+    Other processes' CPU = the machine's busy time from /proc/stat minus this process's and its
+    waited-for children's (the peer subprocess's) CPU time.
+    """
+
+    hz = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / LoadMeter.hz
+
+    @staticmethod
+    def _ours_s() -> float:
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+        return total
+
+    def measure(self, fn):
+        """(fn's return value, wall seconds, other processes' cores or nan)."""
+        busy0, ours0, start = self._busy_s(), self._ours_s(), time.perf_counter()
+        value = fn()
+        wall = time.perf_counter() - start
+        busy1, ours1 = self._busy_s(), self._ours_s()
+        if busy0 is None or busy1 is None:
+            return value, wall, float("nan")
+        return value, wall, max(busy1 - busy0 - (ours1 - ours0), 0.0) / wall
+
+
+def plan_rows(algorithms: list[str], betas: list[float]) -> list[dict]:
+    """One row per (algorithm, KL coefficient) in the order asked for."""
+    rows = []
+    for algorithm in algorithms:
+        if algorithm == "grpo":
+            rows += [{"algorithm": "grpo", "beta": b, "name": f"GRPO beta={b:g}"} for b in betas]
+        elif algorithm == "rloo":
+            rows.append({"algorithm": "rloo", "beta": RLOO_BETA, "name": f"RLOO beta={RLOO_BETA:g}"})
+        elif algorithm == "ppo":
+            rows.append({"algorithm": "ppo", "beta": PPO_KL_COEF, "name": f"PPO kl={PPO_KL_COEF:g} (per update)"})
+        else:
+            raise SystemExit(f"unknown algorithm {algorithm!r} (grpo, rloo, ppo)")
+    return rows
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, spec: str = ".3f", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def summarise_side(runs: list[dict]) -> dict | None:
+    """Median over rounds of one side's step median and breakdown (None if no run succeeded)."""
+    ok = [r for r in runs if r.get("median_step_s") is not None]
+    if not ok:
+        return None
+    return {"median_step_s": median_or_none(r["median_step_s"] for r in ok),
+            "breakdown": {k: median_or_none(r.get("breakdown", {}).get(k) for r in ok) for k in BREAKDOWN_KEYS},
+            "other_load": max(r.get("other_load", 0.0) for r in ok), "steps": ok[0].get("steps"), "rounds": len(ok)}
+
+
+def print_table(rows: list[dict]) -> None:
+    """Step times, ratios and both breakdowns."""
+    print("\n== RL step: seconds per optimizer step (PPO: per update), medians; ratio = rlft / trl, "
+          f"target <= {TARGET_RATIO}")
+    header = (f"{'row':<26} {'trl s/step':>10} {'rlft s/step':>11} {'rlft/trl':>8} {'target':>7}  "
+              "other load (trl / rlft)")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        peer, ours = row["summary"].get("peer"), row["summary"].get("rlft")
+        ratio = ours["median_step_s"] / peer["median_step_s"] if peer and ours else None
+        verdict = "-" if ratio is None else ("met" if ratio <= TARGET_RATIO else "NOT met")
+        loads = " / ".join(fmt(s["other_load"], ".2f") if s else "-" for s in (peer, ours))
+        print(f"{row['name']:<26} {fmt(peer and peer['median_step_s']):>10} {fmt(ours and ours['median_step_s']):>11} "
+              f"{fmt(ratio, '.2f'):>8} {verdict:>7}  {loads} cores")
+        for note in row.get("notes", []):
+            print(f"{'':<26} note: {note}")
+    print("\nBreakdown (medians, s): " + " / ".join(BREAKDOWN_KEYS))
+    for row in rows:
+        for side in ("peer", "rlft"):
+            summary = row["summary"].get(side)
+            label = "trl" if side == "peer" else "rlft"
+            parts = " / ".join(fmt(summary["breakdown"].get(k)) for k in BREAKDOWN_KEYS) if summary else "-"
+            print(f"  {row['name']:<26} {label:<5} {parts}")
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithms", default="grpo,rloo,ppo", help="comma-separated: grpo, rloo, ppo")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per GRPO / RLOO run")
+    parser.add_argument("--ppo-steps", type=int, default=10, help="PPO updates per PPO run")
+    parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of every median")
+    parser.add_argument("--beta", default="0,0.04", help="comma-separated KL coefficients of the GRPO rows")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="run trl beside rlft (--no-peers: rlft only)")
+    parser.add_argument("--rlft", action=argparse.BooleanOptionalAction, default=True,
+                        help="run rlft's side (--no-rlft: peers only)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the peer processes")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every row, alternating which side goes first")
+    parser.add_argument("--log-dir", default=None, help="where peer logs go (default: a temporary directory)")
+    parser.add_argument("--json", default=None, help="write every result to this file")
+    parser.add_argument("--host-devices", type=int, default=1,
+                        help="CPU devices of rlft's mesh (data parallel over the completions)")
+    a = parser.parse_args()
+    if min(a.steps, a.ppo_steps) <= a.skip:
+        parser.error("--steps and --ppo-steps must exceed --skip")
+
+    rows = plan_rows([s.strip() for s in a.algorithms.split(",") if s.strip()],
+                     [float(b) for b in a.beta.split(",") if b.strip()])
+    log_dir = Path(a.log_dir or (tempfile.mkdtemp(prefix="rlft-rl-step-") if a.peers else "."))
+    if a.peers:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    digest = workload.workload_digest(*workload.build_workload())
+    print(f"rl_step: rows {', '.join(r['name'] for r in rows)}; steps {a.steps} (PPO {a.ppo_steps}), skip {a.skip}, "
+          f"rounds {a.rounds}; peer torch threads {a.threads}; malloc {'tuned' if MALLOC_TUNED else 'default'}; "
+          f"workload digest {digest}; {os.cpu_count()} CPUs, 1-min load {os.getloadavg()[0]:.1f}"
+          + (f"; peer logs {log_dir}" if a.peers else ""),
+          flush=True)
+
+    meter = LoadMeter()
+    for row in rows:
+        row.update(runs={"peer": [], "rlft": []}, notes=[])
+        steps = a.ppo_steps if row["algorithm"] == "ppo" else a.steps
+        sides = [side for side, on in (("peer", a.peers), ("rlft", a.rlft)) if on]
+        for rnd in range(a.rounds):
+            for side in (sides if rnd % 2 == 0 else sides[::-1]):
+                tag = f"{row['algorithm']}-beta{row['beta']:g}-{side}-r{rnd}"
+                if side == "peer":
+                    call = functools.partial(run_peer, row["algorithm"], row["beta"], steps, a.skip, a.threads,
+                                             log_dir, tag)
+                else:
+                    call = functools.partial(rlft_rl_step, row["algorithm"], row["beta"], steps, a.skip)
+                try:
+                    result, wall, load = meter.measure(call)
+                except NotImplementedError as e:
+                    row["notes"].append(f"rlft: {e}")
+                    print(f"[{row['name']}] rlft: not implemented ({e})", flush=True)
+                    sides = [s for s in sides if s != "rlft"]
+                    continue
+                except RuntimeError as e:
+                    row["notes"].append(f"{side}: failed (see {log_dir})")
+                    print(f"[{row['name']}] {side} FAILED: {e}", flush=True)
+                    continue
+                result.update(other_load=load, wall_s=wall)
+                row["runs"][side].append(result)
+                if side == "peer":
+                    if result.get("workload_digest") != digest:
+                        row["notes"].append(f"peer workload digest {result.get('workload_digest')} != {digest}")
+                    peer_beta = result.get("beta", result.get("kl_coef"))
+                    if peer_beta is not None and abs(peer_beta - row["beta"]) > 1e-12:
+                        row["notes"].append(f"peer ran with KL coefficient {peer_beta}, the row says {row['beta']}")
+                bd = result.get("breakdown", {})
+                print(f"[{row['name']}] {side} round {rnd}: {fmt(result.get('median_step_s'))} s/step over "
+                      f"{result.get('steps')} steps (skip {a.skip}); "
+                      + ", ".join(f"{k} {fmt(bd.get(k))}" for k in BREAKDOWN_KEYS)
+                      + f"; other load {load:.2f} cores; run {wall:.0f} s", flush=True)
+        row["summary"] = {side: summarise_side(runs) for side, runs in row["runs"].items()}
+
+    print_table(rows)
+    if any((s or {}).get("other_load", 0.0) > 0.25 for r in rows for s in r["summary"].values()):
+        print("\nOther processes used more than 0.25 cores during some runs: those figures are not "
+              "comparable (trl's OpenMP threads suffer most); rerun on a quiet machine.")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "digest": digest, "rows": rows}, indent=1, default=str))
+        print(f"results written to {a.json}")
+
+
+if __name__ == "__main__":
+    main()
