@@ -28,7 +28,7 @@ import ml_collections
 
 from rlft.errors import RlftError
 from rlft.logprobs import SamplingParams
-from rlft.objectives.advantages import SEQUENCE_LEVEL, check_estimator
+from rlft.objectives.advantages import check_estimator
 from rlft.objectives.kl import (check_kl_coef, check_kl_controller, check_kl_estimator,
                                 check_kl_placement)
 from rlft.objectives.pg import check_aggregation, check_pg_args

@@ -26,7 +26,7 @@ from rlft.objectives.dpo import check_dpo_args, dpo_loss, pair_logprobs
 from rlft.objectives.reward import reward_loss
 from rlft.objectives.sft import sft_loss
 from rlft.ops import batch_field
-from rlft.sharding import batch_sharding, checked_sharding, replicated, state_shardings
+from rlft.sharding import batch_sharding, checked_sharding, replicated
 
 Array = jax.Array
 LossFn = Callable[[nnx.State, Any], tuple[Array, Array, dict]]
