@@ -126,8 +126,8 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
     reward -> jitted `pg_step`), on a mesh over this process's CPU devices (``--host-devices``).
     Settings follow the peer's row: GRPO with KL ``beta`` as a k3 loss term and token-mean
     aggregation (trl's "dapo"); RLOO with trl's beta 0.05 in the reward; PPO as trl 1.12 runs it
-    (32 prompts x 1 completion, 4 epochs x 1 minibatch, a separate critic from the policy, and a
-    random tiny reward model scoring prompt + completion, like trl's). Returns ``median_step_s``,
+    (32 prompts x 1 completion, 4 epochs x 1 minibatch, old logprobs from the sampler, a separate
+    critic from the policy, and a random tiny reward model scoring prompt + completion, like trl's). Returns ``median_step_s``,
     ``step_s`` and ``breakdown`` (sampling_s: the jitted sampler; reward_s == scoring_s: decoding
     and the reward; update_s: the jitted step, reference / old logprobs, values and advantages
     included; logprobs_s is not separable there and is left out).
@@ -154,8 +154,8 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
     graphdef, params = sharded_init(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
     ppo = algorithm == "ppo"
     overrides = dict(loss_aggregation="token-mean") if algorithm == "grpo" else {}
-    if ppo:
-        overrides.update(epochs=4, minibatches=1)
+    if ppo:  # trl 1.12's PPO takes the old logprobs from its sampling logits, as "sampler" does
+        overrides.update(epochs=4, minibatches=1, old_logprobs="sampler")
     section = rl_stage_config(steps=steps, prompts_per_step=32 if ppo else workload.PROMPTS_PER_STEP,
                               group_size=1 if ppo else workload.GROUP_SIZE,
                               learning_rate=workload.LEARNING_RATE, max_new_tokens=workload.MAX_NEW_TOKENS,

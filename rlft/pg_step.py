@@ -81,7 +81,7 @@ def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.G
                          entropy=config.entropy_coef > 0)
     logp = out["logprobs"]
     keep = mb.mask > 0
-    old = mb.old_logprobs if config.recompute_old_logprobs else jax.lax.stop_gradient(logp)
+    old = jax.lax.stop_gradient(logp) if config.single_update else mb.old_logprobs
     per_token, stats = clipped_surrogate(logp, old, mb.advantages, eps_low=config.clip_eps_low,
                                          eps_high=config.clip_eps_high, clip=config.clip)
     policy_part = per_token
@@ -178,8 +178,8 @@ def pg_step(state: PGState, batch: dict, reference_params: nnx.State | None = No
     lengths = jnp.sum(mask, axis=-1)
     if config.recompute_old_logprobs:
         sampler_diff = masked_mean(jnp.abs(experience.old_logprobs - experience.sampler_logprobs), mask)
-    else:
-        sampler_diff = token_mean("sampler_diff")
+    else:  # the first minibatch's forward runs the pre-update policy
+        sampler_diff = stacked["sampler_diff"][0] / jnp.maximum(stacked["tokens"][0], 1.0)
     updates = stacked["loss"].shape[0]
     metrics = {
         "objective/kl": mean_kl,

@@ -1,7 +1,10 @@
 """RL hyper-parameters: the `rl` config section, per-algorithm defaults, and their validation.
 
 `--config.rl.algorithm=ppo|grpo|rloo|reinforce` picks a family's defaults; every component is its
-own field and overrides them (a field left at None takes the algorithm's value):
+own field and overrides them (a field left at None takes the algorithm's value). With several
+updates per rollout, `rl.old_logprobs` says where the old policy's logprobs come from: "recompute"
+(a forward before the first update, the default) or "sampler" (the sampler's own, which are those
+of the same distribution; trl's PPO does this; saves a forward):
 
 | field                | ppo        | grpo                 | rloo       | reinforce  |
 |----------------------|------------|----------------------|------------|------------|
@@ -67,7 +70,7 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
         advantage=None, critic=None, gamma=1.0, lam=0.95, whiten_advantages=None,
         grpo_scale_by_std=True, grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
         clip=None, clip_eps_low=0.2, clip_eps_high=0.2, vf_coef=0.1, vf_clip=0.2,
-        entropy_coef=0.0, loss_aggregation=None, epochs=None, minibatches=1,
+        entropy_coef=0.0, loss_aggregation=None, epochs=None, minibatches=1, old_logprobs="recompute",
         no_eos_penalty=0.0,
         kl=ml_collections.ConfigDict(dict(coef=None, estimator=None, placement=None,
                                           controller="fixed", target=6.0, horizon=10000.0)),
@@ -106,6 +109,7 @@ class PGConfig:
     loss_aggregation: str
     epochs: int
     minibatches: int
+    old_logprobs: str  # "recompute" (a forward before the updates) or "sampler" (the sampler's)
     accum_steps: int
     group_size: int
     max_new_tokens: int
@@ -119,9 +123,14 @@ class PGConfig:
         return self.kl_coef > 0 or self.kl_controller == "adaptive"
 
     @property
+    def single_update(self) -> bool:
+        """One update per rollout: the old policy is the current one (its logprobs, detached)."""
+        return self.epochs * self.minibatches == 1
+
+    @property
     def recompute_old_logprobs(self) -> bool:
-        """One update per rollout needs no separate old-policy forward: old = current, detached."""
-        return self.epochs * self.minibatches > 1
+        """Several updates and old_logprobs="recompute": one forward before the first update."""
+        return not self.single_update and self.old_logprobs == "recompute"
 
 
 def _pick(section: ml_collections.ConfigDict, defaults: dict, field: str, key: str | None = None):
@@ -183,6 +192,8 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
     if (rows // section.minibatches) % section.accum_steps:
         raise RlftError(f"{prefix}.accum_steps={section.accum_steps} does not divide a minibatch of "
                         f"{rows // section.minibatches} completions")
+    if section.old_logprobs not in ("recompute", "sampler"):
+        raise RlftError(f"{prefix}.old_logprobs={section.old_logprobs!r}: expected 'recompute' or 'sampler'")
     _in_range(section.learning_rate, f"{prefix}.learning_rate", 0.0, low_open=True)
     if section.critic_learning_rate is not None:
         _in_range(section.critic_learning_rate, f"{prefix}.critic_learning_rate", 0.0, low_open=True)
@@ -207,6 +218,7 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
         vf_clip=float(section.vf_clip or 0.0),
         entropy_coef=_in_range(section.entropy_coef, f"{prefix}.entropy_coef", 0.0),
         loss_aggregation=aggregation, epochs=epochs, minibatches=section.minibatches,
+        old_logprobs=section.old_logprobs,
         accum_steps=section.accum_steps, group_size=group, max_new_tokens=section.max_new_tokens,
         no_eos_penalty=_in_range(section.no_eos_penalty, f"{prefix}.no_eos_penalty", 0.0),
         eos_id=int(eos_id), sampling=sampling)

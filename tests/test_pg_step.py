@@ -79,6 +79,18 @@ def test_first_minibatch_of_first_epoch_has_ratio_one():
                                atol=2e-5)
 
 
+def test_sampler_old_logprobs_skip_the_recompute_and_agree_with_it():
+    """old_logprobs="sampler" uses the sampler's logprobs: the same numbers a recompute gives."""
+    recompute, sampler = config("ppo"), config("ppo", old_logprobs="sampler")
+    assert recompute.recompute_old_logprobs and not sampler.recompute_old_logprobs
+    graphdef, params, cg, cp = models(recompute)
+    seqs = rollout(recompute, graphdef, params, jax.random.key(1))
+    exps = [make_experience(pc, graphdef, params, seqs, scores_of(seqs), params, jnp.float32(0.05),
+                            jnp.float32(0.0), cg, cp)[0] for pc in (recompute, sampler)]
+    np.testing.assert_array_equal(np.asarray(exps[1].old_logprobs), np.asarray(seqs.logprobs))
+    np.testing.assert_allclose(np.asarray(exps[0].old_logprobs), np.asarray(exps[1].old_logprobs), atol=2e-5)
+
+
 @pytest.mark.parametrize("algorithm,aggregation", [("ppo", "token-mean"), ("grpo", "seq-mean-token-mean"),
                                                    ("rloo", "fixed-length")])
 def test_step_is_independent_of_devices_and_accumulation(algorithm, aggregation):
