@@ -62,7 +62,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -81,6 +80,7 @@ PEERS_DIR = Path(__file__).resolve().parent / "peers"
 sys.path.insert(0, str(PEERS_DIR))
 
 import envs  # noqa: E402
+from host_load import QUIET_CORES, LoadMeter  # noqa: E402
 import workload  # noqa: E402
 
 TARGET_RATIO = 0.5  # rlft time / trl time
@@ -262,44 +262,6 @@ def run_peer(algorithm: str, beta: float, steps: int, skip: int, threads: int, l
 # Load, rows, table
 # --------------------------------------------------------------------------------------------
 
-class LoadMeter:
-    """Wall seconds of a call and the cores other processes used meanwhile.
-
-    Other processes' CPU = the machine's busy time from /proc/stat minus this process's and its
-    waited-for children's (the peer subprocess's) CPU time.
-    """
-
-    hz = os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _busy_s() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return (sum(fields[:8]) - idle) / LoadMeter.hz
-
-    @staticmethod
-    def _ours_s() -> float:
-        total = 0.0
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-            usage = resource.getrusage(who)
-            total += usage.ru_utime + usage.ru_stime
-        return total
-
-    def measure(self, fn):
-        """(fn's return value, wall seconds, other processes' cores or nan)."""
-        busy0, ours0, start = self._busy_s(), self._ours_s(), time.perf_counter()
-        value = fn()
-        wall = time.perf_counter() - start
-        busy1, ours1 = self._busy_s(), self._ours_s()
-        if busy0 is None or busy1 is None:
-            return value, wall, float("nan")
-        return value, wall, max(busy1 - busy0 - (ours1 - ours0), 0.0) / wall
-
-
 def plan_rows(algorithms: list[str], betas: list[float]) -> list[dict]:
     """One row per (algorithm, KL coefficient) in the order asked for."""
     rows = []
@@ -438,8 +400,8 @@ def main() -> None:
         row["summary"] = {side: summarise_side(runs) for side, runs in row["runs"].items()}
 
     print_table(rows)
-    if any((s or {}).get("other_load", 0.0) > 0.25 for r in rows for s in r["summary"].values()):
-        print("\nOther processes used more than 0.25 cores during some runs: those figures are not "
+    if any((s or {}).get("other_load", 0.0) > QUIET_CORES for r in rows for s in r["summary"].values()):
+        print(f"\nOther processes used more than {QUIET_CORES} cores during some runs: those figures are not "
               "comparable (trl's OpenMP threads suffer most); rerun on a quiet machine.")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "digest": digest, "rows": rows}, indent=1, default=str))

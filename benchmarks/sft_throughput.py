@@ -53,6 +53,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from host_load import QUIET_CORES, LoadMeter  # noqa: E402  (benchmarks/, this script's directory)
 from rlft import steps  # noqa: E402
 from rlft.models.decoder import Decoder  # noqa: E402
 from rlft.models.hf import load_hf_checkpoint  # noqa: E402
@@ -66,39 +67,6 @@ SHAPES = {
 LR = 1e-4
 WEIGHT_DECAY = 0.01
 CLIP = 1.0
-QUIET_CORES = 0.25  # a repetition is "quiet" when other processes used less CPU than this
-
-
-class LoadMeter:
-    """Wall seconds of a block and the CPU (in cores) that other processes used during it."""
-
-    def __init__(self):
-        self.hz = os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _busy_jiffies() -> int | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-
-    @staticmethod
-    def _own_cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
-    def measure(self, fn) -> tuple[float, float]:
-        busy0, own0, start = self._busy_jiffies(), self._own_cpu(), time.perf_counter()
-        fn()
-        wall = time.perf_counter() - start
-        busy1, own1 = self._busy_jiffies(), self._own_cpu()
-        if busy0 is None or busy1 is None:
-            return wall, float("nan")
-        foreign = (busy1 - busy0) / self.hz - (own1 - own0)
-        return wall, max(foreign, 0.0) / wall
 
 
 METER = LoadMeter()
@@ -124,8 +92,8 @@ def matmul_peaks(sizes=(2048, 4096), reps: int = 7) -> dict:
         torch.mm(ta, tb)
         jt, tt = [], []
         for _ in range(reps):  # alternate so both see the same machine load
-            jt.append(METER.measure(lambda: dot(a, b).block_until_ready())[0])
-            tt.append(METER.measure(lambda: torch.mm(ta, tb))[0])
+            jt.append(METER.measure(lambda: dot(a, b).block_until_ready())[1])
+            tt.append(METER.measure(lambda: torch.mm(ta, tb))[1])
         out["jax", n] = 2 * n**3 / min(jt) / 1e9
         out["torch", n] = 2 * n**3 / min(tt) / 1e9
     return out
@@ -213,7 +181,7 @@ def bench_shape(name: str, repeats: int, steps_per_rep: int, batch: int, length:
     for _ in range(repeats):
         for side, fn in (("rlft", run_rlft), ("torch", run_torch)):
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            wall, load = METER.measure(fn)
+            _, wall, load = METER.measure(fn)
             samples[side].append((wall / steps_per_rep, load))
             faults[side] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     faults = {k: v / (repeats * steps_per_rep) for k, v in faults.items()}
