@@ -169,6 +169,9 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
     if advantage == "gae" and critic == "none":
         raise RlftError(f"{prefix}.advantage='gae' needs a value function: set {prefix}.critic to "
                         f"'separate' or 'shared'")
+    if advantage != "gae" and critic != "none":
+        raise RlftError(f"{prefix}.critic={critic!r}: only advantage='gae' uses a value function "
+                        f"(advantage={advantage!r}); set {prefix}.critic='none'")
     group = section.group_size
     if advantage in ("grpo", "rloo") and group < 2:
         raise RlftError(f"{prefix}.group_size={group}: {advantage} compares the completions of a prompt "

@@ -162,6 +162,8 @@ def test_mean_reward_rises_on_a_toy_task(algorithm):
     (dict(steps=0), "rl.steps"),
     (dict(gamma=1.5), "rl.gamma"),
     (dict(advantage="gae", critic="none"), "rl.critic"),
+    (dict(advantage="grpo", critic="separate"), "rl.critic"),
+    (dict(old_logprobs="cached"), "rl.old_logprobs"),
 ])
 def test_bad_configuration_names_the_field(override, field):
     kl = override.pop("kl", {})
