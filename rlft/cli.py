@@ -1,6 +1,7 @@
 """The `rlft` command: run an experiment, export a checkpoint, sample from a model.
 
     rlft run EXPERIMENT.py[:PRESET] [--config.a.b=VALUE ...] [--workdir DIR]
+    rlft run EXPERIMENT.py[:PRESET] [--config.a.b=VALUE ...] --print-config
     rlft export CHECKPOINT --out HF_DIR
     rlft sample CHECKPOINT --prompt TEXT [...]
 
@@ -25,14 +26,34 @@ def _default_workdir(spec: str, preset: str) -> str:
     return os.path.join("runs", stem if preset == "default" else f"{stem}-{preset}")
 
 
-def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: Sequence[str]) -> dict:
-    """Load an experiment, apply overrides, record the run metadata, and run it."""
+def _resolved_experiment(spec: str, overrides: Sequence[str]):
+    """(module, preset, config): the experiment's preset config with the overrides applied, locked."""
     from rlft import config as config_lib
 
     module, preset, config = config_lib.load_experiment(spec)
     for field, value in config_lib.parse_overrides(overrides):
         config_lib.apply_override(config, field, value)
     config.lock()
+    return module, preset, config
+
+
+def print_config_command(spec: str, overrides: Sequence[str]) -> None:
+    """Print the resolved config, one `--config.a.b=VALUE` line per leaf field, sorted; runs nothing.
+
+    The values are those `rlft run` would write to run_config.json; no work directory is created.
+    """
+    from rlft import config as config_lib
+
+    _, _, config = _resolved_experiment(spec, overrides)
+    for field, value in config_lib.flat_fields(config):
+        print(config_lib.format_override(field, value))
+
+
+def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: Sequence[str]) -> dict:
+    """Load an experiment, apply overrides, record the run metadata, and run it."""
+    from rlft import config as config_lib
+
+    module, preset, config = _resolved_experiment(spec, overrides)
     workdir = workdir or _default_workdir(spec, preset)
     config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0])
     print(f"rlft: running {spec} in {workdir}", file=sys.stderr)
@@ -57,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run all stages of an experiment")
     run.add_argument("experiment", help="experiments/NAME.py[:PRESET]")
     run.add_argument("--workdir", help="run directory (default: runs/NAME[-PRESET])")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved config as --config.FIELD=VALUE lines and exit without running")
     export = sub.add_parser("export", help="export a checkpoint in Hugging Face format")
     export.add_argument("checkpoint", help="an HF checkpoint dir or an rlft run/checkpoint dir")
     export.add_argument("--out", required=True, help="output directory")
@@ -75,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return sample_command(argv[1:])
         args, rest = parser.parse_known_args(argv)
-        if args.command == "run":
+        if args.command == "run" and args.print_config:
+            print_config_command(args.experiment, rest)
+        elif args.command == "run":
             result = run_command(args.experiment, rest, args.workdir, ["rlft", *argv])
             print(json.dumps(result, indent=2, default=str))
         elif rest:

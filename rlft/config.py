@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from types import ModuleType
@@ -119,6 +120,61 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
         pairs.append((key, value))
         i += 1
     return pairs
+
+
+def flat_fields(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+    """[("a.b", value), ...]: every leaf field of `config` (nested sections walked recursively).
+
+    Sorted by the dotted path compared section by section, so each section's fields stay together.
+    A leaf is any value that is not a ConfigDict (None, tuples and lists included); an empty
+    section has no leaves and does not appear. These are exactly the fields `--config.a.b=VALUE`
+    can set.
+    """
+    def walk(node: ml_collections.ConfigDict, prefix: tuple[str, ...]):
+        for key, value in node.items():
+            path = (*prefix, str(key))
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from walk(value, path)
+            else:
+                yield path, value
+
+    return [(".".join(path), value) for path, value in sorted(walk(config, ()), key=lambda item: item[0])]
+
+
+def format_override(field: str, value: Any) -> str:
+    """"--config.FIELD=VALUE" that `parse_overrides` + `apply_override` turn back into `value`.
+
+    Strings are written as they are, bools as true/false, everything else as its Python repr
+    (None, numbers, tuples); the value is shell-quoted where needed, e.g.
+    --config.mesh.shape='(-1, 1, 1)', so a printed line can be pasted into a bash command. A value
+    with a newline or another control character is written in bash's $'...' form, so the result
+    is always one line.
+    """
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    else:
+        text = repr(value)
+    return f"--config.{field}={_shell_quote(text)}"
+
+
+_ANSI_C_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _ansi_c_code(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _shell_quote(text: str) -> str:
+    """`text` as one bash word on one line: bare when safe, else '...', "..." or $'...' (control chars)."""
+    if not text.isprintable():
+        return "$'" + "".join(_ANSI_C_ESCAPES.get(c) or (c if c.isprintable() else _ansi_c_code(c))
+                              for c in text) + "'"
+    if "'" in text and not any(c in text for c in '"\\$`!'):
+        return f'"{text}"'
+    return shlex.quote(text)
 
 
 def git_commit(path: str) -> str:

@@ -79,3 +79,57 @@ def test_cli_errors_are_one_clear_line(args, message, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_print_config_lists_every_field_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default work directory would be runs/toy_experiment-tiny here
+    toy = os.path.abspath(TOY)
+    workdir = tmp_path / "explicit"
+    assert main(["run", f"{toy}:tiny", "--config.optim.learning_rate=0.5", "--config.mesh.shape=(2,2,2)",
+                 "--workdir", str(workdir), "--print-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "--config.init_from=None",
+        "--config.mesh.shape='(2, 2, 2)'",
+        "--config.optim.learning_rate=0.5",  # the override
+        "--config.optim.schedule=cosine",
+        "--config.optim.warmup_steps=10",
+        "--config.seed=0",
+        "--config.train.batch_size=32",
+        "--config.train.full_sequence_loss=false",
+        "--config.train.steps=2",  # the preset
+    ]
+    assert not workdir.exists() and list(tmp_path.iterdir()) == []  # no workdir, nothing ran
+    # Each printed line is a valid override that reproduces the value (shell quoting removed).
+    import shlex
+    args = [token for line in lines for token in shlex.split(line)]
+    assert _config(*args).to_dict() == _config("--config.optim.learning_rate=0.5", "--config.mesh.shape=(2,2,2)",
+                                               preset="tiny").to_dict()
+    assert config_lib.flat_fields(_config())[:2] == [("init_from", None), ("mesh.shape", (-1, 1, 1))]
+
+    assert main(["run", toy, "--config.train.stepz=1", "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("rlft: error: unknown config field 'train.stepz' in section 'train'; "
+                                   "did you mean 'train.steps'?")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_printed_overrides_are_one_line_and_round_trip_through_bash():
+    import ml_collections
+
+    values = dict(plain="cosine", empty="", newline="Write a review:\n", tab="a\tb", quote="it's",
+                  both="say \"hi\", it's $HOME!", control="\x01\u2028", accent="café ☕",
+                  names=("movie_reviews",), none=None, flag=True, rate=1e-5, count=-3, shape=(2, 2, 2))
+    config = ml_collections.ConfigDict({"s": values})
+    lines = [config_lib.format_override(field, value) for field, value in config_lib.flat_fields(config)]
+    assert all("\n" not in line for line in lines)
+    assert "--config.s.newline=$'Write a review:\\n'" in lines
+    assert "--config.s.names=\"('movie_reviews',)\"" in lines
+    words = subprocess.run(["bash", "-c", "printf '%s\\0' " + " ".join(lines)], capture_output=True,
+                           text=True, check=True).stdout.split("\0")[:-1]
+    # typed empty fields: "", (), 0, 0.0, False, None
+    restored = ml_collections.ConfigDict({"s": {k: type(v)() for k, v in values.items()}})
+    for field, value in config_lib.parse_overrides(words):
+        config_lib.apply_override(restored, field, value)
+    assert restored.s.to_dict() == values
