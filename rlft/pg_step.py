@@ -131,11 +131,12 @@ def pg_updates(state: PGState, experience: Experience, key: Array, *, graphdef: 
     def update(carry, mb):
         params, opt_state, critic_params, critic_opt_state = carry
         grads, loss, count, aux = mean_gradients(loss_fn, (params, critic_params), mb, config.accum_steps)
-        params, opt_state, metrics = apply_update(params, opt_state, grads[0], tx)
+        params, opt_state, metrics = apply_update(params, opt_state, grads[0], tx, loss)
         if critic_params is not None:
             critic_params, critic_opt_state, critic_metrics = apply_update(
-                critic_params, critic_opt_state, grads[1], critic_tx)
+                critic_params, critic_opt_state, grads[1], critic_tx, loss)
             metrics["critic_grad_norm"] = critic_metrics["grad_norm"]
+            metrics["nonfinite"] = jnp.maximum(metrics["nonfinite"], critic_metrics["nonfinite"])
         return (params, opt_state, critic_params, critic_opt_state), {"loss": loss, "count": count,
                                                                      **aux, **metrics}
 
@@ -201,6 +202,7 @@ def pg_step(state: PGState, batch: dict, reference_params: nnx.State | None = No
         "grad_norm": jnp.mean(stacked["grad_norm"]),
         "learning_rate": stacked["learning_rate"][-1],
         "param_norm": stacked["param_norm"][-1],
+        "nonfinite": jnp.sum(stacked["nonfinite"]),  # minibatch updates skipped for NaN / inf
     }
     if config.entropy_coef > 0:
         metrics["policy/entropy"] = token_mean("entropy")

@@ -74,7 +74,7 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
         no_eos_penalty=0.0,
         kl=ml_collections.ConfigDict(dict(coef=None, estimator=None, placement=None,
                                           controller="fixed", target=6.0, horizon=10000.0)),
-        save_every=max(steps // 4, 1), keep=2,
+        save_every=max(steps // 4, 1), keep=2, max_nonfinite_steps=3,
     )
     cfg = ml_collections.ConfigDict(section)
     cfg.update(overrides)
@@ -159,7 +159,7 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
         raise RlftError(f"{prefix}.algorithm={algorithm!r}: expected one of {list(ALGORITHMS)}")
     d = ALGORITHM_DEFAULTS[algorithm]
     for field in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches",
-                  "accum_steps", "save_every", "keep"):
+                  "accum_steps", "save_every", "keep", "max_nonfinite_steps"):
         _positive_int(section[field], f"{prefix}.{field}")
     advantage = _pick(section, d, "advantage")
     check_estimator(advantage, f"{prefix}.advantage")

@@ -170,7 +170,8 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     batches = ((i, prompt_batch(prompts, idx, config.group_size, width, pad_id)) for i, idx in
                epoch_batches(len(prompts), cfg.prompts_per_step, seed, start_index=extra[DATA_POSITION]))
     with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
-        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None)
+        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None,
+                      stage=name, max_nonfinite=cfg.max_nonfinite_steps)
     checkpointer.close()
     return state.params
 

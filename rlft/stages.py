@@ -34,7 +34,8 @@ def sft_stage_config(steps: int, batch_size: int, learning_rate: float, **overri
     """The config section every SFT-like stage reads (see `run_sft_stage`)."""
     section = dict(steps=steps, batch_size=batch_size, accum_steps=1, learning_rate=learning_rate,
                    warmup_steps=max(steps // 20, 1), weight_decay=0.01, clip_norm=1.0,
-                   max_length=64, full_sequence_loss=False, save_every=max(steps // 4, 1), keep=2)
+                   max_length=64, full_sequence_loss=False, save_every=max(steps // 4, 1), keep=2,
+                   max_nonfinite_steps=3)
     section.update(overrides)
     return ml_collections.ConfigDict(section)
 
@@ -127,7 +128,8 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
                       **step_hyperparameters(step_fn, cfg))
     step = (lambda s, b: jitted(s, b, *extra_args)) if extra_args else jitted
     with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
-        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps)
+        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, stage=name,
+                      max_nonfinite=cfg.get("max_nonfinite_steps", 3))
     checkpointer.close()
     return state.params
 

@@ -227,20 +227,30 @@ def accumulate_gradients(loss_fn: LossFn, params: nnx.State, batch: Any,
     return grads, loss, count, aux
 
 
-def apply_update(params: Any, opt_state: Any, grads: Any,
-                 tx: optax.GradientTransformation) -> tuple[Any, Any, dict]:
-    """One optimizer update: (params, opt_state, {grad_norm, learning_rate, param_norm})."""
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"grad_norm": optax.tree.norm(grads),
+def apply_update(params: Any, opt_state: Any, grads: Any, tx: optax.GradientTransformation,
+                 loss: Array | None = None) -> tuple[Any, Any, dict]:
+    """One optimizer update: (params, opt_state, {grad_norm, learning_rate, param_norm, nonfinite}).
+
+    The non-finite guard: when the gradient norm (or `loss`) is not finite, params and optimizer
+    state stay as they were and "nonfinite" is 1.0, so NaN never reaches the parameters (nor a
+    checkpoint); the training loop stops after a number of such steps in a row.
+    """
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(grad_norm) if loss is None else jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state)
+    return params, opt_state, {"grad_norm": grad_norm,
                                "learning_rate": current_learning_rate(opt_state),
-                               "param_norm": optax.tree.norm(params)}
+                               "param_norm": optax.tree.norm(params),
+                               "nonfinite": (~finite).astype(jnp.float32)}
 
 
-def apply_gradients(state: TrainState, grads: nnx.State,
-                    tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+def apply_gradients(state: TrainState, grads: nnx.State, tx: optax.GradientTransformation,
+                    loss: Array | None = None) -> tuple[TrainState, dict]:
     """One optimizer update of a TrainState (step + 1); returns it and `apply_update`'s metrics."""
-    params, opt_state, metrics = apply_update(state.params, state.opt_state, grads, tx)
+    params, opt_state, metrics = apply_update(state.params, state.opt_state, grads, tx, loss)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -259,11 +269,12 @@ def gradient_update(state: TrainState, loss_fn: LossFn, batch: Any, tx: optax.Gr
                     accum_steps: int) -> tuple[TrainState, dict, dict, Array]:
     """The epilogue every step shares: accumulate -> divide by the count -> apply.
 
-    Returns (new state, metrics {loss, grad_norm, learning_rate, param_norm}, aux sums, count).
+    Returns (new state, metrics {loss, grad_norm, learning_rate, param_norm, nonfinite}, aux sums,
+    count); a non-finite loss or gradient skips the update (`apply_update`).
     Steps turn aux sums into means by dividing by the returned (clamped) count.
     """
     grads, loss, count, aux = mean_gradients(loss_fn, state.params, batch, accum_steps)
-    state, metrics = apply_gradients(state, grads, tx)
+    state, metrics = apply_gradients(state, grads, tx, loss)
     return state, {"loss": loss, **metrics}, aux, count
 
 

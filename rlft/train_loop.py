@@ -15,6 +15,7 @@ import jax
 from jax.sharding import Mesh
 
 from rlft.checkpoints import Checkpointer
+from rlft.errors import RlftError
 from rlft.logging import MetricsLogger
 from rlft.sharding import shard_batch
 
@@ -29,6 +30,33 @@ def restore_or_init(checkpointer: Checkpointer, abstract_state: Any,
     return checkpointer.restore(None, abstract_state)
 
 
+class NonFiniteGuard:
+    """Stops a run after `limit` consecutive steps whose update was skipped for NaN / inf.
+
+    Steps report `nonfinite` > 0 when `rlft.steps.apply_update` refused a non-finite loss or
+    gradient (the parameters stayed finite). A few isolated ones are tolerated and visible in the
+    metrics; `limit` in a row means the run is broken (learning rate, data), and continuing would
+    only burn compute.
+    """
+
+    def __init__(self, stage: str, limit: int):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise RlftError(f"{stage}.max_nonfinite_steps={limit!r}: must be an integer >= 1")
+        self.stage, self.limit, self.in_a_row, self.last_loss = stage, limit, 0, None
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if float(metrics.get("nonfinite", 0.0)) <= 0:
+            self.in_a_row = 0
+            self.last_loss = next((float(v) for k, v in metrics.items() if k in ("loss", "loss/total")), None)
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise RlftError(
+                f"{self.stage}: {self.in_a_row} steps in a row, up to step {step}, had a non-finite loss or "
+                f"gradient (their updates were skipped; parameters and checkpoints stay finite); last "
+                f"finite loss: {self.last_loss}. Lower the learning rate or check the data, then run again.")
+
+
 def _deleted(state: Any) -> bool:
     """True if any array of the state was donated away (a step was interrupted mid-call)."""
     return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
@@ -37,14 +65,18 @@ def _deleted(state: Any) -> bool:
 def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
           batches: Iterable[tuple[int, Any]], mesh: Mesh, checkpointer: Checkpointer | None,
           logger: MetricsLogger | None, total_steps: int,
-          extra_fn: Callable[[int, Any], dict] | None = None, prefix: str | None = "train") -> Any:
+          extra_fn: Callable[[int, Any], dict] | None = None, prefix: str | None = "train",
+          stage: str = "train", max_nonfinite: int = 3) -> Any:
     """Runs `step_fn(state, sharded_batch)` until `total_steps`; returns the final state.
 
     batches: (index, host batch) pairs, index counting batches since the start of training.
     Saves when `checkpointer.should_save(step)` and at the end; on KeyboardInterrupt saves the
     last completed step, then re-raises. extra_fn(step, state) adds JSON entries to each save.
-    Metric names are logged as "PREFIX/name" ("name" as it is when prefix is None).
+    Metric names are logged as "PREFIX/name" ("name" as it is when prefix is None). After
+    `max_nonfinite` consecutive steps with a skipped non-finite update, raises an RlftError naming
+    `stage` (`NonFiniteGuard`).
     """
+    guard = NonFiniteGuard(stage, max_nonfinite)
     step = int(jax.device_get(state.step))
     last = (state, step, None)  # (state, step, data position) of the last completed step
 
@@ -64,6 +96,11 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
             if logger is not None:
                 logger.log(last[1], {(f"{prefix}/{k}" if prefix else k): v for k, v in metrics.items()})
             save(force=False)
+            guard(last[1], metrics)
+    except RlftError:
+        if checkpointer is not None:
+            checkpointer.wait()
+        raise
     except KeyboardInterrupt:
         if _deleted(last[0]):
             print("interrupted inside a step: its input state was donated; the newest checkpoint "

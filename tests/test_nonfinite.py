@@ -1,0 +1,49 @@
+"""The non-finite guard: a NaN / inf loss or gradient never reaches the parameters or a checkpoint,
+and a run stops with a clear error after a few such steps in a row."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlft.checkpoints import load_params
+from rlft.errors import RlftError
+from rlft.models import Decoder
+from rlft.sharding import make_mesh, state_shardings
+from rlft.stages import run_sft_stage, sft_stage_config
+from rlft.steps import apply_update, make_optimizer
+from tests.pairs_util import CFG, random_params
+
+
+def test_apply_update_skips_a_nonfinite_gradient_or_loss():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+    tx = make_optimizer(0.1, 0, 10)
+    opt_state = tx.init(params)
+    grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.ones((2,))}
+    new, new_opt, metrics = apply_update(params, opt_state, grads, tx)
+    assert float(metrics["nonfinite"]) == 0 and not np.allclose(new["w"], params["w"])
+    bad = {"w": grads["w"].at[1, 1].set(jnp.nan), "b": grads["b"]}
+    for g, loss in ((bad, None), (grads, jnp.float32(jnp.inf))):
+        kept, kept_opt, metrics = apply_update(params, opt_state, g, tx, loss)
+        assert float(metrics["nonfinite"]) == 1
+        for a, b in zip(jax.tree.leaves((kept, kept_opt)), jax.tree.leaves((params, opt_state))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_diverging_stage_stops_with_finite_checkpoints(tmp_path):
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    graphdef, host = random_params(lambda: Decoder(CFG, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    examples = [(rng.integers(2, 64, 3).tolist(), rng.integers(2, 64, 5).tolist()) for _ in range(32)]
+    # an absurd learning rate without clipping: the params blow up to inf, then the loss is NaN
+    cfg = sft_stage_config(steps=40, batch_size=8, learning_rate=1e38, max_length=12, save_every=1,
+                           keep=50, clip_norm=0.0, warmup_steps=1)
+    params = jax.device_put(host, state_shardings(host, mesh))
+    with pytest.raises(RlftError, match=r"sft: 3 steps in a row, up to step \d+, had a non-finite loss"):
+        run_sft_stage("sft", str(tmp_path), graphdef, params, examples, cfg, mesh, seed=0, pad_id=1)
+    lines = (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) < 40 and '"train/nonfinite": 1.0' in lines[-1]
+    for step in sorted(int(p.name) for p in (tmp_path / "sft" / "checkpoints").iterdir() if p.name.isdigit()):
+        values, _ = load_params(str(tmp_path / "sft"), step)
+        assert all(np.isfinite(v).all() for v in jax.tree.leaves(values)), step
