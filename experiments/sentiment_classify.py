@@ -18,6 +18,7 @@ import numpy as np
 
 from rlft.data.batching import encode_example
 from rlft.data.human_ratings import load_split
+from rlft.eval.report import write_report
 from rlft.recipes import sentiment
 from rlft.scoring import completion_logprobs
 from rlft.stages import run_sft_stage, sft_stage_config
@@ -88,5 +89,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"| rlft decoder (pretrain + SFT) | {report['model_accuracy']:.3f} |\n"
                 f"| VADER lexicon (compound >= 0) | {report['vader_accuracy']:.3f} |\n"
                 f"| majority class | {report['majority_class_accuracy']:.3f} |\n")
-    sentiment.write_report(workdir, report, markdown)
+    write_report(workdir, report, markdown)
     return report

@@ -29,6 +29,7 @@ import numpy as np
 from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, load_pairs, preference_data_config
 from rlft.objectives.dpo import check_dpo_args
+from rlft.eval.report import write_report
 from rlft.recipes import sentiment
 from rlft.scoring import completion_logprobs
 from rlft.stages import dpo_stage_config, run_dpo_stage, run_sft_stage, sft_stage_config
@@ -109,5 +110,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"(chosen / rejected): policy {report['policy_logp_chosen']:.2f} / "
                 f"{report['policy_logp_rejected']:.2f}, reference {report['reference_logp_chosen']:.2f} / "
                 f"{report['reference_logp_rejected']:.2f}.\n")
-    sentiment.write_report(workdir, report, markdown)
+    write_report(workdir, report, markdown)
     return report

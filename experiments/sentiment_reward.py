@@ -28,6 +28,7 @@ import numpy as np
 
 from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, load_pairs, preference_data_config
+from rlft.eval.report import write_report
 from rlft.recipes import sentiment
 from rlft.scoring import sequence_scores, write_reward_stats
 from rlft.stages import reward_stage_config, run_reward_stage
@@ -128,5 +129,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"| VADER compound (ties 1/2) | {report['vader_pairwise_accuracy_ties_half']:.3f} | |\n\n"
                 f"Reward statistics on the validation sentences (reward/reward_stats.json): "
                 f"mean {stats['mean']:.3f}, std {stats['std']:.3f}.\n")
-    sentiment.write_report(workdir, report, markdown)
+    write_report(workdir, report, markdown)
     return report

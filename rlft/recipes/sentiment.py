@@ -10,7 +10,6 @@ model config and pretrain-stage params of an earlier sentiment run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
@@ -133,11 +132,3 @@ def vader_compound(texts: Sequence[str]) -> np.ndarray:
 
     judge = SentimentIntensityAnalyzer()
     return np.array([judge.polarity_scores(t)["compound"] for t in texts], np.float64)
-
-
-def write_report(workdir: str, report: dict, markdown: str) -> None:
-    """Write an experiment's results as WORKDIR/report.json (machine-readable) and report.md."""
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(markdown)
