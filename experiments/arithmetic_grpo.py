@@ -1,0 +1,205 @@
+"""Verifiable rewards: SFT a small decoder on integer arithmetic, then RL (GRPO) on exact match.
+
+Problems a{op}b with a, b in [0, task.max_operand] and op from task.ops ("+-*") are drawn from the
+seed (`rlft.data.arithmetic`); task.num_test of them are held out and never occur in training
+(task.num_train = 0: every other problem is a training problem). The prompt is exactly
+f"{a}{op}{b}=" (one token per character, no leading token), the target the decimal result then
+EOS, in SFT, RL and evaluation alike.
+
+Stage "sft" trains a GPT-2-layout decoder from scratch on (prompt, answer + EOS) for a budget that
+stops it half way; stage "rl" continues from it with `rlft.rl_stage` (GRPO by default,
+--config.rl.algorithm=ppo|rloo|reinforce) on the training prompts with the exact-match reward.
+The report gives the greedy exact-match accuracy (and the rate of well-formed "integer + EOS"
+answers) of the untrained, SFT and RL policies on the test problems; WORKDIR/problems.json lists
+both splits.
+
+The SFT budget (default preset, measured on 2 CPU cores): 2-digit addition is learned in a sharp
+transition whose timing depends on the seed. With warm-up + cosine decay the accuracy after 450
+steps was 58%, 11% and 16% for seeds 0-2, and 13% instead of 58-66% for seed 0 when only the
+warm-up changed from 15 to 22 steps. Warming the learning rate up over the whole budget (no
+decay) makes it repeatable: 500 steps give 36%, 55%, 60%, 61% and 43% for seeds 0-4 (~40 s).
+GRPO then takes seed 0 from 36% to 84% in 500 steps (~3 min); the whole run takes ~4 minutes.
+
+    rlft run experiments/arithmetic_grpo.py            # ~4 minutes on 2 CPU cores
+    rlft run experiments/arithmetic_grpo.py:tiny       # seconds (tests)
+    rlft.load("runs/arithmetic_grpo/rl").generate(["12+34="], temperature=0)["text"]   # Python
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rlft.checkpoints import save_model_config
+from rlft.data import arithmetic
+from rlft.data.batching import pad_left
+from rlft.errors import RlftError
+from rlft.eval.report import write_report
+from rlft.models import Decoder, ModelConfig
+from rlft.rewards import exact_match
+from rlft.rl_stage import rl_stage_config, run_rl_stage
+from rlft.sampling import SamplingParams, sample
+from rlft.sharding import batch_axes, make_mesh, sharded_init
+from rlft.stages import run_sft_stage, sft_stage_config
+
+INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+    """Presets: "default" (the case study, <= 10 min on 2 CPU cores) and "tiny" (tests).
+
+    sft.max_length and rl.max_new_tokens fit the preset's task exactly (longest prompt + answer +
+    EOS; longest answer + EOS); a larger task.max_operand needs them raised (run() says so).
+    """
+    if preset not in ("default", "tiny"):
+        raise RlftError(f"arithmetic_grpo: unknown preset {preset!r} (default, tiny)")
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = ml_collections.ConfigDict(dict(max_operand=19 if tiny else 99, ops="+",
+                                            num_test=64 if tiny else 500, num_train=0))
+    prompt_len, completion_len = _lengths(c.task)
+    c.model = ml_collections.ConfigDict(dict(d_model=128, n_layers=3, n_heads=4, max_positions=64))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # The learning rate warms up over the whole SFT budget (no decay): measured, this makes the
+    # SFT accuracy after the budget far less seed-dependent than warm-up + cosine (module doc).
+    c.sft = sft_stage_config(steps=500, batch_size=64, learning_rate=1e-3, warmup_steps=500,
+                             max_length=prompt_len + completion_len)
+    c.rl = rl_stage_config(steps=500, prompts_per_step=32, group_size=8, learning_rate=3e-4,
+                           max_new_tokens=completion_len, algorithm="grpo")
+    c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+    if tiny:
+        c.model.update(d_model=64, n_layers=1)
+        c.sft.update(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=7, save_every=150)
+        c.rl.update(steps=4, prompts_per_step=8, group_size=4, save_every=4)
+        c.eval.batch_size = 64
+    return c
+
+
+def _lengths(task: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(longest prompt, longest answer + EOS) in tokens; checks the task section."""
+    arithmetic.check_task(task.max_operand, task.ops, task.num_test, task.num_train)
+    return (arithmetic.max_prompt_length(task.max_operand, task.ops),
+            arithmetic.max_answer_length(task.max_operand, task.ops) + 1)
+
+
+def greedy_answers(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, prompts: list[str],
+                   max_new_tokens: int, prompt_length: int, batch_size: int, mesh) -> list[tuple[str, bool]]:
+    """(text before EOS, EOS produced) of each prompt's greedy completion, in fixed-shape batches.
+
+    Prompts are left-padded to `prompt_length`; the last batch is filled with copies of the first
+    prompt, so one compiled sampler serves every batch (batch_size is rounded up to a multiple of
+    the mesh's data axes).
+    """
+    ways = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+    batch_size = -(-min(batch_size, len(prompts)) // ways) * ways
+    ids = [arithmetic.encode(tokenizer, p) for p in prompts]
+    out = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        chunk = chunk + [ids[0]] * (batch_size - len(chunk))
+        tokens, mask, _ = pad_left(chunk, prompt_length, tokenizer.pad_token_id)
+        result = sample(graphdef, params, tokens, mask, None, max_new_tokens=max_new_tokens,
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                        sampling=SamplingParams(temperature=0.0), mesh=mesh)
+        rows = np.asarray(jax.device_get(result.tokens))[:len(ids) - start]
+        out += [arithmetic.decode_answer(tokenizer, row, tokenizer.eos_token_id) for row in rows]
+    return out
+
+
+def evaluate(answers: list[tuple[str, bool]], problems: list[arithmetic.Problem]) -> dict:
+    """accuracy (text before EOS == answer, EOS produced) and format (an integer, then EOS)."""
+    correct = [ended and text == p.answer for (text, ended), p in zip(answers, problems)]
+    formatted = [ended and INTEGER.fullmatch(text) is not None for text, ended in answers]
+    return {"accuracy": float(np.mean(correct)), "format": float(np.mean(formatted))}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Split, SFT, RL, evaluate; writes report.json, report.md and problems.json into the work directory."""
+    task = config.task
+    # Evaluation decodes longest answer + EOS tokens: a completion without EOS is longer than any
+    # answer, so "text == answer" already implies that the EOS came.
+    prompt_len, new_tokens = _lengths(task)
+    if config.sft.max_length < prompt_len + new_tokens:
+        raise RlftError(f"sft.max_length={config.sft.max_length}: the longest problem has "
+                        f"{prompt_len + new_tokens} tokens (prompt + answer + EOS); raise it")
+    if config.rl.max_new_tokens < new_tokens:
+        raise RlftError(f"rl.max_new_tokens={config.rl.max_new_tokens}: the longest answer + EOS has "
+                        f"{new_tokens} tokens; raise it")
+    if prompt_len + max(new_tokens, config.rl.max_new_tokens) > config.model.max_positions:
+        raise RlftError(f"model.max_positions={config.model.max_positions} is shorter than the longest "
+                        f"prompt + completion ({prompt_len} + {max(new_tokens, config.rl.max_new_tokens)})")
+
+    train, test = arithmetic.split_problems(task.max_operand, task.ops, task.num_test, task.num_train,
+                                            config.seed)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "problems.json"), "w") as f:
+        json.dump({"train": [p.prompt for p in train], "test": [p.prompt for p in test]}, f)
+    tokenizer = arithmetic.build_tokenizer(os.path.join(workdir, "tokenizer"))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    model_cfg = ModelConfig.gpt2(vocab_size=len(tokenizer), **config.model)
+    save_model_config(workdir, model_cfg)
+    mesh = make_mesh(dict(config.mesh))
+    graphdef, init_params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
+
+    def test_metrics(params) -> tuple[dict, list]:
+        answers = greedy_answers(graphdef, params, tokenizer, [p.prompt for p in test], new_tokens,
+                                 prompt_len, config.eval.batch_size, mesh)
+        return evaluate(answers, test), answers
+
+    seconds = {}
+    clock = time.perf_counter()
+    init_metrics, _ = test_metrics(init_params)
+    examples = [(arithmetic.encode(tokenizer, p.prompt), arithmetic.encode(tokenizer, p.answer) + [eos])
+                for p in train]
+    sft_params = run_sft_stage("sft", workdir, graphdef, init_params, examples, config.sft, mesh,
+                               config.seed + 1, pad)
+    sft_metrics, sft_answers = test_metrics(sft_params)
+    seconds["sft"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    records = [p.record(tokenizer) for p in train]
+    rl_params = run_rl_stage(name="rl", workdir=workdir, graphdef=graphdef, params=sft_params,
+                             prompts=records, reward_fn=exact_match, cfg=config.rl, mesh=mesh,
+                             seed=config.seed + 2, eos_id=eos, pad_id=pad, tokenizer=tokenizer)
+    rl_metrics, rl_answers = test_metrics(rl_params)
+    seconds["rl"] = time.perf_counter() - clock
+
+    report = {
+        "accuracy_sft": sft_metrics["accuracy"],
+        "accuracy_rl": rl_metrics["accuracy"],
+        "accuracy_init": init_metrics["accuracy"],
+        "format_sft": sft_metrics["format"],
+        "format_rl": rl_metrics["format"],
+        "format_init": init_metrics["format"],
+        "rl_gain": rl_metrics["accuracy"] - sft_metrics["accuracy"],
+        "test_problems": len(test),
+        "train_problems": len(train),
+        "task": {"max_operand": task.max_operand, "ops": arithmetic.unique_ops(task.ops)},
+        "sft_steps": config.sft.steps,
+        "rl_algorithm": config.rl.algorithm,
+        "rl_steps": config.rl.steps,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    examples_md = "".join(f"| `{p.prompt}` | `{p.answer}` | `{s}` | `{r}` |\n"
+                          for p, (s, _), (r, _) in list(zip(test, sft_answers, rl_answers))[:8])
+    markdown = (f"# Integer arithmetic: SFT then {config.rl.algorithm.upper()} on exact match\n\n"
+                f"Problems a{{op}}b=, a and b in [0, {task.max_operand}], ops {task.ops!r}: "
+                f"{len(test)} held-out test problems, {len(train)} training problems (disjoint).\n\n"
+                "| policy | greedy exact-match accuracy | well-formed answers |\n|---|---|---|\n"
+                f"| untrained | {report['accuracy_init']:.3f} | {report['format_init']:.3f} |\n"
+                f"| SFT ({config.sft.steps} steps) | {report['accuracy_sft']:.3f} "
+                f"| {report['format_sft']:.3f} |\n"
+                f"| RL ({config.rl.algorithm}, {config.rl.steps} steps) | {report['accuracy_rl']:.3f} "
+                f"| {report['format_rl']:.3f} |\n\n"
+                "| prompt | answer | SFT | RL |\n|---|---|---|---|\n" + examples_md)
+    write_report(workdir, report, markdown)
+    return report

@@ -1,0 +1,86 @@
+"""End to end: `rlft run experiments/arithmetic_grpo.py:tiny` (SFT then GRPO on exact match)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import rlft
+from rlft import config as config_lib
+from rlft.cli import main
+from rlft.data.arithmetic import split_problems
+from rlft.errors import RlftError
+from tests.experiments.conftest import ROOT
+
+EXPERIMENT = os.path.join(ROOT, "experiments", "arithmetic_grpo.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> str:
+    workdir = str(tmp_path_factory.mktemp("arithmetic_grpo_tiny"))
+    assert main(["run", f"{EXPERIMENT}:tiny", "--workdir", workdir]) == 0
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_run_report_and_stages(tiny_run):
+    report = json.load(open(os.path.join(tiny_run, "report.json")))
+    for key in ("accuracy_sft", "accuracy_rl", "accuracy_init", "format_sft", "format_rl", "format_init"):
+        assert math.isfinite(report[key]) and 0.0 <= report[key] <= 1.0, key
+    config = json.load(open(os.path.join(tiny_run, "run_config.json")))
+    assert report["test_problems"] == config["task"]["num_test"] == 64
+    # Training does something: the untrained model never ends a well-formed integer with EOS.
+    assert report["format_sft"] > report["format_init"] + 0.5
+    assert report["accuracy_sft"] >= report["accuracy_init"]
+    assert "| SFT (" in open(os.path.join(tiny_run, "report.md")).read()
+    for stage, steps in (("sft", config["sft"]["steps"]), ("rl", config["rl"]["steps"])):
+        lines = [json.loads(line) for line in open(os.path.join(tiny_run, stage, "metrics.jsonl"))]
+        assert [line["step"] for line in lines] == list(range(1, steps + 1))
+        saved = os.listdir(os.path.join(tiny_run, stage, "checkpoints"))
+        assert steps in [int(d) for d in saved if d.isdigit()]
+    assert [s["name"] for s in json.load(open(os.path.join(tiny_run, "stages.json")))] == ["sft", "rl"]
+    rl_lines = [json.loads(line) for line in open(os.path.join(tiny_run, "rl", "metrics.jsonl"))]
+    assert max(line["reward/mean"] for line in rl_lines) > 0  # SFT left the RL stage something to learn from
+
+
+@pytest.mark.slow
+def test_test_problems_never_occur_in_training(tiny_run):
+    problems = json.load(open(os.path.join(tiny_run, "problems.json")))
+    config = json.load(open(os.path.join(tiny_run, "run_config.json")))
+    task = config["task"]
+    train, test = split_problems(task["max_operand"], task["ops"], task["num_test"], task["num_train"],
+                                 config["seed"])
+    assert problems == {"train": [p.prompt for p in train], "test": [p.prompt for p in test]}
+    assert len(test) == 64 and not set(problems["test"]) & set(problems["train"])
+    report = json.load(open(os.path.join(tiny_run, "report.json")))
+    assert report["train_problems"] == len(train) == (task["max_operand"] + 1) ** 2 - 64
+
+
+@pytest.mark.slow
+def test_both_policies_load_and_generate(tiny_run):
+    sft, rl = rlft.load(os.path.join(tiny_run, "sft")), rlft.load(os.path.join(tiny_run, "rl"))
+    for model in (sft, rl):
+        assert model.kind == "lm" and model.tokenizer.eos_token_id == 0
+        out = model.generate(["12+34="], temperature=0)
+        assert isinstance(out["text"][0], str)
+    ids = np.array([sft.tokenizer.encode("12+34=", add_special_tokens=False)])
+    assert ids.shape == (1, 6)
+    assert np.abs(sft.logits(ids) - rl.logits(ids)).max() > 0  # RL changed the policy
+
+
+def test_presets_and_config_errors(tmp_path, capsys):
+    _, _, config = config_lib.load_experiment(EXPERIMENT)
+    assert (config.task.ops, config.rl.algorithm) == ("+", "grpo")
+    assert config.sft.max_length == len("99+99=") + len("198") + 1 and config.rl.max_new_tokens == 4
+    assert config.sft.warmup_steps == config.sft.steps  # warm-up over the whole budget, no decay
+    module, _, _ = config_lib.load_experiment(f"{EXPERIMENT}:tiny")
+    with pytest.raises(RlftError, match="unknown preset"):
+        module.get_config("huge")
+    for flag, field in (("--config.task.ops=+/", "task.ops"),
+                        ("--config.task.max_operand=0", "task.max_operand"),
+                        ("--config.task.num_test=400", "task.num_test"),
+                        ("--config.task.max_operand=999", "sft.max_length")):
+        assert main(["run", f"{EXPERIMENT}:tiny", flag, "--workdir", str(tmp_path / field)]) == 2
+        assert field in capsys.readouterr().err
