@@ -1,5 +1,6 @@
 """The policy-gradient step: first-update identities, device/accumulation invariance, learning, bad config."""
 
+import dataclasses
 import functools
 
 import jax
@@ -181,3 +182,28 @@ def test_algorithm_defaults_and_overrides():
     assert config("rloo").advantage == "rloo" and config("reinforce").clip is False
     overridden = config("grpo", advantage="rloo", kl=dict(coef=0.0))  # a component flag wins
     assert overridden.advantage == "rloo" and overridden.kl_coef == 0.0 and not overridden.uses_reference
+
+
+def test_shared_critic_is_a_value_head_on_the_policy_trunk():
+    """critic="shared": values come from a ScalarHead on the policy's hidden states; one step
+    trains the head and, through vf_coef · value loss, the trunk too."""
+    from rlft.models.heads import ScalarHead
+
+    pc = config("ppo", critic="shared", epochs=1)
+    graphdef, params, _, _ = models(pc)
+    # a non-zero head: through a zero one the value loss has no gradient into the trunk
+    head_graphdef, head = nnx.split(ScalarHead(CFG.d_model, rngs=nnx.Rngs(0), init_std=0.1))
+    tx = optax.sgd(0.5)
+    state = init_pg_state(params, tx, head, tx, pc.kl_coef, 0)
+    seqs = rollout(pc, graphdef, params, jax.random.key(1))
+    scores = scores_of(seqs) + 1.0  # a value target far from the zero-initialised head
+    step = functools.partial(pg_step, graphdef=graphdef, critic_graphdef=head_graphdef, tx=tx, critic_tx=tx,
+                             config=pc)
+    new, metrics = jax.jit(step)(state, {"sequences": seqs, "scores": scores}, params)
+    assert float(metrics["loss/value"]) > 0 and np.isfinite(float(metrics["val/explained_variance"]))
+    assert not np.allclose(np.asarray(new.critic_params["kernel"][...]), np.asarray(head["kernel"][...]))
+    # the trunk's gradient includes the value loss: with vf_coef = 0 the policy update differs
+    no_value, _ = jax.jit(functools.partial(step, config=dataclasses.replace(pc, vf_coef=0.0)))(
+        state, {"sequences": seqs, "scores": scores}, params)
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(no_value.params))]
+    assert any(moved)
