@@ -27,7 +27,7 @@ from rlft.objectives.kl import KL_CONTROLLERS, kl_estimate
 from rlft.objectives.pg import aggregate, clipped_surrogate, value_loss
 from rlft.rl_config import PGConfig
 from rlft.rollout import Experience, make_experience, policy_outputs
-from rlft.steps import apply_update, mean_gradients
+from rlft.steps import apply_update, mean_gradients, step_key
 
 Array = jax.Array
 
@@ -162,7 +162,7 @@ def pg_step(state: PGState, batch: dict, reference_params: nnx.State | None = No
     experience, stats = make_experience(config, graphdef, state.params, sequences, scores,
                                         reference_params, state.kl_coef, state.baseline,
                                         critic_graphdef, state.critic_params)
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    key = step_key(state)  # the minibatch shuffle; the sampler uses salt SAMPLE_SALT
     new_state, stacked = pg_updates(state, experience, key, graphdef=graphdef,
                                     critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx,
                                     config=config)

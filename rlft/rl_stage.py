@@ -38,11 +38,12 @@ from rlft.rl_config import PGConfig, resolve_pg_config, rl_stage_config  # noqa:
 from rlft.rollout import sample_rollout
 from rlft.sharding import batch_sharding, sharded_init
 from rlft.stages import record_stage
-from rlft.steps import batch_shardings, jit_step, make_optimizer, train_state_shardings, with_shardings
+from rlft.steps import (batch_shardings, jit_step, make_optimizer, step_key, train_state_shardings,
+                        with_shardings)
 from rlft.train_loop import DATA_POSITION, restore_or_init, train
 from rlft.warm_start import scalar_model_from_lm
 
-SAMPLE_SALT = 1  # the sampling key of a step: fold_in(fold_in(rng, step), SAMPLE_SALT)
+SAMPLE_SALT = 1  # the sampling key of a step: step_key(state, salt=SAMPLE_SALT)
 
 
 def _critic(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State, critic_init,
@@ -92,7 +93,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
         nonlocal pg
         t0 = time.perf_counter()
-        seqs = rollout(state.params, state.rng, state.step, batch["prompt_tokens"], batch["prompt_mask"])
+        seqs = rollout(state, batch["prompt_tokens"], batch["prompt_mask"])
         tokens = np.asarray(seqs.tokens[:, width:])  # waits for the sampler
         timed("sampling_s", t0)
         t0 = time.perf_counter()
@@ -176,9 +177,9 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     return state.params
 
 
-def _rollout(graphdef, params, rng, step, prompt_tokens, prompt_mask, *, eos_id, pad_id,
+def _rollout(graphdef, state: PGState, prompt_tokens, prompt_mask, *, eos_id, pad_id,
              max_new_tokens, sampling, mesh):
-    """sample_rollout with the step's key: fold_in(fold_in(rng, step), SAMPLE_SALT)."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), step), SAMPLE_SALT)
-    return sample_rollout(graphdef, params, prompt_tokens, prompt_mask, key, eos_id=eos_id,
+    """sample_rollout of the state's policy with the step's key `step_key(state, salt=SAMPLE_SALT)`."""
+    key = step_key(state, salt=SAMPLE_SALT)
+    return sample_rollout(graphdef, state.params, prompt_tokens, prompt_mask, key, eos_id=eos_id,
                           pad_id=pad_id, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
