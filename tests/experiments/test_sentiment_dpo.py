@@ -24,13 +24,17 @@ def dpo_tiny_run(reward_tiny_run, tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_dpo_run_writes_report_and_metrics(dpo_tiny_run, reward_tiny_run):
     report = json.load(open(os.path.join(dpo_tiny_run, "report.json")))
-    assert report["test_pairs"] == 64 and report["train_pairs"] == 256
+    assert report["test_pairs"] == 64 and report["train_pairs"] == 64
     for key in ("implicit_reward_accuracy", "reference_likelihood_accuracy", "vader_pairwise_accuracy"):
         assert 0.0 <= report[key] <= 1.0
     assert np.isfinite(report["implicit_reward_margin"])
+    # DPO fitted its training pairs: β·log π/π_ref ranks chosen above rejected on most of them
+    # (~0.94-1.0 and margin ~0.3 over seeds 0-3; 0 and 0 with dpo.learning_rate=0).
+    assert report["train_implicit_reward_accuracy"] > 0.75
+    assert report["train_implicit_reward_margin"] > 0.1
     assert "| DPO implicit reward" in open(os.path.join(dpo_tiny_run, "report.md")).read()
     lines = [json.loads(l) for l in open(os.path.join(dpo_tiny_run, "dpo", "metrics.jsonl"))]
-    assert [l["step"] for l in lines] == list(range(1, 7))
+    assert [l["step"] for l in lines] == list(range(1, 9))
     # The first step sees the policy equal to its reference: the loss is log 2, every margin 0.
     assert lines[0]["train/loss"] == pytest.approx(np.log(2.0), abs=1e-6)
     assert abs(lines[0]["train/rewards/margins"]) < 1e-6
