@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -266,6 +267,31 @@ def _decode(example: Mapping) -> dict:
     return out
 
 
+def _prepare_quietly(source: str, data_dir: str, download_config) -> None:
+    """Prepare `human_rated_sentences/<source>` on first use with one line of progress instead of
+    TFDS's nested progress bars (which fill a screen per dataset)."""
+    name = f"human_rated_sentences/{source}"
+    builder = tfds.builder(name, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+    if builder.is_prepared():
+        return
+    print(f"rlft: preparing {name} in {data_dir} (first use) ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    tfds.disable_progress_bar()
+    absl_log = logging.getLogger("absl")  # TFDS's "downloaded and prepared to ..." info lines
+    level = absl_log.level
+    absl_log.setLevel(logging.WARNING)
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except BaseException:
+        print(" failed", file=sys.stderr)
+        raise
+    finally:
+        tfds.enable_progress_bar()
+        absl_log.setLevel(level)
+    sizes = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
+    print(f" done in {time.perf_counter() - start:.1f} s ({sizes})", file=sys.stderr)
+
+
 def load_split(source: str, split: str, data_dir: str | None = None,
                manual_dir: str | None = None) -> list[dict]:
     """Prepares `human_rated_sentences/<source>` if needed; returns one split as Python dicts.
@@ -278,6 +304,7 @@ def load_split(source: str, split: str, data_dir: str | None = None,
         raise RlftError(f"Unknown split {split!r}; expected one of {list(SPLITS)}.")
     manual_dir = manual_dir or os.environ.get("RLFT_MANUAL_DIR")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    _prepare_quietly(source, data_dir or default_data_dir(), config)
     ds = tfds.data_source(
         f"human_rated_sentences/{source}",
         split=split,

@@ -58,13 +58,20 @@ def test_parsers_count_malformed_lines():
     assert "1" in raw  # the BOM is not part of the first id
 
 
-def test_builder_from_manual_hutto_tarball(tmp_path, hutto_tarball, caplog):
+def test_builder_from_manual_hutto_tarball(tmp_path, hutto_tarball, caplog, capfd):
     manual = tmp_path / "manual"
     manual.mkdir()
     (manual / hr.HUTTO_NAME).write_bytes(hutto_tarball)
     with caplog.at_level(logging.WARNING, logger=hr.__name__):
         splits = _load_all(tmp_path / "data", manual)
     assert "malformed lines" in caplog.text
+    # Preparing prints one line, not TFDS's screen of nested progress bars; later loads print nothing.
+    err = capfd.readouterr().err
+    progress = [line for line in err.splitlines() if "human_rated_sentences/movie_reviews" in line]
+    assert len(progress) == 1 and "rlft: preparing" in progress[0] and "done in" in progress[0], err
+    assert "Generating" not in err and "Shuffling" not in err, err
+    _load_all(tmp_path / "data", manual)
+    assert "preparing" not in capfd.readouterr().err
 
     ids = {s: [r["id"] for r in recs] for s, recs in splits.items()}
     assert sum(map(len, ids.values())) == N_GOOD
