@@ -57,14 +57,6 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     return c
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two [n] arrays (nan if either is constant)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrain (or load) the base, train the reward model, evaluate; writes report.json/report.md."""
     data_dir = config.data.data_dir or None
@@ -111,8 +103,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "vader_pairwise_accuracy": float(np.mean(vader_c > vader_r)),
         "vader_pairwise_accuracy_ties_half": float(np.mean((vader_c > vader_r) + 0.5 * (vader_c == vader_r))),
         "vader_pairwise_ties": float(np.mean(vader_c == vader_r)),
-        "model_pearson": pearson(model_scores, ratings),
-        "vader_pearson": pearson(vader_scores, ratings),
+        "model_pearson": sentiment.pearson(model_scores, ratings),
+        "vader_pearson": sentiment.pearson(vader_scores, ratings),
         "reward_stats": {"mean": stats["mean"], "std": stats["std"]},
     }
     report["model_beats_vader"] = bool(

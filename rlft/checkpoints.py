@@ -167,13 +167,23 @@ def _int_keys(tree: Any) -> Any:
     return tree
 
 
+def _checkpoints_root(path: Path) -> Path:
+    return path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+
+
+def checkpoint_steps(path: str | Path) -> list[int]:
+    """Steps with a saved model in a stage dir or its checkpoints dir, ascending ([] if none)."""
+    root = _checkpoints_root(Path(path))
+    return sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()
+                  and (p / PARAMS).is_dir())
+
+
 def _step_dir(path: Path, step: int | None) -> Path:
     """The <step> directory of a run dir, a checkpoints dir or a step dir itself."""
     if (path / PARAMS).is_dir():
         return path
-    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
-    steps = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()
-                   and (p / PARAMS).is_dir())
+    root = _checkpoints_root(path)
+    steps = checkpoint_steps(path)
     if not steps:
         raise RlftError(f"no rlft checkpoint found in {path} (expected {CHECKPOINTS_DIR}/<step>/{PARAMS})")
     if step is None:

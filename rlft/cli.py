@@ -2,6 +2,7 @@
 
     rlft run EXPERIMENT.py[:PRESET] [--config.a.b=VALUE ...] [--workdir DIR]
     rlft run EXPERIMENT.py[:PRESET] [--config.a.b=VALUE ...] --print-config
+    rlft eval RUN_DIR
     rlft export CHECKPOINT --out HF_DIR
     rlft sample CHECKPOINT --prompt TEXT [...]
 
@@ -55,9 +56,19 @@ def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: 
 
     module, preset, config = _resolved_experiment(spec, overrides)
     workdir = workdir or _default_workdir(spec, preset)
-    config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0])
+    config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset)
     print(f"rlft: running {spec} in {workdir}", file=sys.stderr)
     return module.run(config, workdir) or {}
+
+
+def eval_command(run_dir: str) -> dict:
+    """Evaluate a finished or partly finished run with its experiment's `evaluate(config, run_dir)`."""
+    from rlft import config as config_lib
+
+    module, config = config_lib.load_run_experiment(run_dir)
+    if not callable(getattr(module, "evaluate", None)):
+        raise RlftError(f"{run_dir}: its experiment ({module.__file__}) defines no evaluate(config, run_dir)")
+    return module.evaluate(config, run_dir) or {}
 
 
 def export_command(checkpoint: str, out: str) -> None:
@@ -80,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", help="run directory (default: runs/NAME[-PRESET])")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config as --config.FIELD=VALUE lines and exit without running")
+    evaluate = sub.add_parser("eval", help="evaluate a run's policies; writes RUN_DIR/eval/")
+    evaluate.add_argument("run_dir", help="a directory made by `rlft run` (finished or not)")
     export = sub.add_parser("export", help="export a checkpoint in Hugging Face format")
     export.add_argument("checkpoint", help="an HF checkpoint dir or an rlft run/checkpoint dir")
     export.add_argument("--out", required=True, help="output directory")
@@ -105,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result, indent=2, default=str))
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        elif args.command == "eval":
+            report = eval_command(args.run_dir)
+            print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=2, default=str))
         elif args.command == "export":
             export_command(args.checkpoint, args.out)
     except RlftError as e:

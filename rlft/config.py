@@ -25,6 +25,25 @@ from rlft.errors import RlftError
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
+EXPERIMENT_FILE = "experiment.json"
+
+
+def load_run_experiment(run_dir: str) -> tuple[ModuleType, ml_collections.ConfigDict]:
+    """(module, config) of the experiment that made `run_dir`, with the config it ran with."""
+    meta_path, config_path = os.path.join(run_dir, EXPERIMENT_FILE), os.path.join(run_dir, "run_config.json")
+    if not os.path.isdir(run_dir):
+        raise RlftError(f"no such run directory: {run_dir}")
+    for path in (meta_path, config_path):
+        if not os.path.isfile(path):
+            raise RlftError(f"{run_dir}: no {os.path.basename(path)}; not a directory made by `rlft run`")
+    try:
+        meta, values = json.load(open(meta_path)), json.load(open(config_path))
+    except json.JSONDecodeError as e:
+        raise RlftError(f"{run_dir}: malformed {EXPERIMENT_FILE} or run_config.json ({e})") from None
+    module, _, _ = load_experiment(f"{meta['path']}:{meta.get('preset', 'default')}")
+    return module, ml_collections.ConfigDict(values)
+
+
 def load_experiment(spec: str) -> tuple[ModuleType, str, ml_collections.ConfigDict]:
     """(module, preset, config) for "path/to/experiment.py[:PRESET]" (preset defaults to "default")."""
     path, _, preset = spec.partition(":")
@@ -191,12 +210,16 @@ def git_commit(path: str) -> str:
 
 
 def write_run_metadata(workdir: str, config: ml_collections.ConfigDict, argv: Sequence[str],
-                       experiment_path: str) -> None:
-    """Write run_config.json (resolved; not config.json, which means a Hugging Face checkpoint), command.txt and git.txt into the work directory."""
+                       experiment_path: str, preset: str = "default") -> None:
+    """Write run_config.json (resolved; not config.json, which means a Hugging Face checkpoint),
+    experiment.json (the module and preset, for `rlft eval`), command.txt and git.txt into the work
+    directory."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "run_config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     with open(os.path.join(workdir, "command.txt"), "w") as f:
         f.write(" ".join(argv) + "\n")
+    with open(os.path.join(workdir, EXPERIMENT_FILE), "w") as f:
+        json.dump({"path": os.path.abspath(experiment_path), "preset": preset}, f)
     with open(os.path.join(workdir, "git.txt"), "w") as f:
         f.write(json.dumps({"experiment": git_commit(experiment_path), "rlft": git_commit(__file__)}) + "\n")

@@ -36,16 +36,16 @@ def _last_scores(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, p
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _completion_logprob(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-                        segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """float32 [batch]: a Decoder's log-probability of the loss_mask tokens of each row."""
+def _token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+                    segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """float32 [batch, length - 1]: a Decoder's log-prob of each loss_mask token (0 elsewhere)."""
     logp = sequence_logprobs(graphdef, params, tokens, positions, segment_ids)
-    return jnp.sum(jnp.where(loss_mask[:, 1:] > 0, logp, 0.0), axis=-1)
+    return jnp.where(loss_mask[:, 1:] > 0, logp, 0.0)
 
 
 def _map_padded(fn: Callable[[TokenBatch], jax.Array], examples: Sequence[Example], length: int,
                 pad_id: int, mesh: Mesh, batch_size: int) -> np.ndarray:
-    """fn over right-padded, batch-sharded chunks of examples; float32 [len(examples)]."""
+    """fn over right-padded, batch-sharded chunks of examples; [len(examples), ...] (fn's rows)."""
     out = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
@@ -63,11 +63,24 @@ def sequence_scores(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequenc
     return _map_padded(fn, examples, length, pad_id, mesh, batch_size)
 
 
+def completion_token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
+                              length: int, pad_id: int, mesh: Mesh,
+                              batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(logprobs, mask), float32 [len(examples), length - 1]: log p of each completion token given
+    everything before it (right padded; column t predicts token t + 1), and 1 where a completion
+    token is (0 on prompt and padding). What perplexity reads."""
+    fn = lambda b: _token_logprobs(graphdef, params, b.tokens, b.positions, b.segment_ids, b.loss_mask)
+    logp = _map_padded(fn, examples, length, pad_id, mesh, batch_size)
+    mask = _map_padded(lambda b: b.loss_mask[:, 1:].astype(jnp.float32), examples, length, pad_id, mesh,
+                       batch_size)
+    return logp, mask
+
+
 def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
                         length: int, pad_id: int, mesh: Mesh, batch_size: int = 64) -> np.ndarray:
     """float32 [len(examples)]: log p(completion | prompt) summed over completion tokens."""
-    fn = lambda b: _completion_logprob(graphdef, params, b.tokens, b.positions, b.segment_ids, b.loss_mask)
-    return _map_padded(fn, examples, length, pad_id, mesh, batch_size)
+    logp, _ = completion_token_logprobs(graphdef, params, examples, length, pad_id, mesh, batch_size)
+    return logp.sum(axis=1)
 
 
 def write_reward_stats(stage_dir: str, scores: np.ndarray, reference: str, add_bos: bool,

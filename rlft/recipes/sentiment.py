@@ -10,6 +10,7 @@ model config and pretrain-stage params of an earlier sentiment run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 
@@ -72,8 +73,14 @@ class Base:
         return self.tokenizer.eos_token_id
 
     def encode_sentence(self, text: str) -> tuple[list[int], list[int]]:
-        """([EOS], ids + [EOS]): a sentence framed as in pretraining (EOS opens and closes it)."""
-        return [self.eos_id], self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
+        """`encode_sentence` with this base's tokenizer."""
+        return encode_sentence(self.tokenizer, text)
+
+
+def encode_sentence(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """([EOS], ids + [EOS]): a sentence framed as in pretraining (EOS opens and closes it)."""
+    eos = tokenizer.eos_token_id
+    return [eos], tokenizer.encode(text, add_special_tokens=False) + [eos]
 
 
 def _tokenizer(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[dict]):
@@ -132,3 +139,114 @@ def vader_compound(texts: Sequence[str]) -> np.ndarray:
 
     judge = SentimentIntensityAnalyzer()
     return np.array([judge.polarity_scores(t)["compound"] for t in texts], np.float64)
+
+
+def continuation(text: str, prompt_words: int) -> tuple[str, str] | None:
+    """(prompt, completion) of a sentence: its first `prompt_words` words and the rest (with its
+    leading space, as byte-level BPE tokenises a continuing word); None when nothing is left."""
+    words = text.split()
+    if len(words) <= prompt_words:
+        return None
+    prompt = " ".join(words[:prompt_words])
+    return prompt, " " + " ".join(words[prompt_words:])
+
+
+def continuation_records(tokenizer, rows: Sequence[dict], prompt_words: int) -> list[dict]:
+    """Prompt records {"ids": [EOS] + prompt ids, "text", "completion", "rating"} of the sentences
+    with a continuation, in row order (RL and evaluation prompts; SFT examples)."""
+    out = []
+    for r in rows:
+        split = continuation(r["text"], prompt_words)
+        if split is not None:
+            prompt, completion = split
+            ids = [tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+            out.append({"ids": ids, "text": prompt, "completion": completion, "rating": r["rating"]})
+    return out
+
+
+def pairs_of_sources(data: ml_collections.ConfigDict, sources: Sequence[str], split: str) -> list:
+    """Human-rating preference pairs of `split` from each corpus in `sources` (`data` read per corpus)."""
+    from rlft.data.preferences import load_pairs
+
+    pairs = []
+    for source in sources:
+        section = ml_collections.ConfigDict(data.to_dict())
+        section.source = source
+        pairs += load_pairs(section, split)
+    return pairs
+
+
+def judge_table(score_texts, data: ml_collections.ConfigDict, sources: Sequence[str],
+                max_pairs: int = 0, max_sentences: int = 0) -> dict[str, dict]:
+    """Per corpus (test split): a scorer's pairwise accuracy and Pearson r with the human ratings,
+    beside VADER's. `score_texts(texts) -> [n]` scores whole sentences.
+
+    Pairs are built like the training pairs (ratings differing by >= data.min_gap); VADER ties
+    count ½ in its pairwise accuracy (the scorer's real-valued scores practically never tie).
+    """
+    table = {}
+    for source in sources:
+        pairs = pairs_of_sources(data, [source], "test")[:max_pairs or None]
+        sentences = load_split(source, "test", data.data_dir or None)[:max_sentences or None]
+        chosen = score_texts([p.chosen for p in pairs])
+        rejected = score_texts([p.rejected for p in pairs])
+        vader_c, vader_r = vader_compound([p.chosen for p in pairs]), vader_compound([p.rejected for p in pairs])
+        ratings = np.array([r["rating"] for r in sentences], np.float64)
+        texts = [r["text"] for r in sentences]
+        table[source] = {
+            "pairs": len(pairs), "sentences": len(sentences),
+            "model_pairwise_accuracy": float(np.mean(chosen > rejected)),
+            "vader_pairwise_accuracy": float(np.mean((vader_c > vader_r) + 0.5 * (vader_c == vader_r))),
+            "model_pearson": pearson(score_texts(texts), ratings),
+            "vader_pearson": pearson(vader_compound(texts), ratings),
+        }
+    return table
+
+
+def judge_table_markdown(table: dict[str, dict], model: str) -> str:
+    """The per-corpus table of `judge_table`, with where the model beats VADER and where not."""
+    lines = [f"| corpus (test) | pairs | {model} pairwise | VADER pairwise (ties ½) | {model} Pearson r "
+             "| VADER Pearson r | beats VADER on |", "|---|---|---|---|---|---|---|"]
+    for source, r in table.items():
+        wins = [name for name, ok in (("pairs", r["model_pairwise_accuracy"] > r["vader_pairwise_accuracy"]),
+                                      ("Pearson", r["model_pearson"] > r["vader_pearson"])) if ok]
+        lines.append(f"| {source} | {r['pairs']} | {r['model_pairwise_accuracy']:.3f} | "
+                     f"{r['vader_pairwise_accuracy']:.3f} | {r['model_pearson']:.3f} | {r['vader_pearson']:.3f} "
+                     f"| {', '.join(wins) or 'neither'} |")
+    return "\n".join(lines) + "\n"
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two [n] arrays (nan if either is constant)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def adopt_stages(run_dir: str, workdir: str, stages: Sequence[str]) -> list[str]:
+    """Copy the tokenizer, model config and the given stage directories of an earlier run into WORKDIR
+    (those WORKDIR lacks), so that its stages resume from them; returns the stages copied."""
+    import shutil
+
+    from rlft.checkpoints import MODEL_CONFIG_FILE
+    from rlft.stages import STAGES_FILE, record_stage
+
+    if not os.path.isfile(os.path.join(run_dir, MODEL_CONFIG_FILE)):
+        raise RlftError(f"init_from={run_dir}: not an rlft run directory (no {MODEL_CONFIG_FILE})")
+    if os.path.abspath(run_dir) == os.path.abspath(workdir):
+        raise RlftError(f"init_from={run_dir}: that is this run's own directory")
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.isdir(os.path.join(workdir, "tokenizer")):
+        shutil.copytree(os.path.join(run_dir, "tokenizer"), os.path.join(workdir, "tokenizer"))
+        shutil.copy(os.path.join(run_dir, MODEL_CONFIG_FILE), workdir)
+    kinds = {s["name"]: s["kind"] for s in json.load(open(os.path.join(run_dir, STAGES_FILE)))} \
+        if os.path.isfile(os.path.join(run_dir, STAGES_FILE)) else {}
+    copied = []
+    for stage in stages:
+        source, target = os.path.join(run_dir, stage), os.path.join(workdir, stage)
+        if os.path.isdir(source) and not os.path.exists(target):
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("tensorboard"))
+            record_stage(workdir, stage, kinds.get(stage, "lm"))
+            copied.append(stage)
+    return copied

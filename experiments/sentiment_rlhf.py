@@ -1,0 +1,198 @@
+"""The InstructGPT recipe on human-rated sentences: SFT, a reward model from human preferences, PPO
+against it under a KL leash, and an evaluation by a judge that training never saw.
+
+Stages (each resumable, recorded in stages.json):
+
+    pretrain  a small GPT-2-layout decoder on the training sentences of the four VADER corpora
+              (shared with the other sentiment experiments)
+    sft       continuations of movie-review sentences: prompt = the first data.prompt_words words,
+              completion = the rest of the sentence, then EOS
+    reward    Bradley–Terry on pairs of training sentences whose mean human ratings differ by >=
+              data.min_gap (corpora: data.reward_sources); its scores on the movie-review validation
+              sentences give the normalisation (reward/reward_stats.json), and its pairwise accuracy
+              and Pearson r on the test split of every corpus go to reward/generalization.json
+    rl        PPO (`--config.rl.algorithm=grpo|rloo|reinforce` for the others) from the SFT policy
+              on the training prompts; the proxy reward is the reward model's normalised score of the
+              whole sentence (prompt + completion); the critic starts from the reward model
+    eval      `rlft eval WORKDIR` (run at the end): base, SFT and RL sampled on held-out prompts
+              (test-split sentences), gold = VADER compound of the whole sentence
+
+The VADER lexicon is the gold judge: it never enters training, so the gold win rate of RL over SFT
+says whether RL improved sentiment or only fooled its reward model (the Gao curve shows both
+against √KL). `--config.init_from=RUN` copies the finished stages named in `init_stages` from
+another run (e.g. to ablate RL algorithms without retraining the reward model).
+
+    rlft run experiments/sentiment_rlhf.py                 # the main job (measured time: README)
+    rlft run experiments/sentiment_rlhf.py:tiny            # about a minute (tests)
+    rlft run experiments/sentiment_rlhf.py --config.rl.algorithm=grpo --config.init_from=runs/sentiment_rlhf \\
+        --workdir runs/rlhf-grpo
+    rlft eval runs/sentiment_rlhf                          # evaluate again (any partial run too)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from rlft.data.human_ratings import load_split
+from rlft.data.preferences import encode_pairs, preference_data_config
+from rlft.errors import RlftError
+from rlft.eval.compare import EvalTask, evaluate_run
+from rlft.logprobs import SamplingParams
+from rlft.recipes import sentiment
+from rlft.rewards import build_reward, vader
+from rlft.rl_stage import rl_stage_config, run_rl_stage
+from rlft.scoring import sequence_scores, write_reward_stats
+from rlft.stages import reward_stage_config, run_reward_stage, run_sft_stage, sft_stage_config
+from rlft.warm_start import scalar_model_from_lm
+
+ADOPTABLE_STAGES = ("pretrain", "sft", "reward")
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+    """Presets: "default" (the main job, <= 15 min on 2 CPU cores) and "tiny" (tests)."""
+    c = sentiment.base_config(preset, "sentiment_rlhf")
+    c.init_from = ""  # an earlier sentiment_rlhf run: copy its finished init_stages
+    c.init_stages = ADOPTABLE_STAGES
+    for key, value in preference_data_config(min_gap=1.0, pairs_per_sentence=4.0).items():
+        if key not in c.data:
+            c.data[key] = value
+    if preset == "default":  # sized for the 15-minute budget on 2 CPU cores (module doc)
+        c.model.update(d_model=192, n_layers=4, n_heads=4, max_positions=96)
+        c.pretrain.update(steps=500)
+    c.data.prompt_words = 4
+    c.data.reward_sources = sentiment.PRETRAIN_SOURCES
+    c.sft = sft_stage_config(steps=100, batch_size=32, learning_rate=3e-4, max_length=64)
+    c.reward_model = ml_collections.ConfigDict(dict(head_init_std=0.0))
+    c.reward = reward_stage_config(steps=200, batch_size=32, learning_rate=1e-4, max_length=64)
+    c.rl = rl_stage_config(steps=100, prompts_per_step=16, group_size=4, learning_rate=5e-5,
+                           max_new_tokens=24, algorithm="ppo", critic_learning_rate=1e-4, epochs=2,
+                           save_every=10, keep=100)
+    c.rl.kl.coef = 0.1
+    c.eval = ml_collections.ConfigDict(dict(num_prompts=512, gao_prompts=256, batch_size=128,
+                                            heldout_sentences=0, seed=1234, judge_pairs=1000,
+                                            judge_sentences=0))
+    if preset == "tiny":
+        c.data.update(max_pairs=256, reward_sources=("movie_reviews",))
+        c.sft.update(steps=8, batch_size=16, save_every=4)
+        c.reward.update(steps=40, batch_size=16, learning_rate=1e-3, save_every=20)
+        c.rl.update(steps=6, prompts_per_step=8, group_size=2, max_new_tokens=8, learning_rate=1e-3,
+                    critic_learning_rate=1e-3, save_every=2)
+        c.eval.update(num_prompts=32, gao_prompts=16, batch_size=16, heldout_sentences=64,
+                      judge_pairs=32, judge_sentences=64)
+    return c
+
+
+def whole_sentence(judge):
+    """A reward function that judges prompt text + completion (the whole sentence)."""
+    return lambda completions, records: judge([r["text"] + c for c, r in zip(completions, records)], records)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pretrain, SFT, reward model, RL, then the evaluation (`rlft eval`); returns eval/report.json's dict."""
+    if config.init_from:
+        unknown = set(config.init_stages) - set(ADOPTABLE_STAGES)
+        if unknown:
+            raise RlftError(f"init_stages={list(config.init_stages)}: {sorted(unknown)} cannot be "
+                            f"copied (choose from {list(ADOPTABLE_STAGES)})")
+        copied = sentiment.adopt_stages(config.init_from, workdir, config.init_stages)
+        print(f"sentiment_rlhf: copied {copied or 'no'} stages from {config.init_from}", file=sys.stderr)
+    seconds = {}
+    clock = time.perf_counter()
+    base = sentiment.pretrain_base(config, workdir)
+    seconds["pretrain"] = time.perf_counter() - clock
+    data_dir = config.data.data_dir or None
+    train_rows = load_split(config.data.source, "train", data_dir)
+    prompts = sentiment.continuation_records(base.tokenizer, train_rows, config.data.prompt_words)
+    tok = base.tokenizer
+
+    clock = time.perf_counter()
+    examples = [(p["ids"], tok.encode(p["completion"], add_special_tokens=False) + [base.eos_id])
+                for p in prompts]
+    sft = run_sft_stage("sft", workdir, base.graphdef, base.params, examples, config.sft, base.mesh,
+                        config.seed + 1, base.pad_id)
+    seconds["sft"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    reward_graphdef, reward_params = train_reward_model(config, workdir, base)
+    seconds["reward"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    proxy = whole_sentence(build_reward("reward_model", path=os.path.join(workdir, "reward")))
+    run_rl_stage(name="rl", workdir=workdir, graphdef=base.graphdef, params=sft, prompts=prompts,
+                 reward_fn=proxy, cfg=config.rl, mesh=base.mesh, seed=config.seed + 3, eos_id=base.eos_id,
+                 pad_id=base.pad_id, tokenizer=tok, reference_params=sft,
+                 critic_init=(reward_graphdef, reward_params))
+    seconds["rl"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    report = evaluate(config, workdir)
+    seconds["eval"] = time.perf_counter() - clock
+    with open(os.path.join(workdir, "seconds.json"), "w") as f:
+        json.dump({k: round(v, 1) for k, v in seconds.items()}, f)
+    return {k: report[k] for k in ("gold_win_rate_rl_vs_sft", "perplexity_sft", "perplexity_rl",
+                                   "proxy_reward", "gold_reward", "kl") if k in report}
+
+
+def train_reward_model(config: ml_collections.ConfigDict, workdir: str, base: sentiment.Base):
+    """The reward stage, its reward_stats.json and its per-corpus generalization.json."""
+    graphdef, params = scalar_model_from_lm(base.model_config, base.params, base.mesh,
+                                            config.reward_model.head_init_std, config.seed)
+    sources = tuple(config.data.reward_sources)
+    unknown = set(sources) - set(sentiment.PRETRAIN_SOURCES)
+    if not sources or unknown:
+        raise RlftError(f"data.reward_sources={list(sources)}: choose from {list(sentiment.PRETRAIN_SOURCES)}")
+    encode = lambda pairs: encode_pairs(base.tokenizer, pairs, add_eos=True, bos_id=base.eos_id)
+    pairs = sentiment.pairs_of_sources(config.data, sources, "train")
+    params = run_reward_stage("reward", workdir, graphdef, params, encode(pairs), config.reward, base.mesh,
+                              config.seed + 2, base.pad_id)
+    stage_dir = os.path.join(workdir, "reward")
+    if not os.path.isfile(os.path.join(stage_dir, "generalization.json")):
+        def score_texts(texts):
+            return sequence_scores(graphdef, params, [base.encode_sentence(t) for t in texts],
+                                   config.reward.max_length, base.pad_id, base.mesh, config.eval.batch_size)
+
+        validation = load_split(config.data.source, "validation", config.data.data_dir or None)
+        write_reward_stats(stage_dir, score_texts([r["text"] for r in validation]),
+                           f"validation sentences of {config.data.source}", add_bos=True, add_eos=True,
+                           max_length=config.reward.max_length)
+        table = sentiment.judge_table(score_texts, config.data, sentiment.PRETRAIN_SOURCES,
+                                      config.eval.judge_pairs, config.eval.judge_sentences)
+        with open(os.path.join(stage_dir, "generalization.json"), "w") as f:
+            json.dump({"trained_on": list(sources), "train_pairs": len(pairs), "corpora": table}, f, indent=2)
+    return graphdef, params
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`rlft eval WORKDIR`: base, SFT and RL on held-out prompts; writes WORKDIR/eval/."""
+    from rlft.data.tokenizer import load_tokenizer
+    from rlft.sharding import make_mesh
+
+    tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    data_dir = config.data.data_dir or None
+    test_rows = load_split(config.data.source, "test", data_dir)
+    prompts = sentiment.continuation_records(tok, test_rows, config.data.prompt_words)
+    prompts = prompts[:config.eval.num_prompts or None]
+    heldout = [sentiment.encode_sentence(tok, r["text"]) for r in test_rows[:config.eval.heldout_sentences or None]]
+    reward_dir = os.path.join(workdir, "reward")
+    proxy, extra = None, ""
+    if os.path.isfile(os.path.join(reward_dir, "reward_stats.json")):
+        proxy = whole_sentence(build_reward("reward_model", path=reward_dir))
+        generalization = json.load(open(os.path.join(reward_dir, "generalization.json")))
+        extra = (f"\n## The reward model beyond its training corpus\n\nTrained on "
+                 f"{', '.join(generalization['trained_on'])} ({generalization['train_pairs']} pairs); test "
+                 f"splits of every corpus:\n\n"
+                 + sentiment.judge_table_markdown(generalization["corpora"], "reward model"))
+    rl = config.rl
+    task = EvalTask(prompts=prompts, gold=whole_sentence(vader), gold_name="VADER compound of the whole sentence",
+                    heldout=heldout, heldout_length=config.sft.max_length, max_new_tokens=rl.max_new_tokens,
+                    sampling=SamplingParams(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p),
+                    proxy=proxy, proxy_name="the run's reward model (normalised)",
+                    gao_prompts=config.eval.gao_prompts, seed=config.eval.seed,
+                    batch_size=config.eval.batch_size, extra_markdown=extra)
+    return evaluate_run(workdir, task, make_mesh(dict(config.mesh)), tok)
