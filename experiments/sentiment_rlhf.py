@@ -22,6 +22,24 @@ says whether RL improved sentiment or only fooled its reward model (the Gao curv
 against √KL). `--config.init_from=RUN` copies the finished stages named in `init_stages` from
 another run (e.g. to ablate RL algorithms without retraining the reward model).
 
+How the default was found (2 CPU cores; held-out prompts; win rate of RL over SFT by VADER, ties ½):
+
+    design                                                     RM acc. movies  win rate  perplexity
+    RM 200 steps lr 1e-4; PPO T=1.0 lr 3e-5, 4 epochs, β=0.05     0.656          0.538     +30%
+    RM 400 steps lr 3e-4; PPO T=1.0 lr 5e-5, 2 epochs, β=0.1      0.731          0.565     +13%
+    RM 400 steps lr 3e-4; PPO T=0.7 lr 1e-4, 2 epochs, β=0.1      0.731          0.840     +10%
+    default: pretrain 400, RM 320, the last PPO with 50 steps      0.736          0.860     +10.6%
+
+The default run took 14 min 08 s from a clean data cache (pretrain 200 s, SFT 57 s, reward model
+and its per-corpus table 308 s, PPO 204 s, evaluation 65 s); the earlier rows trained 100 PPO
+steps (70 for the last before the default) from a 500-step pretraining.
+
+With the weak reward model the proxy rose by 0.8 std while the gold reward did not move: the Gao
+curve of the first design is flat in gold. A reward model trained on movie reviews only did worse
+on movie pairs (0.635) and was at chance on tweets (0.497, r = 0.005), so the default trains on
+all four corpora. Sampling at temperature 0.7 (in RL and evaluation alike) keeps the small model's
+samples closer to real sentences, where the reward model's judgement holds.
+
     rlft run experiments/sentiment_rlhf.py                 # the main job (measured time: README)
     rlft run experiments/sentiment_rlhf.py:tiny            # about a minute (tests)
     rlft run experiments/sentiment_rlhf.py --config.rl.algorithm=grpo --config.init_from=runs/sentiment_rlhf \\
@@ -64,25 +82,25 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             c.data[key] = value
     if preset == "default":  # sized for the 15-minute budget on 2 CPU cores (module doc)
         c.model.update(d_model=192, n_layers=4, n_heads=4, max_positions=96)
-        c.pretrain.update(steps=500)
+        c.pretrain.update(steps=400)
     c.data.prompt_words = 4
     c.data.reward_sources = sentiment.PRETRAIN_SOURCES
     c.sft = sft_stage_config(steps=100, batch_size=32, learning_rate=3e-4, max_length=64)
     c.reward_model = ml_collections.ConfigDict(dict(head_init_std=0.0))
-    c.reward = reward_stage_config(steps=200, batch_size=32, learning_rate=1e-4, max_length=64)
-    c.rl = rl_stage_config(steps=100, prompts_per_step=16, group_size=4, learning_rate=5e-5,
+    c.reward = reward_stage_config(steps=320, batch_size=32, learning_rate=3e-4, max_length=64)
+    c.rl = rl_stage_config(steps=50, prompts_per_step=16, group_size=4, learning_rate=1e-4,
                            max_new_tokens=24, algorithm="ppo", critic_learning_rate=1e-4, epochs=2,
-                           save_every=10, keep=100)
+                           temperature=0.7, save_every=10, keep=100)
     c.rl.kl.coef = 0.1
-    c.eval = ml_collections.ConfigDict(dict(num_prompts=512, gao_prompts=256, batch_size=128,
-                                            heldout_sentences=0, seed=1234, judge_pairs=1000,
+    c.eval = ml_collections.ConfigDict(dict(num_prompts=512, gao_prompts=128, batch_size=128,
+                                            heldout_sentences=0, seed=1234, judge_pairs=500,
                                             judge_sentences=0))
     if preset == "tiny":
         c.data.update(max_pairs=256, reward_sources=("movie_reviews",))
         c.sft.update(steps=8, batch_size=16, save_every=4)
         c.reward.update(steps=40, batch_size=16, learning_rate=1e-3, save_every=20)
         c.rl.update(steps=6, prompts_per_step=8, group_size=2, max_new_tokens=8, learning_rate=1e-3,
-                    critic_learning_rate=1e-3, save_every=2)
+                    critic_learning_rate=1e-3, temperature=1.0, save_every=2)
         c.eval.update(num_prompts=32, gao_prompts=16, batch_size=16, heldout_sentences=64,
                       judge_pairs=32, judge_sentences=64)
     return c

@@ -12,6 +12,7 @@ raw ratings; we keep the published value as it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -269,24 +270,27 @@ def _decode(example: Mapping) -> dict:
 
 def _prepare_quietly(source: str, data_dir: str, download_config) -> None:
     """Prepare `human_rated_sentences/<source>` on first use with one line of progress instead of
-    TFDS's nested progress bars (which fill a screen per dataset)."""
+    TFDS's nested progress bars and notices (which fill a screen per dataset)."""
     name = f"human_rated_sentences/{source}"
-    builder = tfds.builder(name, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
-    if builder.is_prepared():
-        return
-    print(f"rlft: preparing {name} in {data_dir} (first use) ...", end="", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    tfds.disable_progress_bar()
-    absl_log = logging.getLogger("absl")  # TFDS's "downloaded and prepared to ..." info lines
+    absl_log = logging.getLogger("absl")  # TFDS's "variant folder has no dataset_info.json" etc.
     level = absl_log.level
-    absl_log.setLevel(logging.WARNING)
+    absl_log.setLevel(logging.ERROR)
     try:
-        builder.download_and_prepare(download_config=download_config)
-    except BaseException:
-        print(" failed", file=sys.stderr)
-        raise
+        builder = tfds.builder(name, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+        if builder.is_prepared():
+            return
+        print(f"rlft: preparing {name} in {data_dir} (first use) ...", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        tfds.disable_progress_bar()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # "Downloading and preparing dataset ..."
+                builder.download_and_prepare(download_config=download_config)
+        except BaseException:
+            print(" failed", file=sys.stderr)
+            raise
+        finally:
+            tfds.enable_progress_bar()
     finally:
-        tfds.enable_progress_bar()
         absl_log.setLevel(level)
     sizes = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
     print(f" done in {time.perf_counter() - start:.1f} s ({sizes})", file=sys.stderr)

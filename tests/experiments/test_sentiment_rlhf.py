@@ -76,17 +76,21 @@ def test_rl_raised_the_proxy_reward(rlhf_tiny_run):
 
 
 @pytest.mark.slow
-def test_eval_of_a_run_without_rl_says_what_is_missing(rlhf_tiny_run, tmp_path, capsys):
+def test_eval_of_a_partial_run_says_what_is_missing(rlhf_tiny_run, tmp_path, capsys):
+    """A run without an RL stage but with a DPO policy (here: the RL checkpoints under the name dpo)."""
     partial = str(tmp_path / "partial")
     shutil.copytree(rlhf_tiny_run, partial, ignore=shutil.ignore_patterns("rl", "eval"))
+    shutil.copytree(os.path.join(rlhf_tiny_run, "rl"), os.path.join(partial, "dpo"))
     assert main(["eval", partial]) == 0
-    assert "stages not in this run (not evaluated): dpo, rl" in capsys.readouterr().err
+    assert "stages not in this run (not evaluated): rl" in capsys.readouterr().err
     report = _report(partial)
-    assert report["policies"] == ["pretrain", "sft"] and report["missing"] == ["dpo", "rl"]
+    assert report["policies"] == ["pretrain", "sft", "dpo"] and report["missing"] == ["rl"]
     assert report["gao"] == [] and "gold_win_rate_rl_vs_sft" not in report
-    # Same prompts, keys and models: the stages that exist get the same figures as in the full run.
+    # Same prompts, keys and models: each policy gets the figures it got in the full run.
     full = _report(rlhf_tiny_run)
     assert report["gold_reward"]["sft"] == pytest.approx(full["gold_reward"]["sft"], abs=1e-6)
+    assert report["gold_win_rate_dpo_vs_sft"] == pytest.approx(full["gold_win_rate_rl_vs_sft"])
+    assert report["kl"]["dpo"] == pytest.approx(full["kl"]["rl"], rel=1e-5)
 
 
 def test_eval_refuses_what_is_not_a_run(tmp_path, capsys):
@@ -100,10 +104,10 @@ def test_eval_refuses_what_is_not_a_run(tmp_path, capsys):
 def test_init_from_copies_finished_stages_and_trains_only_rl(rlhf_tiny_run, tmp_path):
     workdir = str(tmp_path / "grpo")
     assert main(["run", os.path.join(ROOT, "experiments/sentiment_rlhf.py:tiny"), "--workdir", workdir,
-                 f"--config.init_from={rlhf_tiny_run}", "--config.rl.algorithm=grpo"]) == 0
+                 f"--config.init_from={rlhf_tiny_run}", "--config.rl.algorithm=grpo", "--config.rl.steps=2"]) == 0
     for stage in ("pretrain", "sft", "reward"):  # copied, not retrained: the same metrics lines
         assert (open(os.path.join(workdir, stage, "metrics.jsonl")).read()
                 == open(os.path.join(rlhf_tiny_run, stage, "metrics.jsonl")).read())
     metrics = [json.loads(l) for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
-    assert len(metrics) == 6 and "val/explained_variance" not in metrics[-1]  # GRPO: no critic
+    assert len(metrics) == 2 and "val/explained_variance" not in metrics[-1]  # GRPO: no critic
     assert 0.0 <= _report(workdir)["gold_win_rate_rl_vs_sft"] <= 1.0
