@@ -78,7 +78,7 @@ def _log(message: str) -> None:
     print(f"rlft eval: {message}", file=sys.stderr)
 
 
-def _policy_metrics(task: EvalTask, samples: PolicySamples, proxy: np.ndarray | None, gold: np.ndarray,
+def _policy_metrics(samples: PolicySamples, proxy: np.ndarray | None, gold: np.ndarray,
                     ref_logprobs: np.ndarray | None, perplexity: float) -> dict:
     """The per-policy row of the report (floats, None where not measurable)."""
     kl = None if ref_logprobs is None else metrics.sequence_kl(samples.logprobs, ref_logprobs, samples.mask)
@@ -131,7 +131,7 @@ def evaluate_run(run_dir: str, task: EvalTask, mesh: Mesh, tokenizer) -> dict:
         gold[stage] = _score(task.gold, samples[stage], records)
         ref_logp = None if reference is None else logprobs_under(graphdef, reference, samples[stage])
         ppl = text_perplexity(graphdef, params[stage], task.heldout, task.heldout_length, pad, mesh)
-        rows[stage] = _policy_metrics(task, samples[stage], proxy[stage], gold[stage], ref_logp, ppl)
+        rows[stage] = _policy_metrics(samples[stage], proxy[stage], gold[stage], ref_logp, ppl)
     for stage in present:
         rows[stage]["gold_win_rate_vs_reference"] = (
             metrics.win_rate(gold[stage], gold[task.reference]) if task.reference in gold else None)
