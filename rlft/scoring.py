@@ -12,6 +12,7 @@ import functools
 import json
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +44,20 @@ def _token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array
     return jnp.where(loss_mask[:, 1:] > 0, logp, 0.0)
 
 
-def _map_padded(fn: Callable[[TokenBatch], jax.Array], examples: Sequence[Example], length: int,
-                pad_id: int, mesh: Mesh, batch_size: int) -> np.ndarray:
-    """fn over right-padded, batch-sharded chunks of examples; [len(examples), ...] (fn's rows)."""
+def _map_padded(fn: Callable[[TokenBatch], Any], examples: Sequence[Example], length: int,
+                pad_id: int, mesh: Mesh, batch_size: int) -> Any:
+    """fn over right-padded, batch-sharded chunks of examples; each array fn returns (one, or a tuple)
+    comes back as [len(examples), ...] numpy (fn's rows, padding rows dropped)."""
     out = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # static shapes: one compilation
         batch, _ = pad_right(chunk, length, pad_id)
-        out.append(np.asarray(fn(shard_batch(batch, mesh)))[:real])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        out.append(jax.tree.map(lambda x: np.asarray(x)[:real], fn(shard_batch(batch, mesh))))
+    if not out:
+        return np.zeros((0,), np.float32)
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
 
 
 def sequence_scores(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
@@ -69,16 +73,18 @@ def completion_token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, example
     """(logprobs, mask), float32 [len(examples), length - 1]: log p of each completion token given
     everything before it (right padded; column t predicts token t + 1), and 1 where a completion
     token is (0 on prompt and padding). What perplexity reads."""
-    fn = lambda b: _token_logprobs(graphdef, params, b.tokens, b.positions, b.segment_ids, b.loss_mask)
-    logp = _map_padded(fn, examples, length, pad_id, mesh, batch_size)
-    mask = _map_padded(lambda b: b.loss_mask[:, 1:].astype(jnp.float32), examples, length, pad_id, mesh,
-                       batch_size)
-    return logp, mask
+    if not examples:
+        raise RlftError("completion_token_logprobs: no examples")
+    fn = lambda b: (_token_logprobs(graphdef, params, b.tokens, b.positions, b.segment_ids, b.loss_mask),
+                    b.loss_mask[:, 1:].astype(np.float32))
+    return _map_padded(fn, examples, length, pad_id, mesh, batch_size)
 
 
 def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, examples: Sequence[Example],
                         length: int, pad_id: int, mesh: Mesh, batch_size: int = 64) -> np.ndarray:
     """float32 [len(examples)]: log p(completion | prompt) summed over completion tokens."""
+    if not examples:
+        return np.zeros((0,), np.float32)
     logp, _ = completion_token_logprobs(graphdef, params, examples, length, pad_id, mesh, batch_size)
     return logp.sum(axis=1)
 

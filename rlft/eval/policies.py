@@ -24,7 +24,7 @@ from rlft.data.batching import Example, pad_left
 from rlft.errors import RlftError
 from rlft.eval.metrics import perplexity
 from rlft.logprobs import SamplingParams
-from rlft.rollout import reference_logprobs
+from rlft.rollout import ended_with_eos, reference_logprobs
 from rlft.sampling import Sequences, sample
 from rlft.scoring import completion_token_logprobs
 from rlft.sharding import batch_axes
@@ -85,7 +85,7 @@ def sample_policy(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: Sequenc
         texts += tokenizer.batch_decode([r[:n] for r, n in zip(rows.tolist(), lengths)], skip_special_tokens=True)
         masks.append(np.asarray(out.mask, np.float32)[:real])
         logps.append(np.asarray(out.logprobs, np.float32)[:real])
-        ended.append(np.any((rows == eos_id) & (masks[-1] > 0), axis=1))
+        ended.append(np.asarray(ended_with_eos(out.tokens, out.mask, eos_id))[:real])
         batches.append(seqs)
     return PolicySamples(texts=texts, mask=np.concatenate(masks), logprobs=np.concatenate(logps),
                          ended=np.concatenate(ended), batches=batches, sampling=sampling)
