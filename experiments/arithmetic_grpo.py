@@ -32,7 +32,6 @@ import os
 import re
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -40,6 +39,7 @@ from flax import nnx
 from rlft.checkpoints import save_model_config
 from rlft.data import arithmetic
 from rlft.data.batching import pad_left
+from rlft.distributed import is_primary, to_host
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
 from rlft.models import Decoder, ModelConfig
@@ -109,7 +109,7 @@ def greedy_answers(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, prompts
         result = sample(graphdef, params, tokens, mask, None, max_new_tokens=max_new_tokens,
                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                         sampling=SamplingParams(temperature=0.0), mesh=mesh)
-        rows = np.asarray(jax.device_get(result.tokens))[:len(ids) - start]
+        rows = to_host(result.tokens)[:len(ids) - start]
         out += [arithmetic.decode_answer(tokenizer, row, tokenizer.eos_token_id) for row in rows]
     return out
 
@@ -139,9 +139,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train, test = arithmetic.split_problems(task.max_operand, task.ops, task.num_test, task.num_train,
                                             config.seed)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "problems.json"), "w") as f:
-        json.dump({"train": [p.prompt for p in train], "test": [p.prompt for p in test]}, f)
+    if is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "problems.json"), "w") as f:
+            json.dump({"train": [p.prompt for p in train], "test": [p.prompt for p in test]}, f)
     tokenizer = arithmetic.build_tokenizer(os.path.join(workdir, "tokenizer"))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -16,6 +16,34 @@ from flax import nnx
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
 from rlft.models import hf
+
+
+def _shown(value: Any) -> str:
+    """A short repr of an argument for an error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _integer(value: Any, low: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= low
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
+
+
+def _texts(value: Any, arg: str) -> list[str]:
+    """`value` as a list of str; RlftError naming `arg` for a bare str/bytes or a non-str item."""
+    if isinstance(value, (str, bytes)):
+        raise RlftError(f"{arg}={_shown(value)}: expected a list of strings, got a single "
+                        f"{type(value).__name__}; wrap it in a list")
+    if not isinstance(value, (list, tuple)):
+        raise RlftError(f"{arg}: expected a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise RlftError(f"{arg}[{i}]={_shown(item)}: expected a str, got {type(item).__name__}")
+    return list(value)
 
 
 @dataclasses.dataclass
@@ -43,25 +71,94 @@ class Model:
         graphdef = self.graphdef
         return jax.jit(lambda params, t, m: nnx.merge(graphdef, params)(t, positions_from_mask(m), m))
 
+    def _token_ids(self, value: Any, arg: str, ndim: int) -> np.ndarray:
+        """int32 ids with `ndim` dims in [0, vocab) and at most max_positions long; else RlftError naming `arg`."""
+        if isinstance(value, (str, bytes)):
+            raise RlftError(f"{arg}={_shown(value)}: expected integer token ids, got {type(value).__name__}"
+                            + ("; pass text prompts as a list of str" if ndim == 1 else
+                               "; tokenise text first (model.tokenizer.encode)"))
+        try:
+            ids = np.asarray(value)
+        except ValueError:  # ragged rows
+            raise RlftError(f"{arg}: rows of different lengths; pad them to one length and pass "
+                            f"attention_mask") from None
+        if ids.size == 0:
+            raise RlftError(f"{arg}: no tokens (shape {ids.shape})")
+        if ids.dtype.kind not in "iu":
+            what = "floats" if ids.dtype.kind == "f" else "bools" if ids.dtype.kind == "b" else \
+                f"{ids.dtype} values" if ids.dtype != object else "rows of different lengths or non-numbers"
+            raise RlftError(f"{arg}: expected integer token ids, got {what}")
+        if ids.ndim != ndim:
+            shape = "[batch, length]" if ndim == 2 else "[length]"
+            raise RlftError(f"{arg}: expected {shape} token ids, got shape {ids.shape}")
+        vocab = self.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise RlftError(f"{arg}: token id {bad} is outside the model's vocabulary [0, {vocab})")
+        if ids.shape[-1] > self.config.max_positions:
+            raise RlftError(f"{arg}: {ids.shape[-1]} tokens exceed the model's max_positions="
+                            f"{self.config.max_positions}")
+        return ids.astype(np.int32)
+
     def _inputs(self, token_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
-        tokens = jnp.asarray(token_ids, jnp.int32)
-        if tokens.ndim != 2:
-            raise RlftError(f"token_ids must be [batch, length], got shape {tokens.shape}")
-        mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        tokens = self._token_ids(token_ids, "token_ids", ndim=2)
+        if attention_mask is None:
+            return jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32)
+        mask = np.asarray(attention_mask)
         if mask.shape != tokens.shape:
-            raise RlftError(f"attention_mask shape {mask.shape} != token_ids shape {tokens.shape}")
-        return tokens, mask
+            raise RlftError(f"attention_mask: shape {mask.shape} != token_ids shape {tokens.shape}")
+        if mask.dtype.kind not in "iubf" or not np.isin(mask, (0, 1)).all():
+            raise RlftError("attention_mask: expected 0/1 values (1 = real token, 0 = padding)")
+        return jnp.asarray(tokens), jnp.asarray(mask, jnp.int32)
 
     def logits(self, token_ids, attention_mask=None) -> np.ndarray:
-        """float32 [batch, length, vocab] for int [batch, length] ids; left or right padding."""
+        """float32 [batch, length, vocab] logits of token ids; left or right padding.
+
+        token_ids: integer ids [batch, length] (a nested list or an integer array), each in
+        [0, vocab_size), length <= max_positions; text is refused (tokenise it first).
+        attention_mask: 0/1 of the same shape (1 = real token), default all ones.
+        """
         if self.kind != "lm":
             raise RlftError("logits() needs a language model; this is a scalar (reward/value) model")
         return np.asarray(self._forward(self.params, *self._inputs(token_ids, attention_mask)))
+
+    def _prompt_ids(self, prompts: Any) -> tuple[list[list[int]], bool]:
+        """(token ids of each prompt, whether the prompts were text); RlftError naming the bad prompt."""
+        if isinstance(prompts, (str, bytes)):
+            raise RlftError(f"generate(prompts={_shown(prompts)}): expected a list of prompts, got a "
+                            f"single {type(prompts).__name__}; wrap one prompt in a list")
+        if isinstance(prompts, np.ndarray):
+            prompts = list(self._token_ids(prompts, "generate(prompts)", ndim=2))
+        if not isinstance(prompts, (list, tuple)):
+            raise RlftError(f"generate(prompts): expected a list of str or of token-id lists, got "
+                            f"{type(prompts).__name__}")
+        if not prompts:
+            raise RlftError("generate(prompts=[]): no prompts")
+        as_text = isinstance(prompts[0], str)
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, bytes):
+                raise RlftError(f"generate(prompts[{i}]={_shown(prompt)}): bytes are neither text nor "
+                                f"token ids; decode them to str")
+            if isinstance(prompt, str) != as_text:
+                raise RlftError(f"generate(prompts[{i}]={_shown(prompt)}): prompts mix text and token "
+                                f"ids (prompts[0] is {'text' if as_text else 'token ids'}); pass one kind")
+            if as_text and not prompt:
+                raise RlftError(f"generate(prompts[{i}]=''): empty prompt")
+        if as_text:
+            tok = self._require_tokenizer()
+            prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        return [self._token_ids(p, f"generate(prompts[{i}])", ndim=1).tolist()
+                for i, p in enumerate(prompts)], as_text
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> dict:
         """Sample completions of text or token-id prompts (temperature=0: greedy).
+
+        prompts: a non-empty list of non-empty prompts, either all str (needs a tokenizer) or all
+        token-id lists (ints in [0, vocab_size)); a bare str or bytes is refused. The longest
+        prompt + max_new_tokens must fit in max_positions. max_new_tokens >= 1; temperature >= 0
+        (0 = greedy); top_k >= 0 (0 = off); top_p in (0, 1] (1 = off); seed an integer >= 0.
 
         Returns {"text": [str] (when prompts are strings), "tokens": int32 [batch, max_new_tokens]
         (pad after EOS), "mask": [batch, max_new_tokens], "logprobs": float32 [batch,
@@ -75,21 +172,28 @@ class Model:
 
         if self.kind != "lm":
             raise RlftError("generate() needs a language model; this is a scalar (reward/value) model")
-        if not len(prompts):
-            raise RlftError("generate(): no prompts")
-        as_text = isinstance(prompts[0], str)
-        tok = self._require_tokenizer() if as_text or self.tokenizer is not None else None
-        ids = [tok.encode(p, add_special_tokens=False) if as_text else [int(t) for t in p] for p in prompts]
-        for prompt, row in zip(prompts, ids):
-            if not row:
-                raise RlftError(f"generate(): prompt {prompt!r} has no tokens")
+        for arg, value, ok, rule in (
+                ("max_new_tokens", max_new_tokens, _integer(max_new_tokens, 1), "an integer >= 1"),
+                ("temperature", temperature, _real(temperature) and temperature >= 0, "a number >= 0 (0 = greedy)"),
+                ("top_k", top_k, _integer(top_k, 0), "an integer >= 0 (0 = off)"),
+                ("top_p", top_p, _real(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1 = off)"),
+                ("seed", seed, _integer(seed, 0), "an integer >= 0")):
+            if not ok:
+                raise RlftError(f"generate({arg}={_shown(value)}): must be {rule}")
+        ids, as_text = self._prompt_ids(prompts)
+        longest = max(len(r) for r in ids)
+        if longest + max_new_tokens > self.config.max_positions:
+            raise RlftError(f"generate(max_new_tokens={max_new_tokens}): the longest prompt ({longest} tokens) "
+                            f"+ max_new_tokens exceeds the model's max_positions={self.config.max_positions}")
+        tok = self.tokenizer
         eos_id = -1 if tok is None or tok.eos_token_id is None else tok.eos_token_id  # -1: never stops
         pad_id = 0 if tok is None or tok.pad_token_id is None else tok.pad_token_id
-        tokens, mask, _ = pad_left(ids, max(len(r) for r in ids), pad_id)
+        tokens, mask, _ = pad_left(ids, longest, pad_id)
         param_shardings = None if mesh is None else jax.tree.map(lambda _: replicated(mesh), self.params)
-        out = sample(self.graphdef, self.params, tokens, mask, jax.random.key(seed),
-                     max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                     sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
+        out = sample(self.graphdef, self.params, tokens, mask, jax.random.key(int(seed)),
+                     max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=pad_id,
+                     sampling=SamplingParams(temperature=float(temperature), top_k=int(top_k),
+                                             top_p=float(top_p)),
                      mesh=mesh, param_shardings=param_shardings)
         result = {"tokens": np.asarray(out.tokens), "mask": np.asarray(out.mask),
                   "logprobs": np.asarray(out.logprobs)}
@@ -102,9 +206,10 @@ class Model:
               batch_size: int = 64) -> np.ndarray:
         """float32 [len(texts)]: a reward model's score of each text at its last real token.
 
-        Texts are tokenised as in training, following reward_stats.json: EOS before the text
-        (add_bos) and after it (add_eos, the default), and over-long sequences truncated to its
-        max_length by `rlft.data.batching.truncate`. With `prompts`, each text follows its prompt.
+        texts (and prompts, if given): lists of str of the same length; a bare str is refused.
+        batch_size: an integer >= 1. Texts are tokenised as in training, following
+        reward_stats.json: EOS before the text (add_bos) and after it (add_eos, the default), and
+        over-long sequences truncated to its max_length by `rlft.data.batching.truncate`. With `prompts`, each text follows its prompt.
         `normalize` maps scores to (s - mean) / std of the recorded reference set.
         """
         from rlft.data.batching import truncate
@@ -115,8 +220,11 @@ class Model:
         stats = self.reward_stats or {}
         if normalize and not stats:
             raise RlftError("score(normalize=True): this model has no reward_stats.json")
-        if prompts is not None and len(prompts) != len(texts):
-            raise RlftError(f"score(): {len(prompts)} prompts for {len(texts)} texts")
+        texts = _texts(texts, "score(texts)")
+        if prompts is not None and len(_texts(prompts, "score(prompts)")) != len(texts):
+            raise RlftError(f"score(prompts): {len(prompts)} prompts for {len(texts)} texts")
+        if not _integer(batch_size, 1):
+            raise RlftError(f"score(batch_size={_shown(batch_size)}): must be an integer >= 1")
         bos = [tok.eos_token_id] if stats.get("add_bos", False) else []
         eos = [tok.eos_token_id] if stats.get("add_eos", True) else []
         max_length = min(stats.get("max_length") or self.config.max_positions, self.config.max_positions)
@@ -165,28 +273,25 @@ def _load_run(run_dir: str, path: str) -> Model:
     """A model from an rlft run dir (its last stage), a stage dir, a checkpoints dir or a step dir."""
     from rlft.checkpoints import load_model_config, load_params
     from rlft.data.tokenizer import load_tokenizer
-    from rlft.stages import STAGES_FILE
+    from rlft.scoring import read_reward_stats
+    from rlft.stages import STAGES_FILE, read_stages
 
-    stages_file = os.path.join(run_dir, STAGES_FILE)
-    stages = json.load(open(stages_file)) if os.path.isfile(stages_file) else []
+    stages = read_stages(run_dir)
     if os.path.abspath(path) == run_dir:
         if not stages:
             raise RlftError(f"{run_dir}: no {STAGES_FILE}; pass a stage or checkpoint directory")
         path = os.path.join(run_dir, stages[-1]["name"])
     relative = os.path.relpath(os.path.abspath(path), run_dir).split(os.sep)[0]
     kind = next((s["kind"] for s in stages if s["name"] == relative), "lm")
+    # The small files first, so a damaged one is reported before the parameters are read.
     cfg = load_model_config(run_dir)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    stats = read_reward_stats(os.path.join(run_dir, relative)) if kind == "scalar" else None
     cls = Decoder if kind == "lm" else ScalarModel
     state = nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
     values, _ = load_params(path)
     nnx.replace_by_pure_dict(state, values)
-    tok_dir = os.path.join(run_dir, "tokenizer")
-    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
-    stats = None
-    if kind == "scalar":
-        from rlft.scoring import read_reward_stats
-
-        stats = read_reward_stats(os.path.join(run_dir, relative))
     return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind, reward_stats=stats)
 
 

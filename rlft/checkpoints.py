@@ -9,6 +9,14 @@ field is saved too, so a restore is exact. Layout of a run directory:
     WORKDIR/checkpoints/<step>/params    state.params as a nested dict (nnx.to_pure_dict layout)
     WORKDIR/checkpoints/<step>/train     every other field of the state (step, opt_state, rng, ...)
     WORKDIR/checkpoints/<step>/extra     JSON of the host loop: the data position only
+    WORKDIR/checkpoints/<step>/rlft_checksums.json   size and CRC-32 of every file, once committed
+
+Damaged checkpoints (a truncated, garbled or missing file) are found by `step_problem` (Orbax's
+commit record and item metadata parse; every file matches the size and CRC-32 recorded when the
+save finished) and by the read itself. Resume (`Checkpointer.restore(None, ...)`) and
+`load_params(path)` fall back to the newest intact step with a warning naming what was skipped;
+resume moves the damaged step directories aside to `<step>.damaged-<time>`, so nothing is lost
+and the step can be saved again. A damaged step named explicitly raises `DamagedCheckpoint`.
 
 Trees are stored as nested dicts with string keys built from their key paths (an nnx.Variable
 contributes its value, not a "value" level), so any optimizer state round-trips; restore puts the
@@ -20,6 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -28,12 +41,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from rlft.config import changed_fields, format_changes
+from rlft.distributed import barrier, is_primary
 from rlft.errors import RlftError
 from rlft.models.config import ModelConfig
 
 PARAMS, TRAIN, EXTRA = "params", "train", "extra"
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINTS_DIR = "checkpoints"
+CHECKSUMS_FILE = "rlft_checksums.json"
+COMMIT_RECORD = "_CHECKPOINT_METADATA"  # Orbax's per-step commit record (JSON)
+# The JSON metadata file of each item, read before any array: a damaged one is the common failure.
+_ITEM_METADATA = {PARAMS: "_METADATA", TRAIN: "_METADATA", EXTRA: "metadata"}
 
 
 def _key_name(key: Any) -> str:
@@ -85,6 +104,122 @@ def _train_part(state: Any) -> dict:
             if f.name != PARAMS and getattr(state, f.name) is not None}
 
 
+# ---------------------------------------------------------------------------------------------
+# Integrity of a step directory
+
+
+class DamagedCheckpoint(RlftError):
+    """A checkpoint step directory whose files are not as they were written (see `step_problem`)."""
+
+    def __init__(self, step_dir: Path, problem: str):
+        self.step_dir, self.problem = Path(step_dir), problem
+        super().__init__(f"checkpoint {step_dir} is damaged: {problem}")
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def seal_step(step_dir: str | Path) -> Path:
+    """Writes <step>/rlft_checksums.json: the size and CRC-32 of every file of a committed step.
+
+    Orbax and TensorStore do not notice every damaged byte (a garbled compressed chunk can restore
+    as different values), so the files are checked against this record before a restore.
+    """
+    step_dir = Path(step_dir)
+    files = {p.relative_to(step_dir).as_posix(): [p.stat().st_size, _crc32(p)]
+             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name not in (CHECKSUMS_FILE, COMMIT_RECORD)}
+    tmp = step_dir / f"{CHECKSUMS_FILE}.tmp"
+    tmp.write_text(json.dumps({"crc32": files}, indent=0, sort_keys=True) + "\n")
+    os.replace(tmp, step_dir / CHECKSUMS_FILE)
+    return step_dir / CHECKSUMS_FILE
+
+
+def _json_problem(path: Path, name: str) -> str | None:
+    """Why `path` (called `name` in the message) is not a readable JSON object, or None."""
+    if not path.is_file():
+        return f"{name} is missing"
+    try:
+        if not isinstance(json.loads(path.read_bytes()), dict):
+            return f"{name} is not a JSON object"
+    except (ValueError, OSError) as e:
+        return f"{name} is not valid JSON ({e})"
+    return None
+
+
+def step_problem(step_dir: str | Path, items: tuple[str, ...] = (PARAMS, TRAIN, EXTRA)) -> str | None:
+    """What is wrong with the checkpoint in `step_dir` (limited to `items`), or None if nothing is found.
+
+    Checks Orbax's commit record and each item's metadata (present, valid JSON), and each file of
+    the items against `rlft_checksums.json` (size, CRC-32) when the step was sealed. A step saved
+    by a process that died before sealing it is checked by the read alone.
+    """
+    step_dir = Path(step_dir)
+    problems = [_json_problem(step_dir / COMMIT_RECORD, COMMIT_RECORD)]
+    for item in items:
+        if not (step_dir / item).is_dir():
+            return f"item {item!r} is missing"
+        problems.append(_json_problem(step_dir / item / _ITEM_METADATA[item], f"{item}/{_ITEM_METADATA[item]}"))
+    if (step_dir / CHECKSUMS_FILE).exists():
+        if problem := _json_problem(step_dir / CHECKSUMS_FILE, CHECKSUMS_FILE):
+            return problem
+        recorded = json.loads((step_dir / CHECKSUMS_FILE).read_bytes()).get("crc32")
+        if not isinstance(recorded, dict) or not all(isinstance(v, list) and len(v) == 2 for v in recorded.values()):
+            return f"{CHECKSUMS_FILE} is malformed"
+        for rel, (size, crc) in sorted(recorded.items()):
+            if "/" in rel and rel.split("/")[0] not in items:  # another item's file
+                continue
+            path = step_dir / rel
+            if not path.is_file():
+                problems.append(f"{rel} is missing")
+            elif path.stat().st_size != size:
+                problems.append(f"{rel} has {path.stat().st_size} bytes, {size} when written")
+            elif _crc32(path) != crc:
+                problems.append(f"{rel} differs from what was written (CRC-32)")
+    return next((p for p in problems if p), None)
+
+
+def _reason(error: BaseException) -> str:
+    """One short line for an exception raised while reading a checkpoint."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _read_checked(step_dir: Path, items: tuple[str, ...], read: Callable[[], Any]) -> Any:
+    """read() after `step_problem`; a read error of an unsealed step is a DamagedCheckpoint.
+
+    A sealed step whose files are intact but fails to read is not damage (e.g. a target of another
+    shape), so that error propagates unchanged.
+    """
+    if problem := step_problem(step_dir, items):
+        raise DamagedCheckpoint(step_dir, problem)
+    try:
+        return read()
+    except MemoryError:
+        raise
+    except Exception as e:
+        if (step_dir / CHECKSUMS_FILE).is_file():
+            raise
+        raise DamagedCheckpoint(step_dir, _reason(e)) from e
+
+
+def _newest_intact(steps: list[int], read_step: Callable[[int], Any]) -> tuple[int, Any, list[DamagedCheckpoint]]:
+    """(step, read_step(step), damaged newer steps) for the newest step that reads; warns for each skipped."""
+    damaged = []
+    for step in reversed(steps):
+        try:
+            return step, read_step(step), damaged
+        except DamagedCheckpoint as e:
+            print(f"rlft: warning: skipping checkpoint step {step}: {e}", file=sys.stderr)
+            damaged.append(e)
+    raise RlftError("no intact checkpoint: " + "; ".join(str(e) for e in damaged)
+                    + ". Move the damaged step directories away to start the stage afresh")
+
+
 class Checkpointer:
     """Saves a state dataclass every `save_every` steps into `directory`/<step>, keeping the last `keep`."""
 
@@ -97,6 +232,7 @@ class Checkpointer:
         handlers = {PARAMS: ocp.StandardCheckpointHandler(), TRAIN: ocp.StandardCheckpointHandler(),
                     EXTRA: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._async, self._unsealed = async_save, []  # steps saved but not yet sealed (`seal_step`)
 
     def all_steps(self) -> list[int]:
         """Steps with a finished checkpoint, ascending."""
@@ -115,38 +251,79 @@ class Checkpointer:
         if not (force or step % self.save_every == 0) or step in self._manager.all_steps():
             return False
         extra = json.loads(json.dumps(extra or {}))  # fail now, not in a background thread
+        self._seal_finished()  # the manager would wait for the previous save here anyway
         args = ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(to_nested(train_state.params)),
                                      TRAIN: ocp.args.StandardSave(to_nested(_train_part(train_state))),
                                      EXTRA: ocp.args.JsonSave(extra)})
-        return self._manager.save(step, args=args, force=True)
+        saved = self._manager.save(step, args=args, force=True)
+        if saved:
+            self._unsealed.append(step)
+            if not self._async:
+                self._seal_finished()
+        return saved
+
+    def _seal_finished(self) -> None:
+        """Waits for pending saves, then records the checksums of the steps they wrote (process 0)."""
+        if not self._unsealed:
+            return
+        self._manager.wait_until_finished()
+        if is_primary():
+            for step in self._unsealed:
+                if (self.directory / str(step)).is_dir():
+                    seal_step(self.directory / str(step))
+        self._unsealed = []
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
-        """(state, extra) at `step` (None = latest), placed like the abstract target's shardings.
+        """(state, extra) at `step` (None = latest intact), placed like the abstract target's shardings.
 
         `abstract_state`: a state dataclass of jax.ShapeDtypeStruct(shape, dtype, sharding=...), e.g.
-        `rlft.steps.abstract_train_state(...)`; any mesh works, whatever mesh saved it.
+        `rlft.steps.abstract_train_state(...)`; any mesh works, whatever mesh saved it. A damaged
+        `step` raises DamagedCheckpoint. With step None (resume), damaged newer steps are skipped
+        with a warning and moved aside to `<step>.damaged-<time>` once an older one restored.
         """
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self._manager.all_steps():
-            raise RlftError(f"no checkpoint at step {step} in {self.directory} "
-                            f"(available: {self.all_steps()})")
+        steps = self.all_steps()
+        if step is not None and step not in steps or not steps:
+            raise RlftError(f"no checkpoint at step {step} in {self.directory} (available: {steps})")
+        if step is not None:
+            return self._restore_step(step, abstract_state)
+        step, restored, damaged = _newest_intact(steps, lambda s: self._restore_step(s, abstract_state))
+        if damaged:
+            self._set_aside([e.step_dir for e in damaged])
+            print(f"rlft: warning: resuming from checkpoint step {step} of {self.directory}", file=sys.stderr)
+        return restored
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         abstract_train = _train_part(abstract_state)
         args = ocp.args.Composite(**{
             PARAMS: ocp.args.StandardRestore(to_nested(abstract_state.params)),
             TRAIN: ocp.args.StandardRestore(to_nested(abstract_train)),
             EXTRA: ocp.args.JsonRestore()})
-        restored = self._manager.restore(step, args=args)
+        step_dir = self.directory / str(step)
+        restored = _read_checked(step_dir, (PARAMS, TRAIN, EXTRA), lambda: self._manager.restore(step, args=args))
         params = from_nested(restored[PARAMS], abstract_state.params)
         train = from_nested(restored[TRAIN], abstract_train)
         state = abstract_state.replace(params=params, **train)
         return state, dict(restored[EXTRA] or {})
 
+    def _set_aside(self, step_dirs: list[Path]) -> None:
+        """Renames damaged step dirs to `<step>.damaged-<time>` (kept, ignored by Orbax), so they can be saved again."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        if is_primary():
+            for step_dir in step_dirs:
+                target = step_dir.with_name(f"{step_dir.name}.damaged-{stamp}")
+                step_dir.rename(target)
+                print(f"rlft: warning: moved damaged {step_dir} to {target.name}", file=sys.stderr)
+        barrier("rlft_checkpoints_set_aside")  # every process then sees the same steps
+        self._manager.reload()
+
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
+        """Blocks until pending async saves are on disk (and sealed)."""
         self._manager.wait_until_finished()
+        self._seal_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
+        """Waits for pending saves, seals them and releases the manager."""
+        self._seal_finished()
         self._manager.close()
 
     def __enter__(self) -> Self:
@@ -178,19 +355,21 @@ def checkpoint_steps(path: str | Path) -> list[int]:
                   and (p / PARAMS).is_dir())
 
 
-def _step_dir(path: Path, step: int | None) -> Path:
-    """The <step> directory of a run dir, a checkpoints dir or a step dir itself."""
-    if (path / PARAMS).is_dir():
-        return path
-    root = _checkpoints_root(path)
-    steps = checkpoint_steps(path)
-    if not steps:
-        raise RlftError(f"no rlft checkpoint found in {path} (expected {CHECKPOINTS_DIR}/<step>/{PARAMS})")
-    if step is None:
-        step = steps[-1]
-    if step not in steps:
-        raise RlftError(f"no checkpoint at step {step} in {root} (available: {steps})")
-    return root / str(step)
+def _read_step_params(step_dir: Path) -> tuple[dict, dict]:
+    """(params, extra) of one step dir, checked (`step_problem`); DamagedCheckpoint if damaged."""
+
+    def read() -> tuple[dict, dict]:
+        # Explicit numpy restore types: the saved shardings may name devices this process lacks.
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            meta = handler.metadata(step_dir / PARAMS).tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+            params = handler.restore(step_dir / PARAMS, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        finally:
+            handler.close()
+        return _int_keys(params), dict(ocp.JsonCheckpointHandler().restore(step_dir / EXTRA) or {})
+
+    return _read_checked(step_dir, (PARAMS, EXTRA), read)
 
 
 def load_params(path: str | Path, step: int | None = None) -> tuple[dict, dict]:
@@ -198,28 +377,44 @@ def load_params(path: str | Path, step: int | None = None) -> tuple[dict, dict]:
 
     The dict has the `nnx.to_pure_dict` layout (layer indices as ints): put it into a model with
     `nnx.replace_by_pure_dict(nnx.state(model), params)`. No mesh or optimizer state is needed.
+    step None reads the newest intact step, warning about damaged newer ones (left in place); a
+    damaged step dir or an explicit damaged `step` raises DamagedCheckpoint.
     """
     path = Path(path).absolute()
     if not path.exists():
         raise RlftError(f"checkpoint path {path} does not exist")
-    step_dir = _step_dir(path, step)
-    # Explicit numpy restore types: the saved shardings may name devices this process lacks.
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        meta = handler.metadata(step_dir / PARAMS).tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        params = handler.restore(step_dir / PARAMS, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    finally:
-        handler.close()
-    extra = ocp.JsonCheckpointHandler().restore(step_dir / EXTRA) if (step_dir / EXTRA).is_dir() else {}
-    return _int_keys(params), dict(extra or {})
+    if (path / PARAMS).is_dir():
+        return _read_step_params(path)
+    root, steps = _checkpoints_root(path), checkpoint_steps(path)
+    if step is not None and (root / str(step)).is_dir() and step not in steps:
+        raise DamagedCheckpoint(root / str(step), f"item {PARAMS!r} is missing")
+    if not steps:
+        raise RlftError(f"no rlft checkpoint found in {path} (expected {CHECKPOINTS_DIR}/<step>/{PARAMS})")
+    if step is not None and step not in steps:
+        raise RlftError(f"no checkpoint at step {step} in {root} (available: {steps})")
+    if step is not None:
+        return _read_step_params(root / str(step))
+    return _newest_intact(steps, lambda s: _read_step_params(root / str(s)))[1]
 
 
 def save_model_config(workdir: str | Path, cfg: ModelConfig) -> Path:
-    """Writes WORKDIR/model_config.json from `cfg.to_dict()`."""
+    """Writes WORKDIR/model_config.json from `cfg.to_dict()`; an existing one must describe `cfg`.
+
+    The checkpoints beside it have its shapes, so a different model is refused (RlftError naming
+    the differing fields and the file) and the file is left byte for byte as it was.
+    """
     path = Path(workdir) / MODEL_CONFIG_FILE
+    new = json.loads(json.dumps(cfg.to_dict()))
+    if path.exists():
+        if problem := _json_problem(path, "it"):
+            raise RlftError(f"{path}: {problem}; it describes the checkpoints of {workdir}, so it is not "
+                            f"replaced: restore it or use a new work directory")
+        if changes := changed_fields(json.loads(path.read_bytes()), new):
+            raise RlftError(f"{path} describes another model ({format_changes(changes)}): the checkpoints "
+                            f"in {workdir} have its shapes; use its model settings or a new work directory")
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -1,13 +1,14 @@
 """The `rlft` command: run an experiment, export a checkpoint, sample from a model.
 
-    rlft run EXPERIMENT.py[:PRESET] [--config.a.b=VALUE ...] [--workdir DIR]
+    rlft run EXPERIMENT.py[:PRESET] [--config.a.b=VALUE ...] [--workdir DIR] [--override]
     rlft run EXPERIMENT.py[:PRESET] [--config.a.b=VALUE ...] --print-config
     rlft eval RUN_DIR
-    rlft export CHECKPOINT --out HF_DIR
+    rlft export CHECKPOINT --out HF_DIR [--overwrite]
     rlft sample CHECKPOINT --prompt TEXT [...]
 
 User mistakes (bad flags, unknown fields, missing files, malformed data) end with one line
-`rlft: error: ...` and exit status 2, never a traceback.
+`rlft: error: ...` and exit status 2, never a traceback. Ctrl-C saves and exits 130; SIGTERM finishes
+the current step, saves it and exits 143 (`rlft.train_loop.train`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from typing import Sequence
 
-from rlft.errors import RlftError
+from rlft.errors import Preempted, RlftError
 from rlft.host import tune_host_malloc
 
 
@@ -50,13 +51,22 @@ def print_config_command(spec: str, overrides: Sequence[str]) -> None:
         print(config_lib.format_override(field, value))
 
 
-def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: Sequence[str]) -> dict:
-    """Load an experiment, apply overrides, record the run metadata, and run it."""
-    from rlft import config as config_lib
+def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: Sequence[str],
+                override: bool = False) -> dict:
+    """Load an experiment, apply overrides, record the run metadata, and run it.
 
+    An existing WORKDIR keeps the config it was made with: a different one is refused before any
+    work, unless `override` and every change is safe on resume (`rlft.config.config_changes`).
+    """
+    from rlft import config as config_lib
+    from rlft.validate import validate_config
+
+    if workdir is not None and not workdir.strip():
+        raise RlftError(f"--workdir={workdir!r}: must be a directory path (omit it for runs/NAME[-PRESET])")
     module, preset, config = _resolved_experiment(spec, overrides)
+    validate_config(config)  # nonsensical values fail here, before the run directory is written
     workdir = workdir or _default_workdir(spec, preset)
-    config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset)
+    config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset, override)
     print(f"rlft: running {spec} in {workdir}", file=sys.stderr)
     return module.run(config, workdir) or {}
 
@@ -71,15 +81,23 @@ def eval_command(run_dir: str) -> dict:
     return module.evaluate(config, run_dir) or {}
 
 
-def export_command(checkpoint: str, out: str) -> None:
-    """Write a Hugging Face checkpoint directory from anything `rlft.load` takes."""
-    import rlft
-    from rlft.models.hf import save_hf_checkpoint
+def export_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
+    """Write a Hugging Face checkpoint directory from anything `rlft.load` takes.
 
+    A non-empty OUT is refused unless `overwrite`; then it is replaced as a whole (no file of an
+    earlier export survives). OUT may not hold the checkpoint being exported.
+    """
+    import rlft
+    from rlft.models.hf import check_export_dir, save_hf_checkpoint
+
+    check_export_dir(out, overwrite, "--overwrite")  # before the (slow) load
+    source, target = os.path.realpath(checkpoint), os.path.realpath(out)
+    if overwrite and (source == target or source.startswith(target + os.sep)):
+        raise RlftError(f"--out {out}: holds the checkpoint being exported ({checkpoint}); choose another directory")
     model = rlft.load(checkpoint)
     if model.kind != "lm":
         raise RlftError(f"{checkpoint}: only language models export to Hugging Face format")
-    save_hf_checkpoint(model.config, model.params, out, model.tokenizer)
+    save_hf_checkpoint(model.config, model.params, out, model.tokenizer, overwrite=overwrite)
     print(f"rlft: wrote {out}", file=sys.stderr)
 
 
@@ -91,11 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", help="run directory (default: runs/NAME[-PRESET])")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config as --config.FIELD=VALUE lines and exit without running")
+    run.add_argument("--override", action="store_true",
+                     help="run an existing --workdir with changed fields that are safe on resume (more steps, "
+                          "save_every, keep, eval.*); recorded in WORKDIR/config_changes.jsonl")
+    group = run.add_argument_group("multi-process (launch/README.md)")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0 (with --num-processes and --process-id; "
+                                             "or RLFT_COORDINATOR, RLFT_NUM_PROCESSES, RLFT_PROCESS_ID)")
+    group.add_argument("--num-processes", type=int, help="how many processes the run has")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
+    group.add_argument("--distributed", action="store_true",
+                       help="let JAX detect the cluster (SLURM, TPU pod, Open MPI; or RLFT_DISTRIBUTED=detect); "
+                            "a SLURM step with several tasks is detected without it")
     evaluate = sub.add_parser("eval", help="evaluate a run's policies; writes RUN_DIR/eval/")
     evaluate.add_argument("run_dir", help="a directory made by `rlft run` (finished or not)")
     export = sub.add_parser("export", help="export a checkpoint in Hugging Face format")
     export.add_argument("checkpoint", help="an HF checkpoint dir or an rlft run/checkpoint dir")
-    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--out", required=True, help="output directory (absent or empty)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out as a whole (no file of an earlier export survives)")
     sub.add_parser("sample", help="sample completions from a checkpoint", add_help=False)
     return parser
 
@@ -114,21 +145,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run" and args.print_config:
             print_config_command(args.experiment, rest)
         elif args.command == "run":
-            result = run_command(args.experiment, rest, args.workdir, ["rlft", *argv])
-            print(json.dumps(result, indent=2, default=str))
+            from rlft import distributed
+
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
+            result = run_command(args.experiment, rest, args.workdir, ["rlft", *argv], args.override)
+            if distributed.is_primary():
+                print(json.dumps(result, indent=2, default=str))
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         elif args.command == "eval":
             report = eval_command(args.run_dir)
             print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=2, default=str))
         elif args.command == "export":
-            export_command(args.checkpoint, args.out)
+            export_command(args.checkpoint, args.out, args.overwrite)
     except RlftError as e:
         print(f"rlft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlft: interrupted", file=sys.stderr)
         return 130
+    except Preempted as e:  # SIGTERM: the stage saved its last completed step
+        print(f"rlft: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process the signal killed
     return 0
 
 

@@ -15,12 +15,14 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from types import ModuleType
 from typing import Any, Sequence
 
 import ml_collections
 
 from rlft.errors import RlftError
+from rlft.files import read_json
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -36,10 +38,10 @@ def load_run_experiment(run_dir: str) -> tuple[ModuleType, ml_collections.Config
     for path in (meta_path, config_path):
         if not os.path.isfile(path):
             raise RlftError(f"{run_dir}: no {os.path.basename(path)}; not a directory made by `rlft run`")
-    try:
-        meta, values = json.load(open(meta_path)), json.load(open(config_path))
-    except json.JSONDecodeError as e:
-        raise RlftError(f"{run_dir}: malformed {EXPERIMENT_FILE} or run_config.json ({e})") from None
+    meta, values = read_json(meta_path), read_json(config_path)
+    if not isinstance(meta.get("path"), str) or not isinstance(meta.get("preset", "default"), str):
+        raise RlftError(f"{meta_path}: expected {{\"path\": EXPERIMENT_FILE, \"preset\": PRESET}}; "
+                        f"the file is damaged")
     module, _, _ = load_experiment(f"{meta['path']}:{meta.get('preset', 'default')}")
     return module, ml_collections.ConfigDict(values)
 
@@ -209,17 +211,128 @@ def git_commit(path: str) -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+# ---------------------------------------------------------------------------------------------
+# The run directory contract: WORKDIR/run_config.json is written once; running WORKDIR again with
+# another config is refused, or with --override recorded, and only for changes safe on resume.
+
+RUN_CONFIG_FILE = "run_config.json"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+
+# What `rlft run --override` may change in an existing run directory, by leaf name, or by a section
+# name anywhere on the field's path. Everything else (learning rates, seeds, data, tokenizer, model
+# shape, init_from, ...) is fixed when the run starts: a run dir holds one configuration.
+SAFE_ON_RESUME: dict[str, str] = {
+    "steps": "only upwards: training continues to the new total (its LR schedule stretches to it)",
+    "save_every": "checkpoint cadence",
+    "keep": "how many checkpoints are kept",
+    "eval.*": "any field of an `eval` section, at any depth: evaluation reads it, training never does",
+}
+_SAFE_SUMMARY = f"{', '.join(SAFE_ON_RESUME)}; steps only upwards"
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()  # the value of a field one of two configs lacks
+
+
+def changed_fields(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """[(dotted field, old value, new value)] where two nested JSON-like dicts differ, sorted.
+
+    A field only one of them has is ABSENT in the other.
+    """
+    before, after = (dict(flat_fields(ml_collections.ConfigDict(d))) for d in (old, new))
+    fields = sorted(before.keys() | after.keys())
+    return [(f, before.get(f, ABSENT), after.get(f, ABSENT)) for f in fields
+            if before.get(f, ABSENT) != after.get(f, ABSENT)]
+
+
+def format_changes(changes: Sequence[tuple[str, Any, Any]]) -> str:
+    """"lr 0.001 -> 0.0001, seed 0 -> 1": the changes of `changed_fields` on one line."""
+    return ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes)
+
+
+def safe_on_resume(field: str, old: Any, new: Any) -> bool:
+    """True if `field` may change from `old` to `new` in an existing run dir (`SAFE_ON_RESUME`)."""
+    *sections, leaf = field.split(".")
+    if "eval" in sections:
+        return True
+    if old is ABSENT or new is ABSENT:
+        return False
+    if leaf == "steps":
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and new >= old
+    return leaf in ("save_every", "keep")
+
+
+def config_changes(workdir: str, config: ml_collections.ConfigDict, experiment_path: str,
+                   override: bool = False) -> list[tuple[str, Any, Any]]:
+    """The changes of `config` against WORKDIR/run_config.json ([] for a new run dir), if allowed.
+
+    Raises RlftError listing the differing fields unless `override` and every one is safe on
+    resume (`safe_on_resume`); with `override`, the unsafe ones are named. Another experiment file
+    than the one recorded in experiment.json counts as the (unsafe) field `experiment`.
+    """
+    path = os.path.join(workdir, RUN_CONFIG_FILE)
+    if not os.path.exists(path):
+        return []
+    changes = changed_fields(read_json(path), json.loads(config.to_json_best_effort()))
+    if os.path.isfile(os.path.join(workdir, EXPERIMENT_FILE)):
+        was = os.path.basename(str(read_json(os.path.join(workdir, EXPERIMENT_FILE)).get("path")))
+        if was != os.path.basename(experiment_path):
+            changes.insert(0, ("experiment", was, os.path.basename(experiment_path)))
+    safe = _SAFE_SUMMARY
+    if changes and not override:
+        raise RlftError(f"{workdir} was run with another config: {format_changes(changes)}. Run it with "
+                        f"its own config ({path}), use a new --workdir, or pass --override to change "
+                        f"fields that are safe on resume ({safe})")
+    unsafe = [change for change in changes if not safe_on_resume(*change)]
+    if unsafe:
+        raise RlftError(f"{workdir}: --override cannot change {format_changes(unsafe)}: not safe on resume "
+                        f"(safe: {safe}); use a new --workdir")
+    return changes
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_run_metadata(workdir: str, config: ml_collections.ConfigDict, argv: Sequence[str],
-                       experiment_path: str, preset: str = "default") -> None:
-    """Write run_config.json (resolved; not config.json, which means a Hugging Face checkpoint),
-    experiment.json (the module and preset, for `rlft eval`), command.txt and git.txt into the work
-    directory."""
+                       experiment_path: str, preset: str = "default", override: bool = False) -> list:
+    """Checks `config` against the run directory (`config_changes`), then records this invocation.
+
+    run_config.json (the resolved config; not config.json, which means a Hugging Face checkpoint)
+    and experiment.json (module and preset, for `rlft eval`) are written by the first run. An
+    accepted --override change is appended to config_changes.jsonl (time, argv, old and new values)
+    before run_config.json takes the new values. command.txt and git.txt get one line per
+    invocation (the command; the commits of the experiment and of rlft), so resumes under other
+    code are visible. Returns the changes recorded. With several processes every one checks, before
+    any writes, and process 0 writes.
+    """
+    from rlft.distributed import barrier, is_primary  # imports JAX: not for --print-config
+
+    changes = config_changes(workdir, config, experiment_path, override)
+    barrier("rlft_run_metadata_checked")
+    if not is_primary():
+        return changes
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "run_config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    with open(os.path.join(workdir, "command.txt"), "w") as f:
-        f.write(" ".join(argv) + "\n")
-    with open(os.path.join(workdir, EXPERIMENT_FILE), "w") as f:
-        json.dump({"path": os.path.abspath(experiment_path), "preset": preset}, f)
-    with open(os.path.join(workdir, "git.txt"), "w") as f:
+    config_path = os.path.join(workdir, RUN_CONFIG_FILE)
+    if changes:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(argv),
+                 "changes": {field: {k: v for k, v in (("old", old), ("new", new)) if v is not ABSENT}
+                             for field, old, new in changes}}
+        with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    if changes or not os.path.exists(config_path):
+        _write_atomic(config_path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    if not os.path.exists(os.path.join(workdir, EXPERIMENT_FILE)):
+        _write_atomic(os.path.join(workdir, EXPERIMENT_FILE),
+                      json.dumps({"path": os.path.abspath(experiment_path), "preset": preset}))
+    with open(os.path.join(workdir, "command.txt"), "a") as f:
+        f.write(shlex.join(argv) + "\n")
+    with open(os.path.join(workdir, "git.txt"), "a") as f:
         f.write(json.dumps({"experiment": git_commit(experiment_path), "rlft": git_commit(__file__)}) + "\n")
+    return changes

@@ -8,6 +8,7 @@ Throughput goes to TensorBoard (`perf/tokens_per_second`) and the progress bar o
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +46,9 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             break  # a torn last line from a killed process
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_name(path.name + ".tmp")  # then an atomic rename: a kill here loses no line
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class MetricsLogger:

@@ -8,9 +8,9 @@ A thin loop (rlft.train_loop.train) over one step per prompt batch:
 
 Everything resumes exactly: the PGState (policy, critic, optimizers, KL coefficient, baseline,
 RNG, step) is checkpointed whole, the prompt order is a pure function of (seed, position), and
-the sampling key of a step is derived from the state's RNG and step. SIGINT saves. Metrics go to
-WORKDIR/NAME/metrics.jsonl and TensorBoard under the names trl users know (objective/kl,
-policy/clipfrac, val/explained_variance, ...).
+the sampling key of a step is derived from the state's RNG and step. SIGINT and SIGTERM save.
+Metrics go to WORKDIR/NAME/metrics.jsonl and TensorBoard under the names trl users know
+(objective/kl, policy/clipfrac, val/explained_variance, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from rlft.checkpoints import Checkpointer
 from rlft.data.batching import pad_left
 from rlft.data.loader import epoch_batches
+from rlft.distributed import local_rows, to_host
 from rlft.errors import RlftError
 from rlft.logging import MetricsLogger
 from rlft.models.heads import ScalarHead
@@ -94,13 +95,14 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         nonlocal pg
         t0 = time.perf_counter()
         seqs = rollout(state, batch["prompt_tokens"], batch["prompt_mask"])
-        tokens = np.asarray(seqs.tokens[:, width:])  # waits for the sampler
-        timed("sampling_s", t0)
+        # Every process decodes and scores every row (a reward model is a collective computation).
+        tokens, completion_mask, index = to_host((seqs.tokens, seqs.completion_mask, batch["index"]))
+        timed("sampling_s", t0)  # to_host waited for the sampler
         t0 = time.perf_counter()
-        lengths = np.asarray(seqs.completion_mask.sum(-1)).astype(int)
-        texts = tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)],
+        lengths = completion_mask.sum(-1).astype(int)
+        texts = tokenizer.batch_decode([row[:n] for row, n in zip(tokens[:, width:].tolist(), lengths)],
                                        skip_special_tokens=True)
-        records = [prompts[i] for i in np.asarray(batch["index"])]
+        records = [prompts[i] for i in index]
         scores = jax.device_put(check_scores(reward_fn(texts, records), len(texts)), scores_sharding)
         timed("reward_s", t0)
         t0 = time.perf_counter()
@@ -168,8 +170,10 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
                         prompts=prompts, reward_fn=reward_fn, tokenizer=tokenizer, mesh=mesh,
                         eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
                         critic_tx=critic_tx, reference=reference)
-    batches = ((i, prompt_batch(prompts, idx, config.group_size, width, pad_id)) for i, idx in
-               epoch_batches(len(prompts), cfg.prompts_per_step, seed, start_index=extra[DATA_POSITION]))
+    rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
+    batches = ((i, jax.tree.map(lambda x: x[rows], prompt_batch(prompts, idx, config.group_size, width, pad_id)))
+               for i, idx in epoch_batches(len(prompts), cfg.prompts_per_step, seed,
+                                           start_index=extra[DATA_POSITION]))
     with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
         state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None,
                       stage=name, max_nonfinite=cfg.max_nonfinite_steps)

@@ -21,9 +21,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jax.sharding import AxisType, Mesh
 
+from rlft.distributed import put_global
 from rlft.errors import RlftError
 from rlft.models.decoder import KVCache, positions_from_mask
 from rlft.logprobs import SamplingParams, sampling_logits
@@ -221,7 +223,9 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     """
     if max_new_tokens < 1:
         raise RlftError(f"sampling: max_new_tokens={max_new_tokens} must be >= 1")
-    prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask)
+    # Host arrays stay numpy until placed: every process of a multi-process run holds the whole batch.
+    as_array = lambda x, dtype: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x, dtype)
+    prompt_tokens, prompt_mask = as_array(prompt_tokens, np.int32), as_array(prompt_mask, np.int32)
     _check_prompts(graphdef, params, prompt_tokens, prompt_mask, prompt_tokens.shape[1] + max_new_tokens)
     if rng is None:
         if not sampling.greedy:
@@ -235,8 +239,8 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
         if prompt_tokens.shape[0] % math.prod(mesh.shape[a] for a in axes):
             raise RlftError(f"sampling: batch size {prompt_tokens.shape[0]} is not divisible by the "
                             f"mesh's {axes} axes (size {math.prod(mesh.shape[a] for a in axes)})")
-        prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), batch_sharding(mesh, 2))
-        rng = jax.device_put(rng, replicated(mesh))
+        prompt_tokens, prompt_mask = put_global((prompt_tokens, prompt_mask), batch_sharding(mesh, 2))
+        rng = put_global(rng, replicated(mesh))
     if param_shardings is not None:
         params = jax.device_put(params, param_shardings)
     return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng,

@@ -9,7 +9,6 @@ reproduces the training inputs.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,8 +21,10 @@ from jax.sharding import Mesh
 
 from rlft.data.batching import Example, TokenBatch, pad_right
 from rlft.errors import RlftError
+from rlft.files import read_json, write_json
 from rlft.objectives.reward import last_token_scores
 from rlft.logprobs import sequence_logprobs
+from rlft.distributed import barrier, is_primary, local_rows, to_host
 from rlft.sharding import shard_batch
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -48,13 +49,13 @@ def _map_padded(fn: Callable[[TokenBatch], Any], examples: Sequence[Example], le
                 pad_id: int, mesh: Mesh, batch_size: int) -> Any:
     """fn over right-padded, batch-sharded chunks of examples; each array fn returns (one, or a tuple)
     comes back as [len(examples), ...] numpy (fn's rows, padding rows dropped)."""
-    out = []
+    out, rows = [], local_rows(mesh, batch_size)
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # static shapes: one compilation
-        batch, _ = pad_right(chunk, length, pad_id)
-        out.append(jax.tree.map(lambda x: np.asarray(x)[:real], fn(shard_batch(batch, mesh))))
+        batch, _ = pad_right(chunk[rows], length, pad_id)  # this process's rows of the chunk
+        out.append(jax.tree.map(lambda x: to_host(x)[:real], fn(shard_batch(batch, mesh))))
     if not out:
         return np.zeros((0,), np.float32)
     return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
@@ -101,9 +102,9 @@ def write_reward_stats(stage_dir: str, scores: np.ndarray, reference: str, add_b
     stats = {"mean": float(scores.mean()), "std": float(scores.std()), "count": int(scores.size),
              "reference": reference, "add_bos": bool(add_bos), "add_eos": bool(add_eos),
              "max_length": int(max_length)}
-    os.makedirs(stage_dir, exist_ok=True)
-    with open(os.path.join(stage_dir, REWARD_STATS_FILE), "w") as f:
-        json.dump(stats, f, indent=2)
+    if is_primary():  # the others wait: they read the file next
+        write_json(os.path.join(stage_dir, REWARD_STATS_FILE), stats)
+    barrier(f"reward stats {stage_dir}")
     return stats
 
 
@@ -112,10 +113,11 @@ def read_reward_stats(stage_dir: str) -> dict | None:
     path = os.path.join(stage_dir, REWARD_STATS_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        return json.load(open(path))
-    except json.JSONDecodeError as e:
-        raise RlftError(f"{path}: malformed JSON ({e})") from None
+    stats = read_json(path)
+    for key in ("mean", "std"):
+        if isinstance(stats.get(key), bool) or not isinstance(stats.get(key), (int, float)):
+            raise RlftError(f"{path}: {key}={stats.get(key)!r}, expected a number; the file is damaged")
+    return stats
 
 
 def normalize_scores(scores: np.ndarray, stats: dict, eps: float = 1e-8) -> np.ndarray:

@@ -7,7 +7,6 @@ again resumes from its latest checkpoint, and a finished stage just returns its 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Callable
 from typing import Any, Sequence
@@ -21,7 +20,9 @@ from jax.sharding import Mesh
 from rlft.checkpoints import Checkpointer
 from rlft.data.batching import Example, TokenBatch, pad_right
 from rlft.data.loader import epoch_batches
+from rlft.distributed import barrier, is_primary, local_rows
 from rlft.errors import RlftError
+from rlft.files import read_json, write_json
 from rlft.data.preferences import EncodedPair, pad_pairs
 from rlft.logging import MetricsLogger
 from rlft.objectives.dpo import check_dpo_args
@@ -43,14 +44,35 @@ def sft_stage_config(steps: int, batch_size: int, learning_rate: float, **overri
 STAGES_FILE = "stages.json"
 
 
-def record_stage(workdir: str, name: str, kind: str = "lm") -> None:
-    """Append a stage to WORKDIR/stages.json; `rlft.load(WORKDIR)` loads the last stage's model."""
+def read_stages(workdir: str) -> list[dict]:
+    """WORKDIR/stages.json: [{"name": stage, "kind": "lm" | "scalar"}, ...] in run order ([] if absent).
+
+    A damaged file is an RlftError naming it.
+    """
     path = os.path.join(workdir, STAGES_FILE)
-    stages = json.load(open(path)) if os.path.isfile(path) else []
+    if not os.path.isfile(path):
+        return []
+    stages = read_json(path, list)
+    for entry in stages:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and entry.get("kind") in ("lm", "scalar")):
+            raise RlftError(f"{path}: malformed entry {entry!r} (expected {{\"name\": STAGE, "
+                            f"\"kind\": \"lm\" or \"scalar\"}}); the file is damaged")
+    return stages
+
+
+def record_stage(workdir: str, name: str, kind: str = "lm") -> None:
+    """Append a stage to WORKDIR/stages.json; `rlft.load(WORKDIR)` loads the last stage's model.
+
+    Process 0 writes it (atomically: a kill never leaves half a file), the others wait.
+    """
+    path = os.path.join(workdir, STAGES_FILE)
+    if not is_primary():
+        return barrier(f"record_stage {name}")
+    stages = read_stages(workdir)
     stages = [s for s in stages if s["name"] != name] + [{"name": name, "kind": kind}]
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(stages, f, indent=2)
+    write_json(path, stages)
+    barrier(f"record_stage {name}")
 
 
 def reward_stage_config(steps: int, batch_size: int, learning_rate: float,
@@ -119,9 +141,10 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
         checkpointer.close()
         return state.params
 
-    batches = ((i, make_batch(idx)) for i, idx in
+    rows = local_rows(mesh, cfg.batch_size)  # each process builds only its part of a global batch
+    batches = ((i, make_batch(idx[rows])) for i, idx in
                epoch_batches(num_examples, cfg.batch_size, seed, start_index=extra[DATA_POSITION]))
-    template = make_batch(np.arange(cfg.batch_size))
+    template = make_batch(np.arange(cfg.batch_size)[rows])
     extra_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args)
     jitted = jit_step(step_fn, shardings, batch_shardings(template, mesh), mesh, extra_shardings,
                       graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps,

@@ -1,5 +1,9 @@
 """The generic training loop: shard, step, log, checkpoint; nothing lost on interruption.
 
+Ctrl-C (KeyboardInterrupt) saves the last completed step, unless it struck inside a step whose
+input state was donated (then the newest periodic checkpoint stands). SIGTERM, what clusters send
+before they kill, finishes the current step, saves it and raises `rlft.errors.Preempted`.
+
 Data position = number of batches consumed (the index after the last batch taken from the
 iterator). It is saved in each checkpoint's `extra`; on resume, build the batch iterator from that
 position (e.g. `rlft.data.loader.epoch_batches(..., start_index=extra["data_position"])`).
@@ -7,15 +11,19 @@ position (e.g. `rlft.data.loader.epoch_batches(..., start_index=extra["data_posi
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Self
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rlft.checkpoints import Checkpointer
-from rlft.errors import RlftError
+from rlft.errors import Preempted, RlftError
 from rlft.logging import MetricsLogger
 from rlft.sharding import shard_batch
 
@@ -57,6 +65,42 @@ class NonFiniteGuard:
                 f"finite loss: {self.last_loss}. Lower the learning rate or check the data, then run again.")
 
 
+class SigtermWatch:
+    """While active (a context manager), SIGTERM only records a request to stop; `requested()` reads it.
+
+    A handler that raised at once could interrupt Orbax or JAX anywhere, so this one sets a flag that
+    `train` reads between steps. Python installs signal handlers from the main thread only: in any
+    other thread nothing is installed and SIGTERM keeps its previous meaning. The previous handler
+    is restored on exit. With several JAX processes the flag is OR-ed over all of them, so every
+    process stops (and takes part in the collective save) at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def requested(self) -> bool:
+        """True once SIGTERM arrived (in any process); collective when there are several processes."""
+        if jax.process_count() == 1:
+            return self.received
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.received))))
+
+
 def _deleted(state: Any) -> bool:
     """True if any array of the state was donated away (a step was interrupted mid-call)."""
     return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
@@ -71,7 +115,10 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
 
     batches: (index, host batch) pairs, index counting batches since the start of training.
     Saves when `checkpointer.should_save(step)` and at the end; on KeyboardInterrupt saves the
-    last completed step, then re-raises. extra_fn(step, state) adds JSON entries to each save.
+    last completed step, then re-raises. On SIGTERM (`SigtermWatch`, installed only while this
+    runs) finishes the step in progress, saves it, waits for the save and raises
+    `Preempted(stage, step)`, also when the signal came during the final save of a finished
+    stage. extra_fn(step, state) adds JSON entries to each save.
     Metric names are logged as "PREFIX/name" ("name" as it is when prefix is None). After
     `max_nonfinite` consecutive steps with a skipped non-finite update, raises an RlftError naming
     `stage` (`NonFiniteGuard`).
@@ -87,31 +134,41 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
         extra = {DATA_POSITION: position, **(extra_fn(n, s) if extra_fn else {})}
         checkpointer.save(n, s, extra, force=force)
 
-    try:
-        for index, host_batch in batches:
-            if last[1] >= total_steps:
-                break
-            new_state, metrics = step_fn(last[0], shard_batch(host_batch, mesh))
-            last = (new_state, last[1] + 1, index + 1)  # one assignment: safe against interrupts
-            if logger is not None:
-                logger.log(last[1], {(f"{prefix}/{k}" if prefix else k): v for k, v in metrics.items()})
-            save(force=False)
-            guard(last[1], metrics)
-    except RlftError:
-        if checkpointer is not None:
-            checkpointer.wait()
-        raise
-    except KeyboardInterrupt:
-        if _deleted(last[0]):
-            print("interrupted inside a step: its input state was donated; the newest checkpoint "
-                  "is the last periodic one", file=sys.stderr)
-        else:
+    with SigtermWatch() as sigterm:
+        try:
+            for index, host_batch in batches:
+                if last[1] >= total_steps:
+                    break
+                new_state, metrics = step_fn(last[0], shard_batch(host_batch, mesh))
+                last = (new_state, last[1] + 1, index + 1)  # one assignment: safe against interrupts
+                if logger is not None:
+                    logger.log(last[1], {(f"{prefix}/{k}" if prefix else k): v for k, v in metrics.items()})
+                save(force=False)
+                guard(last[1], metrics)
+                if sigterm.requested():
+                    raise Preempted(stage, last[1], saved=checkpointer is not None)
+        except RlftError:
+            if checkpointer is not None:
+                checkpointer.wait()
+            raise
+        except Preempted:
             save(force=True)
-            print(f"interrupted: saved step {last[1]}", file=sys.stderr)
+            if checkpointer is not None:
+                checkpointer.wait()
+            raise
+        except KeyboardInterrupt:
+            if _deleted(last[0]):
+                print("interrupted inside a step: its input state was donated; the newest checkpoint "
+                      "is the last periodic one", file=sys.stderr)
+            else:
+                save(force=True)
+                print(f"interrupted: saved step {last[1]}", file=sys.stderr)
+            if checkpointer is not None:
+                checkpointer.wait()
+            raise
+        save(force=True)
         if checkpointer is not None:
             checkpointer.wait()
-        raise
-    save(force=True)
-    if checkpointer is not None:
-        checkpointer.wait()
+        if sigterm.requested():  # arrived after the last step: the stage is complete and saved
+            raise Preempted(stage, last[1], saved=checkpointer is not None)
     return last[0]

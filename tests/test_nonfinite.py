@@ -1,14 +1,17 @@
 """The non-finite guard: a NaN / inf loss or gradient never reaches the parameters or a checkpoint,
 and a run stops with a clear error after a few such steps in a row."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from rlft.checkpoints import load_params
+from rlft.checkpoints import checkpoint_steps, load_params
 from rlft.errors import RlftError
+from rlft.data.batching import pad_right
 from rlft.models import Decoder
 from rlft.sharding import make_mesh, state_shardings
 from rlft.stages import run_sft_stage, sft_stage_config
@@ -31,11 +34,17 @@ def test_apply_update_skips_a_nonfinite_gradient_or_loss():
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_diverging_stage_stops_with_finite_checkpoints(tmp_path):
+def _sft_setup():
+    """(mesh, graphdef, host params, 32 random (prompt, completion) examples) of the tiny model."""
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     graphdef, host = random_params(lambda: Decoder(CFG, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     examples = [(rng.integers(2, 64, 3).tolist(), rng.integers(2, 64, 5).tolist()) for _ in range(32)]
+    return mesh, graphdef, host, examples
+
+
+def test_a_diverging_stage_stops_with_finite_checkpoints(tmp_path):
+    mesh, graphdef, host, examples = _sft_setup()
     # an absurd learning rate without clipping: the params blow up to inf, then the loss is NaN
     cfg = sft_stage_config(steps=40, batch_size=8, learning_rate=1e38, max_length=12, save_every=1,
                            keep=50, clip_norm=0.0, warmup_steps=1)
@@ -45,5 +54,33 @@ def test_a_diverging_stage_stops_with_finite_checkpoints(tmp_path):
     lines = (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) < 40 and '"train/nonfinite": 1.0' in lines[-1]
     for step in sorted(int(p.name) for p in (tmp_path / "sft" / "checkpoints").iterdir() if p.name.isdigit()):
+        values, _ = load_params(str(tmp_path / "sft"), step)
+        assert all(np.isfinite(v).all() for v in jax.tree.leaves(values)), step
+
+
+def test_a_poisoned_batch_is_skipped_and_the_stage_goes_on(tmp_path, monkeypatch):
+    """One batch with a NaN (as corrupt data would give): its update is skipped and counted, the
+    stage finishes, and every checkpoint, the newest included, is finite."""
+    mesh, graphdef, host, examples = _sft_setup()
+    calls = {"n": 0}
+
+    def poisoning(*args, **kw):  # call 1 builds the template batch, call 1 + k the batch of step k
+        batch, dropped = pad_right(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1 + 3:
+            batch.loss_mask[0, -1] = np.nan
+        return batch, dropped
+
+    monkeypatch.setattr("rlft.stages.pad_right", poisoning)
+    cfg = sft_stage_config(steps=6, batch_size=8, learning_rate=1e-3, max_length=12, save_every=3, keep=5)
+    params = jax.device_put(host, state_shardings(host, mesh))
+    run_sft_stage("sft", str(tmp_path), graphdef, params, examples, cfg, mesh, seed=0, pad_id=1)
+    logged = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/nonfinite"] for r in logged] == [0, 0, 1, 0, 0, 0]
+    assert all(np.isfinite(r["train/loss"]) for i, r in enumerate(logged) if i != 2)
+    steps = checkpoint_steps(tmp_path / "sft")
+    assert steps == [3, 6]
+    for step in steps:
         values, _ = load_params(str(tmp_path / "sft"), step)
         assert all(np.isfinite(v).all() for v in jax.tree.leaves(values)), step

@@ -28,6 +28,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rlft.data.tokenizer import EOS_TOKEN, PAD_TOKEN
+from rlft.distributed import is_primary
 from rlft.errors import RlftError
 
 OPS = "+-*"
@@ -139,7 +140,7 @@ def max_answer_length(max_operand: int, ops: str) -> int:
 def build_tokenizer(out_dir: str | None = None) -> PreTrainedTokenizerFast:
     """The character tokenizer (EOS id 0, pad id 1, then one id per character of ALPHABET).
 
-    Saved as a Hugging Face tokenizer directory in `out_dir` when given.
+    Saved as a Hugging Face tokenizer directory in `out_dir` when given (by process 0 only).
     """
     vocab = {EOS_TOKEN: 0, PAD_TOKEN: 1, **{c: i + 2 for i, c in enumerate(ALPHABET)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -148,7 +149,7 @@ def build_tokenizer(out_dir: str | None = None) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
                                  clean_up_tokenization_spaces=False)
-    if out_dir is not None:
+    if out_dir is not None and is_primary():
         os.makedirs(out_dir, exist_ok=True)
         hf.save_pretrained(out_dir)
     return hf

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from rlft.distributed import is_primary
 from rlft.errors import RlftError
+from rlft.files import read_json
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
-    """Trains a byte-level BPE on `texts` and saves it as a Hugging Face tokenizer dir in `out_dir`.
+    """Trains a byte-level BPE on `texts` and saves it as a Hugging Face tokenizer dir in `out_dir`
+    (process 0 saves).
 
     Ids 0 and 1 are `<|endoftext|>` (EOS) and `<|pad|>`; every byte has a token, so any text
     round-trips through encode/decode. The same texts and vocab_size give the same tokenizer.
@@ -33,8 +37,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
     )
     tok.train_from_iterator(texts, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    hf.save_pretrained(out_dir)
+    if is_primary():  # every process trains the same tokenizer; one writes it
+        hf.save_pretrained(out_dir)
     return hf
+
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json", "vocab.json")
+
+
+def read_pretrained_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(path)` from local files; a damaged file is an RlftError naming it.
+
+    The JSON files are read first (`read_json` names the broken one); anything else the
+    tokenizers library refuses becomes a one-line error naming the directory.
+    """
+    for name in TOKENIZER_JSON_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            read_json(os.path.join(path, name), expect=None)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # the tokenizers library raises bare Exceptions for malformed files
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise RlftError(f"{path}: could not load the tokenizer ({reason[:300]})") from None
 
 
 def load_tokenizer(path: str, add_pad_token: bool = False) -> PreTrainedTokenizerFast:
@@ -47,10 +72,7 @@ def load_tokenizer(path: str, add_pad_token: bool = False) -> PreTrainedTokenize
     files = ("tokenizer.json", "tokenizer_config.json")
     if not p.is_dir() or not any((p / f).exists() for f in files):
         raise RlftError(f"No Hugging Face tokenizer at {path} (need {' or '.join(files)}).")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise RlftError(f"Could not load the tokenizer at {path}: {e}") from e
+    tok = read_pretrained_tokenizer(str(p))
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise RlftError(f"The tokenizer at {path} is not a fast (tokenizers-backed) tokenizer.")
     if tok.eos_token_id is None:

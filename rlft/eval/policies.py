@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rlft.data.batching import Example, pad_left
+from rlft.distributed import to_host
 from rlft.errors import RlftError
 from rlft.eval.metrics import perplexity
 from rlft.logprobs import SamplingParams
@@ -80,11 +81,11 @@ def sample_policy(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: Sequenc
         out = sample(graphdef, params, tokens, mask, key, max_new_tokens=max_new_tokens, eos_id=eos_id,
                      pad_id=pad_id, sampling=sampling, mesh=mesh)
         seqs = Sequences.from_sample(jax.numpy.asarray(tokens), jax.numpy.asarray(mask), out)
-        rows = np.asarray(jax.device_get(out.tokens))[:real]
-        lengths = np.asarray(jax.device_get(out.lengths))[:real]
+        rows, lengths, mask, logprobs = to_host((out.tokens, out.lengths, out.mask, out.logprobs))
+        rows, lengths = rows[:real], lengths[:real]
         texts += tokenizer.batch_decode([r[:n] for r, n in zip(rows.tolist(), lengths)], skip_special_tokens=True)
-        masks.append(np.asarray(out.mask, np.float32)[:real])
-        logps.append(np.asarray(out.logprobs, np.float32)[:real])
+        masks.append(mask.astype(np.float32)[:real])
+        logps.append(logprobs.astype(np.float32)[:real])
         ended.append(np.asarray(ended_with_eos(out.tokens, out.mask, eos_id))[:real])
         batches.append(seqs)
     return PolicySamples(texts=texts, mask=np.concatenate(masks), logprobs=np.concatenate(logps),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Literal
 
 from rlft.errors import RlftError
@@ -43,6 +45,15 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in ("gpt2", "llama", "qwen2"):
             raise RlftError(f"model.family={self.family!r}: expected one of gpt2, llama, qwen2")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                     "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise RlftError(f"model.{name}={value!r}: must be an integer >= 1")
+        if self.family == "gpt2" and self.n_heads * self.head_dim != self.d_model:
+            raise RlftError(f"model.d_model={self.d_model}: must be a multiple of model.n_heads={self.n_heads}")
+        if not (isinstance(self.norm_eps, numbers.Real) and 0 < self.norm_eps < math.inf):
+            raise RlftError(f"model.norm_eps={self.norm_eps!r}: must be a finite number > 0")
         if self.n_heads % self.n_kv_heads:
             raise RlftError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
@@ -77,6 +88,10 @@ class ModelConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise RlftError(f"unknown model config field(s) {unknown}; valid fields: {sorted(names)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in d and f.default is dataclasses.MISSING)
+        if missing:
+            raise RlftError(f"missing model config field(s) {missing}")
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = tuple(d["rope_scaling"])

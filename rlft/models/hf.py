@@ -7,14 +7,16 @@ Supported architectures: GPT-2 (GPT2LMHeadModel), Llama (LlamaForCausalLM) and Q
 
 from __future__ import annotations
 
-import json
 import os
+import secrets
+import shutil
 from typing import Callable
 
 import numpy as np
 from flax import nnx
 
 from rlft.errors import RlftError
+from rlft.files import read_json
 from rlft.models.config import ModelConfig
 from rlft.models.decoder import Decoder
 from rlft.models.params import fill_params, flatten_params
@@ -34,12 +36,23 @@ def model_config_from_hf(path: str) -> ModelConfig:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise RlftError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
+    model_type = read_json(config_file).get("model_type")
     if model_type not in SUPPORTED:
         raise RlftError(f"{config_file}: model_type {model_type!r} is not supported; "
                         f"rlft imports {', '.join(sorted(SUPPORTED))}")
-    hf = transformers.AutoConfig.from_pretrained(path)
+    try:
+        return _model_config(transformers.AutoConfig.from_pretrained(path), model_type, config_file)
+    except RlftError as e:  # ModelConfig's own checks: say which file holds the bad value
+        if str(e).startswith(config_file):
+            raise
+        raise RlftError(f"{config_file}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, ZeroDivisionError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise RlftError(f"{config_file}: not a valid {model_type} config ({reason})") from None
+
+
+def _model_config(hf, model_type: str, config_file: str) -> ModelConfig:
+    """The ModelConfig of a transformers config object of a supported `model_type`."""
     if model_type == "gpt2":
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if getattr(hf, flag, False):
@@ -74,12 +87,15 @@ def model_config_from_hf(path: str) -> ModelConfig:
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint directory: model.safetensors or a sharded index."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise RlftError(f"{index}: no weight_map of tensor name -> shard file; the file is damaged")
+        files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -91,7 +107,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise RlftError(f"{index}: lists shard {name}, which is missing")
-        tensors.update(load_file(file))
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RlftError(f"{file}: not a readable safetensors file ({e}); it is damaged or "
+                            f"truncated") from None
     return tensors
 
 
@@ -222,16 +242,50 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
     return transformers.Qwen2Config(**common)
 
 
-def save_hf_checkpoint(cfg: ModelConfig, params: nnx.State, out_dir: str, tokenizer=None) -> None:
-    """Write config.json, model.safetensors and the tokenizer so `transformers` loads `out_dir`."""
+def check_export_dir(out_dir: str, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """RlftError unless `out_dir` can take an export: absent or an empty directory, or `overwrite`."""
+    if not out_dir:
+        raise RlftError("export: the output directory is an empty path")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise RlftError(f"{out_dir}: exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise RlftError(f"{out_dir}: directory is not empty ({len(os.listdir(out_dir))} entries); "
+                        f"pass {flag} to replace it")
+
+
+def save_hf_checkpoint(cfg: ModelConfig, params: nnx.State, out_dir: str, tokenizer=None,
+                       overwrite: bool = False) -> None:
+    """Write config.json, model.safetensors and the tokenizer so `transformers` loads `out_dir`.
+
+    A non-empty `out_dir` is refused unless `overwrite`. The files are written into a fresh
+    sibling directory that then replaces `out_dir`, so no file of an earlier export (an old
+    model.safetensors.index.json or shard) survives, and a failed export leaves `out_dir` as it was.
+    """
     from safetensors.numpy import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
-    hf_config(cfg, tokenizer).save_pretrained(out_dir)
-    save_file(hf_tensors_from_params(cfg, params), os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    check_export_dir(out_dir, overwrite)
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    fresh = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
+    os.mkdir(fresh)
+    try:
+        hf_config(cfg, tokenizer).save_pretrained(fresh)
+        save_file(hf_tensors_from_params(cfg, params), os.path.join(fresh, "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(fresh)
+        if os.path.lexists(out_dir):
+            os.rename(out_dir, fresh + ".old")
+            try:
+                os.rename(fresh, out_dir)
+            except OSError:
+                os.rename(fresh + ".old", out_dir)
+                raise
+            shutil.rmtree(fresh + ".old")
+        else:
+            os.rename(fresh, out_dir)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def load_hf_checkpoint(path: str):
@@ -240,7 +294,7 @@ def load_hf_checkpoint(path: str):
     params = params_from_hf_tensors(cfg, read_safetensors(path), path)
     tokenizer = None
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        import transformers
+        from rlft.data.tokenizer import read_pretrained_tokenizer
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = read_pretrained_tokenizer(path)
     return cfg, params, tokenizer

@@ -10,7 +10,6 @@ model config and pretrain-stage params of an earlier sentiment run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
@@ -22,6 +21,7 @@ from jax.sharding import Mesh
 from rlft.checkpoints import load_model_config, save_model_config
 from rlft.data.human_ratings import load_split
 from rlft.data.tokenizer import load_tokenizer, train_tokenizer
+from rlft.distributed import barrier, is_primary
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
 from rlft.sharding import make_mesh, sharded_init
@@ -86,6 +86,7 @@ def encode_sentence(tokenizer, text: str) -> tuple[list[int], list[int]]:
 def _tokenizer(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[dict]):
     """The run's tokenizer: WORKDIR/tokenizer if saved, else trained on `rows`' texts and saved there."""
     tok_dir = os.path.join(workdir, "tokenizer")
+    barrier("tokenizer")  # every process sees the same answer below (process 0 may write it next)
     if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         return load_tokenizer(tok_dir)
     return train_tokenizer((r["text"] for r in rows), config.tokenizer.vocab_size, tok_dir)
@@ -119,7 +120,8 @@ def base_from_run(run_dir: str, stage: str, workdir: str, mesh_shape: dict) -> B
                         f"(set init_stage to one of its stages)")
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     model_cfg = load_model_config(run_dir)
-    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    if is_primary():
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     save_model_config(workdir, model_cfg)
     mesh = make_mesh(mesh_shape)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
@@ -230,7 +232,7 @@ def adopt_stages(run_dir: str, workdir: str, stages: Sequence[str]) -> list[str]
     import shutil
 
     from rlft.checkpoints import MODEL_CONFIG_FILE
-    from rlft.stages import STAGES_FILE, record_stage
+    from rlft.stages import read_stages, record_stage
 
     if not os.path.isfile(os.path.join(run_dir, MODEL_CONFIG_FILE)):
         raise RlftError(f"init_from={run_dir}: not an rlft run directory (no {MODEL_CONFIG_FILE})")
@@ -240,8 +242,7 @@ def adopt_stages(run_dir: str, workdir: str, stages: Sequence[str]) -> list[str]
     if not os.path.isdir(os.path.join(workdir, "tokenizer")):
         shutil.copytree(os.path.join(run_dir, "tokenizer"), os.path.join(workdir, "tokenizer"))
         shutil.copy(os.path.join(run_dir, MODEL_CONFIG_FILE), workdir)
-    kinds = {s["name"]: s["kind"] for s in json.load(open(os.path.join(run_dir, STAGES_FILE)))} \
-        if os.path.isfile(os.path.join(run_dir, STAGES_FILE)) else {}
+    kinds = {s["name"]: s["kind"] for s in read_stages(run_dir)}
     copied = []
     for stage in stages:
         source, target = os.path.join(run_dir, stage), os.path.join(workdir, stage)

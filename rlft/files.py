@@ -1,0 +1,48 @@
+"""Reading small metadata files (JSON) so that a missing or damaged file is a one-line RlftError.
+
+JSON files rlft reads back (run_config.json, experiment.json, stages.json, reward_stats.json, a
+Hugging Face config.json or safetensors index, tokenizer files) go through `read_json`, which
+names the file and what is wrong with it instead of raising a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rlft.errors import RlftError
+
+_KINDS = {dict: "object", list: "array"}
+
+
+def read_json(path: str | os.PathLike, expect: type | None = dict) -> Any:
+    """The parsed content of the JSON file `path`; RlftError naming the file if it is missing,
+    unreadable, not UTF-8, not valid JSON, or (with `expect`) not a JSON object/array."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RlftError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise RlftError(f"{path}: malformed JSON ({e}); the file is damaged or truncated") from None
+    except UnicodeDecodeError:
+        raise RlftError(f"{path}: not UTF-8 text; the file is damaged") from None
+    except OSError as e:
+        raise RlftError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if expect is not None and not isinstance(value, expect):
+        kind = _KINDS.get(expect, expect.__name__)
+        raise RlftError(f"{path}: expected a JSON {kind}, found {type(value).__name__}; the file is damaged")
+    return value
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write `value` as JSON to `path` atomically (a temporary file renamed over it): a kill at any
+    moment leaves the old file or the new one, never a truncated one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)

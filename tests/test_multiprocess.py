@@ -1,0 +1,117 @@
+"""Multi-process runs: 2 processes × 2 CPU devices (launch/multiprocess_cpu.sh, gloo collectives)
+reproduce 1 process × 4 devices, and the start-up rules (`rlft.distributed.resolve`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rlft.checkpoints import load_params
+from rlft.distributed import resolve
+from rlft.errors import RlftError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny arithmetic experiment has both an SFT and an RL (GRPO) stage and needs no dataset.
+RUN = [os.path.join(ROOT, "experiments/arithmetic_grpo.py:tiny"), "--config.sft.steps=6",
+       "--config.sft.save_every=3", "--config.rl.steps=2", "--config.rl.save_every=2", "--config.task.num_test=16"]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "RLFT_"))}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **extra}
+
+
+def _numbers(path: str) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if isinstance(v, (int, float))} for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[str, str, str]:
+    """(1 process × 4 devices workdir, 2 processes × 2 devices workdir, process 1's log), run side by side."""
+    one, two = (str(tmp_path_factory.mktemp(name)) for name in ("one_process", "two_processes"))
+    logs = str(tmp_path_factory.mktemp("logs"))
+    single = subprocess.Popen([sys.executable, "-m", "rlft", "run", *RUN, "--workdir", one],
+                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    multi = subprocess.Popen(["bash", os.path.join(ROOT, "launch/multiprocess_cpu.sh"), "2", *RUN, "--workdir", two],
+                             env=_env(DEVICES_PER_PROCESS="2", LOG_DIR=logs, PYTHON=sys.executable),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_multi, out_single = multi.communicate(timeout=900)[0], single.communicate(timeout=900)[0]
+    assert single.returncode == 0, out_single[-3000:]
+    if multi.returncode != 0 and "could not join" in out_multi:
+        pytest.skip(f"this environment cannot start a JAX coordinator on localhost: {out_multi[-500:]}")
+    assert multi.returncode == 0, out_multi[-3000:]
+    return one, two, os.path.join(logs, "process-1.log")
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one_process(runs):
+    """Every metric of both stages to 1e-5 (not bitwise: gloo's cross-process all-reduce sums in
+    another order than one process's reduction; measured differences are ~1e-6), the same greedy
+    test answers, and the same final parameters."""
+    one, two, _ = runs
+    for stage in ("sft", "rl"):
+        a, b = _numbers(os.path.join(one, stage, "metrics.jsonl")), _numbers(os.path.join(two, stage, "metrics.jsonl"))
+        assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, len(a) + 1)), stage
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-5), (stage, x["step"], key)
+    report_one, report_two = (json.load(open(os.path.join(d, "report.json"))) for d in (one, two))
+    for key in ("accuracy_init", "accuracy_sft", "accuracy_rl", "format_sft", "format_rl"):
+        assert report_two[key] == report_one[key], key
+    params_one, params_two = load_params(os.path.join(one, "rl")), load_params(os.path.join(two, "rl"))
+    for x, y in zip(*(sorted(_leaves(p[0])) for p in (params_one, params_two))):
+        assert x[0] == y[0]
+        np.testing.assert_allclose(y[1], x[1], rtol=1e-4, atol=1e-5, err_msg=x[0])
+
+
+@pytest.mark.slow
+def test_process_zero_alone_writes_logs(runs):
+    """Process 1 shows no progress bar and prints no result; the run directory has one metrics file
+    per stage (written by process 0) and checkpoints every process took part in."""
+    _, two, log = runs
+    text = open(log).read()
+    assert "sft:" not in text and "rl:" not in text and '"accuracy_rl"' not in text
+    assert sorted(os.listdir(os.path.join(two, "rl", "checkpoints"))) == ["2"]
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{prefix}/{k}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    ({}, {}, None),
+    ({"coordinator": "h:1", "num_processes": 2, "process_id": 1}, {},
+     {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}),
+    ({}, {"RLFT_COORDINATOR": "h:2", "RLFT_NUM_PROCESSES": "4", "RLFT_PROCESS_ID": "3"},
+     {"coordinator_address": "h:2", "num_processes": 4, "process_id": 3}),
+    ({"process_id": 0}, {"RLFT_COORDINATOR": "h:2", "RLFT_NUM_PROCESSES": "4", "RLFT_PROCESS_ID": "3"},
+     {"coordinator_address": "h:2", "num_processes": 4, "process_id": 0}),  # flags win
+    ({"detect": True}, {}, {}),
+    ({}, {"RLFT_DISTRIBUTED": "detect"}, {}),
+    ({}, {"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, {}),
+    ({}, {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, None),
+    ({}, {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "RLFT_DISTRIBUTED": "off"}, None),
+])
+def test_how_a_process_starts(flags, env, expected):
+    assert resolve(**flags, env=env) == expected
+
+
+@pytest.mark.parametrize("flags, env, culprit", [
+    ({"coordinator": "h:1"}, {}, "--num-processes, --process-id missing"),
+    ({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, {}, "--process-id=2"),
+    ({"coordinator": "nohost", "num_processes": 2, "process_id": 0}, {}, "--coordinator='nohost'"),
+    ({}, {"RLFT_NUM_PROCESSES": "two"}, "RLFT_NUM_PROCESSES='two'"),
+    ({}, {"RLFT_DISTRIBUTED": "yes"}, "RLFT_DISTRIBUTED='yes'"),
+])
+def test_bad_start_up_settings_are_named(flags, env, culprit):
+    with pytest.raises(RlftError, match=culprit.replace("(", r"\(").replace(")", r"\)")):
+        resolve(**flags, env=env)
