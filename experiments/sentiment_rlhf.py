@@ -34,6 +34,14 @@ The default run took 14 min 08 s from a clean data cache (pretrain 200 s, SFT 57
 and its per-corpus table 308 s, PPO 204 s, evaluation 65 s); the earlier rows trained 100 PPO
 steps (70 for the last before the default) from a 500-step pretraining.
 
+The tiny preset (tests) is sized so that RL reliably raises the proxy on held-out prompts: with the
+shared 8-step tiny pretraining (whose warm-up never ends) the policy stayed near uniform (6.1 nats
+per token of 6.2) and neither PPO nor GRPO over 6-40 steps moved the proxy (seeds 0-2). A 40-step
+pretraining at lr 3e-3, 2-word prompts with 16 new tokens and RLOO (group 4, 16 prompts, lr 3e-3,
+12 steps) raised it by 0.36, 5.4 and 11.7 (seeds 0-2; PPO with the same settings stayed flat: its
+critic cannot learn the prompts' values in 12 steps). The gold reward did not move: a tiny reward
+model at chance is easy to exploit, which is what Gao et al. predict.
+
 With the weak reward model the proxy rose by 0.8 std while the gold reward did not move: the Gao
 curve of the first design is flat in gold. A reward model trained on movie reviews only did worse
 on movie pairs (0.635) and was at chance on tweets (0.497, r = 0.005), so the default trains on
@@ -55,11 +63,11 @@ import sys
 import time
 
 import ml_collections
-import numpy as np
 
 from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, preference_data_config
 from rlft.errors import RlftError
+from rlft.files import read_json
 from rlft.eval.compare import EvalTask, evaluate_run
 from rlft.logprobs import SamplingParams
 from rlft.recipes import sentiment
@@ -96,11 +104,15 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
                                             heldout_sentences=0, seed=1234, judge_pairs=500,
                                             judge_sentences=0))
     if preset == "tiny":
-        c.data.update(max_pairs=256, reward_sources=("movie_reviews",))
+        # A proxy rise the test can rely on (module doc): a base that learned something (the shared
+        # tiny pretraining warms up for 30 of its 8 steps), short prompts so that the completion
+        # moves the score, and RLOO (a 12-step critic cannot learn the prompts' values).
+        c.pretrain.update(steps=40, warmup_steps=4, learning_rate=3e-3)
+        c.data.update(max_pairs=256, reward_sources=("movie_reviews",), prompt_words=2)
         c.sft.update(steps=8, batch_size=16, save_every=4)
         c.reward.update(steps=40, batch_size=16, learning_rate=1e-3, save_every=20)
-        c.rl.update(steps=6, prompts_per_step=8, group_size=2, max_new_tokens=8, learning_rate=1e-3,
-                    critic_learning_rate=1e-3, temperature=1.0, save_every=2)
+        c.rl.update(steps=12, prompts_per_step=16, group_size=4, max_new_tokens=16, learning_rate=3e-3,
+                    algorithm="rloo", temperature=1.0, save_every=4)
         c.eval.update(num_prompts=32, gao_prompts=16, batch_size=16, heldout_sentences=64,
                       judge_pairs=32, judge_sentences=64)
     return c
@@ -201,7 +213,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     proxy, extra = None, ""
     if os.path.isfile(os.path.join(reward_dir, "reward_stats.json")):
         proxy = whole_sentence(build_reward("reward_model", path=reward_dir))
-        generalization = json.load(open(os.path.join(reward_dir, "generalization.json")))
+        generalization = read_json(os.path.join(reward_dir, "generalization.json"))
         extra = (f"\n## The reward model beyond its training corpus\n\nTrained on "
                  f"{', '.join(generalization['trained_on'])} ({generalization['train_pairs']} pairs); test "
                  f"splits of every corpus:\n\n"

@@ -40,8 +40,8 @@ def test_tiny_run_writes_every_stage_and_the_report(rlhf_tiny_run):
     assert 0.0 <= report["gold_win_rate_rl_vs_sft"] <= 1.0
     assert report["perplexity_rl"] == report["perplexity"]["rl"] > 1.0
     assert report["perplexity_sft"] == report["perplexity"]["sft"] > 1.0
-    # The Gao curve: the reference (step 0) and every saved RL checkpoint (save_every=2 of 6 steps).
-    assert [p["step"] for p in report["gao"]] == [0, 2, 4, 6]
+    # The Gao curve: the reference (step 0) and every saved RL checkpoint (save_every=4 of 12 steps).
+    assert [p["step"] for p in report["gao"]] == [0, 4, 8, 12]
     assert report["gao"][0]["kl"] == pytest.approx(0.0, abs=1e-5)
     for name in ("gao.png", "policies.png"):
         assert open(os.path.join(rlhf_tiny_run, "eval", name), "rb").read(8) == PNG_MAGIC
@@ -66,13 +66,13 @@ def test_gold_figures_recompute_from_the_samples(rlhf_tiny_run):
 
 
 @pytest.mark.slow
-def test_rl_moved_the_policy(rlhf_tiny_run):
-    """The RL stage changed the policy: KL(RL‖SFT) on held-out prompts is clearly positive (0 when RL
-    does nothing). The tiny preset's proxy reward does not rise reliably (its 40-step reward model is
-    too weak a signal for 6-40 RL steps; measured over seeds 0-2), so the rise is asserted by the
-    policy-gradient toy tasks and measured on the default preset (module docstring), not here."""
+def test_rl_raised_the_proxy_reward(rlhf_tiny_run):
+    """RL did what it optimises: on held-out prompts (same prompts and keys for both policies) the
+    proxy reward of the RL policy is above the SFT policy's, and the policy moved away from SFT.
+    Measured for seeds 0-2 of the tiny preset: proxy +0.36, +5.4, +11.7; KL 3.5-34 (module doc)."""
     report = _report(rlhf_tiny_run)
-    assert report["kl"]["rl"] > 0.03, report["kl"]  # 0.15-0.31 measured; ~1e-7 for SFT against itself
+    assert report["proxy_reward"]["rl"] > report["proxy_reward"]["sft"] + 0.15, report["proxy_reward"]
+    assert report["kl"]["rl"] > 0.3, report["kl"]  # ~1e-7 for SFT against itself
 
 
 @pytest.mark.slow
@@ -104,10 +104,10 @@ def test_eval_refuses_what_is_not_a_run(tmp_path, capsys):
 def test_init_from_copies_finished_stages_and_trains_only_rl(rlhf_tiny_run, tmp_path):
     workdir = str(tmp_path / "grpo")
     assert main(["run", os.path.join(ROOT, "experiments/sentiment_rlhf.py:tiny"), "--workdir", workdir,
-                 f"--config.init_from={rlhf_tiny_run}", "--config.rl.algorithm=grpo", "--config.rl.steps=2"]) == 0
+                 f"--config.init_from={rlhf_tiny_run}", "--config.rl.algorithm=ppo", "--config.rl.steps=2"]) == 0
     for stage in ("pretrain", "sft", "reward"):  # copied, not retrained: the same metrics lines
         assert (open(os.path.join(workdir, stage, "metrics.jsonl")).read()
                 == open(os.path.join(rlhf_tiny_run, stage, "metrics.jsonl")).read())
     metrics = [json.loads(l) for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
-    assert len(metrics) == 2 and "val/explained_variance" not in metrics[-1]  # GRPO: no critic
+    assert len(metrics) == 2 and "val/explained_variance" in metrics[-1]  # PPO: the critic (from the reward model)
     assert 0.0 <= _report(workdir)["gold_win_rate_rl_vs_sft"] <= 1.0
