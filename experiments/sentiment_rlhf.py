@@ -57,17 +57,18 @@ samples closer to real sentences, where the reward model's judgement holds.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
+import jax
 import ml_collections
 
 from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, preference_data_config
+from rlft.distributed import is_primary
 from rlft.errors import RlftError
-from rlft.files import read_json
+from rlft.files import read_json, write_json
 from rlft.eval.compare import EvalTask, evaluate_run
 from rlft.logprobs import SamplingParams
 from rlft.recipes import sentiment
@@ -160,11 +161,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  critic_init=(reward_graphdef, reward_params))
     seconds["rl"] = time.perf_counter() - clock
 
+    if jax.process_count() > 1:  # the evaluation is single-process (launch/README.md)
+        print(f"sentiment_rlhf: trained; evaluate with `rlft eval {workdir}` (one process)", file=sys.stderr)
+        return {}
     clock = time.perf_counter()
     report = evaluate(config, workdir)
     seconds["eval"] = time.perf_counter() - clock
-    with open(os.path.join(workdir, "seconds.json"), "w") as f:
-        json.dump({k: round(v, 1) for k, v in seconds.items()}, f)
+    write_json(os.path.join(workdir, "seconds.json"), {k: round(v, 1) for k, v in seconds.items()})
     return {k: report[k] for k in ("gold_win_rate_rl_vs_sft", "perplexity_sft", "perplexity_rl",
                                    "proxy_reward", "gold_reward", "kl") if k in report}
 
@@ -193,8 +196,9 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str, base: se
                            max_length=config.reward.max_length)
         table = sentiment.judge_table(score_texts, config.data, sentiment.PRETRAIN_SOURCES,
                                       config.eval.judge_pairs, config.eval.judge_sentences)
-        with open(os.path.join(stage_dir, "generalization.json"), "w") as f:
-            json.dump({"trained_on": list(sources), "train_pairs": len(pairs), "corpora": table}, f, indent=2)
+        if is_primary():
+            write_json(os.path.join(stage_dir, "generalization.json"),
+                       {"trained_on": list(sources), "train_pairs": len(pairs), "corpora": table})
     return graphdef, params
 
 

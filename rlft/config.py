@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from rlft.errors import RlftError
-from rlft.files import read_json
+from rlft.files import read_json, write_text
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -294,12 +294,6 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict, experiment_p
     return changes
 
 
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_run_metadata(workdir: str, config: ml_collections.ConfigDict, argv: Sequence[str],
                        experiment_path: str, preset: str = "default", override: bool = False) -> list:
     """Checks `config` against the run directory (`config_changes`), then records this invocation.
@@ -327,9 +321,9 @@ def write_run_metadata(workdir: str, config: ml_collections.ConfigDict, argv: Se
         with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
             f.write(json.dumps(entry) + "\n")
     if changes or not os.path.exists(config_path):
-        _write_atomic(config_path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        write_text(config_path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     if not os.path.exists(os.path.join(workdir, EXPERIMENT_FILE)):
-        _write_atomic(os.path.join(workdir, EXPERIMENT_FILE),
+        write_text(os.path.join(workdir, EXPERIMENT_FILE),
                       json.dumps({"path": os.path.abspath(experiment_path), "preset": preset}))
     with open(os.path.join(workdir, "command.txt"), "a") as f:
         f.write(shlex.join(argv) + "\n")

@@ -37,12 +37,17 @@ def read_json(path: str | os.PathLike, expect: type | None = dict) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write `value` as JSON to `path` atomically (a temporary file renamed over it): a kill at any
-    moment leaves the old file or the new one, never a truncated one."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file renamed over it): a kill at any moment
+    leaves the old file or the new one, never a truncated one."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write `value` as indented JSON to `path` atomically (`write_text`)."""
+    write_text(path, json.dumps(value, indent=2))
