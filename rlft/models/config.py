@@ -138,3 +138,46 @@ def tiny_config(family: Family = "gpt2", vocab_size: int = 512, **kw) -> ModelCo
     ctor = ModelConfig.llama if family == "llama" else ModelConfig.qwen2
     return ctor(vocab_size=vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688,
                 max_positions=kw.pop("max_positions", 256), **kw)
+
+
+# Named shapes of public checkpoints, from each model's Hugging Face config.json (architecture
+# only: no weights). `model_config(name)` looks them up; the memory planner (`rlft plan`) and the
+# parameter-count tests use them without ever materialising a parameter.
+NAMED_CONFIGS: dict[str, Any] = {
+    # openai-community/gpt2 (124M): the GPT2Config defaults.
+    "gpt2": lambda: ModelConfig.gpt2(),
+    # meta-llama/Llama-2-7b-hf (6.74B).
+    "llama2_7b": lambda: ModelConfig.llama(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
+        max_positions=4096, norm_eps=1e-5, rope_theta=10000.0),
+    # meta-llama/Meta-Llama-3-8B (8.03B; plain RoPE, no llama3 scaling, which came with 3.1).
+    "llama3_8b": lambda: ModelConfig.llama(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        max_positions=8192, norm_eps=1e-5, rope_theta=500000.0),
+    # Qwen/Qwen2-7B (7.62B; the base model's config.json; Qwen2-7B-Instruct says 32768 positions).
+    "qwen2_7b": lambda: ModelConfig.qwen2(
+        vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
+        max_positions=131072, norm_eps=1e-6, rope_theta=1000000.0),
+    # The benchmark's tiny shapes (`tiny_config`, vocabulary 512).
+    "tiny_gpt2": lambda: tiny_config("gpt2"),
+    "tiny_llama": lambda: tiny_config("llama"),
+    "tiny_qwen2": lambda: tiny_config("qwen2"),
+}
+
+
+def _name_key(name: str) -> str:
+    """Case, '-', '_' and '.' do not matter: 'Llama-2-7B' and 'llama2_7b' are the same name."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def model_config(name: str, **changes: Any) -> ModelConfig:
+    """The named ModelConfig (`NAMED_CONFIGS`), with optional field changes (e.g. dtype="bfloat16")."""
+    by_key = {_name_key(n): n for n in NAMED_CONFIGS}
+    canonical = by_key.get(_name_key(str(name)))
+    if canonical is None:
+        raise RlftError(f"unknown model {name!r}; named models: {', '.join(NAMED_CONFIGS)}")
+    cfg = NAMED_CONFIGS[canonical]()
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise RlftError(f"model {canonical}: unknown model config field(s) {unknown}")
+    return cfg.replace(**changes) if changes else cfg
