@@ -11,6 +11,8 @@ from rlft.errors import RlftError
 
 Family = Literal["gpt2", "llama", "qwen2"]
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
+# Rematerialisation policies by name (ModelConfig.remat); decoder.REMAT_POLICY maps them to JAX's.
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,13 @@ class ModelConfig:
     # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions) or None.
     rope_scaling: tuple | None = None
     dtype: str = "float32"  # compute dtype; parameters are always float32
+    # Rematerialisation of each decoder block in the no-cache forward (one of REMAT_POLICIES):
+    # "none" saves every activation; "full" saves only the block inputs and recomputes the rest in
+    # the backward; "dots" also saves the outputs of the dense projections (not attention scores).
+    remat: str = "none"
+    # Stack the blocks' parameters on a leading "layers" axis and run them with `lax.scan`:
+    # compile time independent of depth. Changes the parameter layout ("layers.attn.q" [L, ...]).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama", "qwen2"):
@@ -62,6 +71,10 @@ class ModelConfig:
             raise RlftError(f"model.activation={self.activation!r}: expected one of {ACTIVATIONS}")
         if self.dtype not in ("float32", "bfloat16"):
             raise RlftError(f"model.dtype={self.dtype!r}: expected float32 or bfloat16")
+        if self.remat not in REMAT_POLICIES:
+            raise RlftError(f"model.remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        if not isinstance(self.scan_layers, bool):
+            raise RlftError(f"model.scan_layers={self.scan_layers!r}: must be true or false")
 
     @property
     def uses_rope(self) -> bool:
