@@ -409,13 +409,22 @@ def save_model_config(workdir: str | Path, cfg: ModelConfig) -> Path:
         if problem := _json_problem(path, "it"):
             raise RlftError(f"{path}: {problem}; it describes the checkpoints of {workdir}, so it is not "
                             f"replaced: restore it or use a new work directory")
-        if changes := changed_fields(json.loads(path.read_bytes()), new):
+        if changes := changed_fields(_with_defaults(json.loads(path.read_bytes())), new):
             raise RlftError(f"{path} describes another model ({format_changes(changes)}): the checkpoints "
                             f"in {workdir} have its shapes; use its model settings or a new work directory")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _with_defaults(saved: Any) -> Any:
+    """A saved model config with the fields added since it was written at their defaults (so an
+    old run directory does not read as another model); returned unchanged if it is not valid."""
+    try:
+        return json.loads(json.dumps(ModelConfig.from_dict(saved).to_dict()))
+    except (RlftError, TypeError, AttributeError):
+        return saved
 
 
 def load_model_config(workdir: str | Path) -> ModelConfig:

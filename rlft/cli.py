@@ -5,6 +5,7 @@
     rlft eval RUN_DIR
     rlft export CHECKPOINT --out HF_DIR [--overwrite]
     rlft sample CHECKPOINT --prompt TEXT [...]
+    rlft plan --model NAME [--devices N] [--mesh fsdp=N ...] [--step sft|rl|ppo] [...]
 
 User mistakes (bad flags, unknown fields, missing files, malformed data) end with one line
 `rlft: error: ...` and exit status 2, never a traceback. Ctrl-C saves and exits 130; SIGTERM finishes
@@ -21,6 +22,7 @@ from typing import Sequence
 
 from rlft.errors import Preempted, RlftError
 from rlft.host import tune_host_malloc
+from rlft.plan import add_plan_parser, plan_command, request_host_devices
 
 
 def _default_workdir(spec: str, preset: str) -> str:
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out as a whole (no file of an earlier export survives)")
     sub.add_parser("sample", help="sample completions from a checkpoint", add_help=False)
+    add_plan_parser(sub)
     return parser
 
 
@@ -158,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=2, default=str))
         elif args.command == "export":
             export_command(args.checkpoint, args.out, args.overwrite)
+        elif args.command == "plan":
+            request_host_devices(args.devices)  # before anything starts JAX
+            plan_command(args)
     except RlftError as e:
         print(f"rlft: error: {e}", file=sys.stderr)
         return 2

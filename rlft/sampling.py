@@ -116,9 +116,7 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
             x, checked_sharding(mesh, x.shape, axes, mesh_rules(mesh), "sampler array"))
 
     def constrain_cache(cache: KVCache) -> KVCache:
-        return cache.replace(k=tuple(constrain(k, KVCache.K_AXES) for k in cache.k),
-                             v=tuple(constrain(v, KVCache.V_AXES) for v in cache.v),
-                             segment_ids=constrain(cache.segment_ids, ("batch", "length")))
+        return cache.map_arrays(constrain)
 
     prompt_mask = (prompt_mask > 0).astype(jnp.int32)
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)

@@ -37,22 +37,29 @@ def tiny_hf_configs():
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
-    """{name: (dir, torch model)}: random tiny models saved with save_pretrained.
-
-    Norm scales and biases are perturbed away from their 1/0 initial values so that a mapping
-    error in any of them shows up in the logits.
-    """
+    """{name: (dir, torch model)}: random tiny models saved with save_pretrained
+    (`save_random_hf_model`)."""
     import torch
 
     torch.manual_seed(0)
     out = {}
     for name, (config, cls) in tiny_hf_configs().items():
-        model = cls(config).eval()
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if p.ndim == 1:
-                    p.add_(0.1 * torch.randn_like(p))
         path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        out[name] = (str(path), model)
+        out[name] = (str(path), save_random_hf_model(config, cls, path))
     return out
+
+
+def save_random_hf_model(config, cls, path):
+    """A random transformers model of `cls(config)` saved to `path` with save_pretrained; returned.
+
+    Norm scales and biases get noise (they start at exactly 1/0), so a mapping error shows up.
+    """
+    import torch
+
+    model = cls(config).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model

@@ -11,6 +11,8 @@ from rlft.errors import RlftError
 
 Family = Literal["gpt2", "llama", "qwen2"]
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
+# Rematerialisation policies by name (ModelConfig.remat); decoder.REMAT_POLICY maps them to JAX's.
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,13 @@ class ModelConfig:
     # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions) or None.
     rope_scaling: tuple | None = None
     dtype: str = "float32"  # compute dtype; parameters are always float32
+    # Rematerialisation of each decoder block in the no-cache forward (one of REMAT_POLICIES):
+    # "none" saves every activation; "full" saves only the block inputs and recomputes the rest in
+    # the backward; "dots" also saves the outputs of the dense projections (not attention scores).
+    remat: str = "none"
+    # Stack the blocks' parameters on a leading "layers" axis and run them with `lax.scan`:
+    # compile time independent of depth. Changes the parameter layout ("layers.attn.q" [L, ...]).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama", "qwen2"):
@@ -62,6 +71,10 @@ class ModelConfig:
             raise RlftError(f"model.activation={self.activation!r}: expected one of {ACTIVATIONS}")
         if self.dtype not in ("float32", "bfloat16"):
             raise RlftError(f"model.dtype={self.dtype!r}: expected float32 or bfloat16")
+        if self.remat not in REMAT_POLICIES:
+            raise RlftError(f"model.remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        if not isinstance(self.scan_layers, bool):
+            raise RlftError(f"model.scan_layers={self.scan_layers!r}: must be true or false")
 
     @property
     def uses_rope(self) -> bool:
@@ -138,3 +151,46 @@ def tiny_config(family: Family = "gpt2", vocab_size: int = 512, **kw) -> ModelCo
     ctor = ModelConfig.llama if family == "llama" else ModelConfig.qwen2
     return ctor(vocab_size=vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688,
                 max_positions=kw.pop("max_positions", 256), **kw)
+
+
+# Named shapes of public checkpoints, from each model's Hugging Face config.json (architecture
+# only: no weights). `model_config(name)` looks them up; the memory planner (`rlft plan`) and the
+# parameter-count tests use them without ever materialising a parameter.
+NAMED_CONFIGS: dict[str, Any] = {
+    # openai-community/gpt2 (124M): the GPT2Config defaults.
+    "gpt2": lambda: ModelConfig.gpt2(),
+    # meta-llama/Llama-2-7b-hf (6.74B).
+    "llama2_7b": lambda: ModelConfig.llama(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
+        max_positions=4096, norm_eps=1e-5, rope_theta=10000.0),
+    # meta-llama/Meta-Llama-3-8B (8.03B; plain RoPE, no llama3 scaling, which came with 3.1).
+    "llama3_8b": lambda: ModelConfig.llama(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        max_positions=8192, norm_eps=1e-5, rope_theta=500000.0),
+    # Qwen/Qwen2-7B (7.62B; the base model's config.json; Qwen2-7B-Instruct says 32768 positions).
+    "qwen2_7b": lambda: ModelConfig.qwen2(
+        vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
+        max_positions=131072, norm_eps=1e-6, rope_theta=1000000.0),
+    # The benchmark's tiny shapes (`tiny_config`, vocabulary 512).
+    "tiny_gpt2": lambda: tiny_config("gpt2"),
+    "tiny_llama": lambda: tiny_config("llama"),
+    "tiny_qwen2": lambda: tiny_config("qwen2"),
+}
+
+
+def _name_key(name: str) -> str:
+    """Case, '-', '_' and '.' do not matter: 'Llama-2-7B' and 'llama2_7b' are the same name."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def model_config(name: str, **changes: Any) -> ModelConfig:
+    """The named ModelConfig (`NAMED_CONFIGS`), with optional field changes (e.g. dtype="bfloat16")."""
+    by_key = {_name_key(n): n for n in NAMED_CONFIGS}
+    canonical = by_key.get(_name_key(str(name)))
+    if canonical is None:
+        raise RlftError(f"unknown model {name!r}; named models: {', '.join(NAMED_CONFIGS)}")
+    cfg = NAMED_CONFIGS[canonical]()
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise RlftError(f"model {canonical}: unknown model config field(s) {unknown}")
+    return cfg.replace(**changes) if changes else cfg

@@ -9,21 +9,37 @@ Masking is expressed with segment ids: token i attends to token j iff j <= i (by
 segment_ids[i] == segment_ids[j] != 0. An unpacked row uses 1 for real tokens and 0 for padding;
 packed rows number their examples 1, 2, ... Positions are explicit, so left padding works
 (positions = clip(cumsum(mask) - 1, 0)).
+
+Big models: `ModelConfig.remat` checkpoints each block of the no-cache forward under a named policy
+(`REMAT_POLICY`), and `ModelConfig.scan_layers` stacks the blocks' parameters on a leading "layers"
+axis and runs them with one `lax.scan` (compile time flat in depth); the KV cache is then stacked
+the same way and updated in place by the scanned decode.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from rlft.models.config import ModelConfig
+from rlft.models.config import REMAT_POLICIES, ModelConfig
 
 Array = jax.Array
 
 _normal = nnx.initializers.normal
+
+# ModelConfig.remat -> `jax.checkpoint` policy (what the backward may read instead of recomputing).
+# "dots" keeps the dense projections (2-D matmuls without batch dimensions: q/k/v/o, MLP) and
+# recomputes the attention scores and probabilities ([B, KV, G, T, T] batched einsums), whose memory
+# grows with the square of the length; `dots_saveable` would keep those too.
+REMAT_POLICY: dict[str, Callable | None] = {
+    "full": None,  # save nothing inside a block: only its input is kept
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert set(REMAT_POLICY) | {"none"} == set(REMAT_POLICIES)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple, axes: tuple, init=None) -> nnx.Param:
@@ -95,12 +111,14 @@ class KVCache:
     Per layer, k: [batch, kv_heads, max_len, head_dim] and v: [batch, kv_heads, head_dim, max_len],
     the operand layouts XLA:CPU's fast (YNNPACK) batched matmuls take as they are: with
     [batch, max_len, kv_heads, head_dim] XLA copied every layer's cache twice per decode step.
+    k and v are tuples of one array per layer, or (`ModelConfig.scan_layers`) one array each with
+    a leading layer axis [n_layers, ...], which the scanned decoder updates in place.
     segment_ids: [batch, max_len] (0 = empty slot or padding); index: int32 scalar, the next slot
     to write.
     """
 
-    k: tuple
-    v: tuple
+    k: tuple | Array
+    v: tuple | Array
     segment_ids: Array
     index: Array
 
@@ -109,14 +127,28 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        """An empty cache for `batch` rows of up to `max_len` tokens."""
+        """An empty cache for `batch` rows of up to `max_len` tokens (stacked if cfg.scan_layers)."""
         k_shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         v_shape = (batch, cfg.n_kv_heads, cfg.head_dim, max_len)
         dtype = jnp.dtype(cfg.dtype)
-        return cls(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
-                   v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
-                   segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+        if cfg.scan_layers:
+            k = jnp.zeros((cfg.n_layers, *k_shape), dtype)
+            v = jnp.zeros((cfg.n_layers, *v_shape), dtype)
+        else:
+            k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers))
+            v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
+        return cls(k=k, v=v, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
+
+    def map_arrays(self, fn: Callable[[Array, tuple], Array]) -> "KVCache":
+        """Apply fn(array, logical_axes) to k, v and segment_ids (e.g. a sharding constraint)."""
+        def one(x, axes):
+            if isinstance(x, tuple):
+                return tuple(fn(a, axes) for a in x)
+            return fn(x, ("layers", *axes))
+
+        return self.replace(k=one(self.k, self.K_AXES), v=one(self.v, self.V_AXES),
+                            segment_ids=fn(self.segment_ids, ("batch", "length")))
 
 
 class Norm(nnx.Module):
@@ -170,8 +202,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, allowed: Array, kv: tuple | None,
                  rope: tuple[Array, Array] | None = None):
-        """x [B, T, D] -> ([B, T, D], (k, v)); kv: this layer's cache and write index, or None.
+        """x [B, T, D] -> ([B, T, D], (k, v)); kv: the cache to extend, or None.
 
+        kv is (k_cache, v_cache, index) with this layer's cache arrays, or (k_cache, v_cache, index,
+        layer) with the stacked [n_layers, ...] arrays of a scanned decoder and this layer's int32
+        index into them; the returned (k, v) are the updated cache arrays of the same shapes (without
+        a cache: this call's keys [B, KV, T, Dh] and values [B, KV, Dh, T]).
         rope: (cos, sin) from `rope_cos_sin` for RoPE families (computed once per forward), else None.
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -182,10 +218,19 @@ class Attention(nnx.Module):
         if cfg.uses_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, KV, T, Dh], [B, KV, Dh, T]
-        if kv is not None:
+        new_kv = (k, v)
+        if kv is not None and len(kv) == 3:
             k_cache, v_cache, index = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, 0, index))
+            new_kv = (k, v)
+        elif kv is not None:  # stacked cache: write this layer's slots in place, then read the layer
+            k_cache, v_cache, index, layer = kv
+            new_kv = (jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype),
+                                                   (layer, 0, 0, index, 0)),
+                      jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype),
+                                                   (layer, 0, 0, 0, index)))
+            k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in new_kv)
         b, t, h, hd = q.shape
         groups = h // cfg.n_kv_heads
         q = q.reshape(b, t, cfg.n_kv_heads, groups, hd)
@@ -194,7 +239,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bkds->btkgd", probs, v.astype(dtype)).reshape(b, t, h, hd)
-        return dense(out, self.o[...], bias("o_bias"), 2, dtype), (k, v)
+        return dense(out, self.o[...], bias("o_bias"), 2, dtype), new_kv
 
 
 class MLP(nnx.Module):
@@ -240,8 +285,34 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), kv
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose parameters stack those of `blocks` on a leading "layers" axis [L, ...].
+
+    Built from the same per-layer initialisation as the unrolled decoder, so a scanned Decoder
+    starts from exactly the stacked parameters of an unrolled one with the same seed.
+    """
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.state(b) for b in blocks[1:]]
+
+    def stack(*vs: nnx.Variable) -> nnx.Variable:
+        return vs[0].replace(value=jnp.stack([v[...] for v in vs]),
+                             logical_axes=("layers", *vs[0].get_metadata()["logical_axes"]))
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _run_block(graphdef: nnx.GraphDef, state: nnx.State, x: Array, allowed: Array, kv: tuple | None,
+               rope: tuple[Array, Array] | None) -> tuple[Array, tuple]:
+    """A block as a pure function of its parameters: (x [B, T, D], kv) as `Block.__call__`."""
+    return nnx.merge(graphdef, state)(x, allowed, kv, rope)
+
+
 class Decoder(nnx.Module):
-    """A decoder-only language model; `__call__` gives logits, `decode` reads/writes a KVCache."""
+    """A decoder-only language model; `__call__` gives logits, `decode` reads/writes a KVCache.
+
+    `layers` is an nnx.List of Blocks, or with `cfg.scan_layers` one Block whose parameters carry a
+    leading [n_layers] axis (logical axis "layers", never sharded).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -249,7 +320,8 @@ class Decoder(nnx.Module):
         if not cfg.uses_rope:
             self.pos_embed = _param(rngs, (cfg.max_positions, cfg.d_model), ("positions", "embed"),
                                     _normal(0.01))
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+        self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
@@ -275,17 +347,63 @@ class Decoder(nnx.Module):
         # RoPE angles depend only on positions: computed once here, shared by every layer.
         rope = (rope_cos_sin(positions, rope_inverse_frequencies(self.config))
                 if self.config.uses_rope else None)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, (k, v) = layer(x, allowed, kv, rope)
-            new_k.append(k)
-            new_v.append(v)
+        if self.config.scan_layers:
+            x, new_k, new_v = self._scan_blocks(x, allowed, cache, rope)
+        else:
+            x, new_k, new_v = self._unrolled_blocks(x, allowed, cache, rope)
         x = self.final_norm(x)
         if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=key_segments,
-                            index=cache.index + length)
+            cache = KVCache(k=new_k, v=new_v, segment_ids=key_segments, index=cache.index + length)
         return x, cache
+
+    def _remat(self, fn: Callable, prevent_cse: bool = True) -> Callable:
+        """`fn` under `jax.checkpoint` with the config's policy (unchanged for remat="none")."""
+        if self.config.remat == "none":
+            return fn
+        return jax.checkpoint(fn, policy=REMAT_POLICY[self.config.remat], prevent_cse=prevent_cse)
+
+    def _unrolled_blocks(self, x: Array, allowed: Array, cache: KVCache | None,
+                         rope: tuple[Array, Array] | None) -> tuple[Array, tuple, tuple]:
+        """The blocks one after another: (x [B, T, D], per-layer k tuple, per-layer v tuple)."""
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            if cache is not None:  # decoding is never differentiated: no remat
+                x, (k, v) = layer(x, allowed, (cache.k[i], cache.v[i], cache.index), rope)
+            elif self.config.remat == "none":
+                x, (k, v) = layer(x, allowed, None, rope)
+            else:
+                graphdef, state = nnx.split(layer)
+                x, (k, v) = self._remat(lambda s, x: _run_block(graphdef, s, x, allowed, None, rope))(state, x)
+            new_k.append(k)
+            new_v.append(v)
+        return x, tuple(new_k), tuple(new_v)
+
+    def _scan_blocks(self, x: Array, allowed: Array, cache: KVCache | None,
+                     rope: tuple[Array, Array] | None) -> tuple[Array, Array | None, Array | None]:
+        """The stacked blocks under one `lax.scan` over the layer axis: (x, stacked k, stacked v).
+
+        Without a cache the body (one block) is rematerialised per the config and the keys/values
+        are not returned (None). With a cache, the stacked [L, ...] k/v arrays are carried through
+        the scan and each layer writes its new slots in place (no per-layer copy of the cache).
+        """
+        graphdef, stacked = nnx.split(self.layers)
+        if cache is None:
+            def body(x, state):
+                return _run_block(graphdef, state, x, allowed, None, rope)[0], None
+
+            # prevent_cse=False: scan already keeps XLA from merging the recomputation (JAX docs).
+            x, _ = jax.lax.scan(self._remat(body, prevent_cse=False), x, stacked)
+            return x, None, None
+
+        def decode_body(carry, layer_input):
+            x, k, v = carry
+            state, layer = layer_input
+            x, (k, v) = _run_block(graphdef, state, x, allowed, (k, v, cache.index, layer), rope)
+            return (x, k, v), None
+
+        layers = jnp.arange(self.config.n_layers, dtype=jnp.int32)
+        (x, k, v), _ = jax.lax.scan(decode_body, (x, cache.k, cache.v), (stacked, layers))
+        return x, k, v
 
     def logits_from_hidden(self, x: Array) -> Array:
         """LM-head logits in float32: [batch, length, d_model] -> [batch, length, vocab]."""

@@ -2,7 +2,9 @@
 
 Supported architectures: GPT-2 (GPT2LMHeadModel), Llama (LlamaForCausalLM) and Qwen2
 (Qwen2ForCausalLM). Weights are read with safetensors' numpy loader (sharded checkpoints through
-`model.safetensors.index.json`), so no PyTorch is needed to import or export.
+`model.safetensors.index.json`), so no PyTorch is needed to import or export. Either parameter
+layout works: importing into a `scan_layers` config stacks the per-layer tensors (`fill_params`),
+exporting one unstacks them (`unstack_layers`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rlft.errors import RlftError
 from rlft.files import read_json
 from rlft.models.config import ModelConfig
 from rlft.models.decoder import Decoder
-from rlft.models.params import fill_params, flatten_params
+from rlft.models.params import fill_params, flatten_params, unstack_layers
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -171,7 +173,7 @@ def _hf_layout(cfg: ModelConfig) -> list[tuple[str, str, Callable, Callable]]:
 
 
 def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> nnx.State:
-    """Map HF tensor names/layouts onto a Decoder state (float32)."""
+    """Map HF tensor names/layouts onto a Decoder state (float32), in `cfg`'s layer layout."""
     ours: dict[str, np.ndarray] = {}
     used = set()
     for name, hf_name, to_ours, _ in _hf_layout(cfg):
@@ -198,8 +200,8 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], sou
 
 
 def hf_tensors_from_params(cfg: ModelConfig, params: nnx.State) -> dict[str, np.ndarray]:
-    """The inverse of `params_from_hf_tensors`: HF names and layouts, float32 numpy."""
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
+    """The inverse of `params_from_hf_tensors`: HF names and layouts, float32 numpy (either layout)."""
+    flat = unstack_layers({k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()})
     out = {hf_name: np.ascontiguousarray(to_hf(flat[name])) for name, hf_name, _, to_hf in _hf_layout(cfg)}
     if cfg.family == "gpt2":
         for i in range(cfg.n_layers):

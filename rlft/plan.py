@@ -1,0 +1,370 @@
+"""Memory plans: compile a training step for abstract inputs on a mesh and read XLA's per-device sizes.
+
+    rlft plan --model llama2_7b --devices 8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 \\
+              --batch 8 --length 2048 [--remat none|full|dots] [--scan] [--step sft|rl|grpo|ppo]
+
+The step is the one training runs: `rlft.steps.sft_step` through `jit_step` with the shardings of
+`abstract_train_state` (as `rlft.stages.run_stage` compiles it), or `rlft.pg_step.pg_step` with a
+PGState, the frozen reference and (PPO) a separate critic (as `rlft.rl_stage.make_rl_step` does).
+Every input is a `jax.ShapeDtypeStruct` carrying its sharding, so no parameter is ever
+materialised: a 7B model plans on a laptop, on N simulated CPU devices
+(`--xla_force_host_platform_device_count`). The sizes are those of XLA:CPU's buffer assignment for
+the partitioned per-device program: an estimate of what a GPU or TPU compiler would allocate (its
+fusions, layouts and collectives differ), not a measurement on such a device.
+
+Full fine-tuning only: float32 parameters with AdamW moments (12 bytes per parameter before
+activations). LoRA is not implemented in rlft yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+from rlft.errors import RlftError
+
+GIB = 1024 ** 3
+STEPS = ("sft", "grpo", "ppo")  # "rl" is accepted for grpo
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated devices (before JAX starts)
+
+
+def request_host_devices(count: int) -> None:
+    """Ask XLA:CPU for `count` devices; takes effect only if JAX's backends have not started yet.
+
+    Replaces any device-count flag already in XLA_FLAGS, and defaults JAX_PLATFORMS to cpu (the
+    plan compiles for CPU devices; an accelerator backend would only take memory). `host_devices`
+    then checks that enough devices exist.
+    """
+    if count < 1:
+        raise RlftError(f"--devices={count}: must be >= 1")
+    if _jax_started():  # too late to change the device count; host_devices says so if it matters
+        return
+    flags = re.sub(rf"{DEVICE_COUNT_FLAG}=\S+", "", os.environ.get("XLA_FLAGS", "")).split()
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={count}"])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _jax_started() -> bool:
+    """Whether JAX's backends exist already (then XLA_FLAGS is read and fixed)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume not, and set the flag
+        return False
+
+
+def host_devices(count: int) -> list:
+    """The first `count` CPU devices; a clear error when JAX already started with fewer."""
+    import jax
+
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise RlftError(f"JAX already started with {len(devices)} CPU device(s), the plan needs {count}; "
+                        f"run it in a fresh process (`rlft plan` sets XLA_FLAGS={DEVICE_COUNT_FLAG}={count} "
+                        f"before JAX starts) or set that flag yourself before importing jax")
+    return devices[:count]
+
+
+def parse_mesh(spec: str, devices: int) -> dict[str, int]:
+    """'fsdp=4,tensor=2' -> {'data': 1, 'fsdp': 4, 'tensor': 2}; the sizes must multiply to `devices`."""
+    from rlft.sharding import MESH_AXES
+
+    shape = {axis: 1 for axis in MESH_AXES}
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        axis, _, size = part.partition("=")
+        if axis not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise RlftError(f"--mesh {spec!r}: expected AXIS=SIZE[,AXIS=SIZE] with axes {', '.join(MESH_AXES)} "
+                            f"and sizes >= 1")
+        shape[axis] = int(size)
+    if math.prod(shape.values()) != devices:
+        raise RlftError(f"--mesh {spec!r}: {math.prod(shape.values())} devices, but --devices={devices}")
+    return shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """XLA's per-device sizes of one compiled step (bytes) and how long it took to compile."""
+
+    step: str
+    model: str
+    mesh: dict[str, int]
+    batch: int
+    length: int
+    remat: str
+    scan_layers: bool
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    generated_code_bytes: int
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Live at once per device: arguments + outputs not aliased to (donated) arguments + temps."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the total."""
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
+
+
+def memory_plan(compiled, *, step: str, model: str, mesh: dict[str, int], batch: int, length: int,
+                remat: str, scan_layers: bool, compile_seconds: float) -> MemoryPlan:
+    """A MemoryPlan from a compiled executable's `memory_analysis()`."""
+    stats = compiled.memory_analysis()
+    return MemoryPlan(step=step, model=model, mesh=dict(mesh), batch=batch, length=length, remat=remat,
+                      scan_layers=scan_layers, argument_bytes=stats.argument_size_in_bytes,
+                      output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes,
+                      temp_bytes=stats.temp_size_in_bytes,
+                      generated_code_bytes=stats.generated_code_size_in_bytes,
+                      compile_seconds=compile_seconds)
+
+
+def abstract_module(make_module, mesh) -> tuple[Any, Any]:
+    """(graphdef, state of ShapeDtypeStructs with their shardings on `mesh`); nothing is allocated."""
+    from flax import nnx
+
+    from rlft.sharding import state_shardings
+    from rlft.steps import with_shardings
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
+    return graphdef, with_shardings(abstract, state_shardings(abstract, mesh))
+
+
+def shardings_of(tree: Any) -> Any:
+    """The sharding of every ShapeDtypeStruct (or array) of a tree."""
+    import jax
+
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def abstract_batch(shapes: Any, mesh) -> Any:
+    """ShapeDtypeStructs of a host batch (`shapes`: a tree of ShapeDtypeStructs) with batch shardings."""
+    import jax
+
+    from rlft.steps import batch_shardings
+
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, batch_shardings(shapes, mesh))
+
+
+def plan_optimizer():
+    """The stages' optimizer (AdamW, warm-up + cosine, clipping, weight decay); values don't matter."""
+    from rlft.steps import make_optimizer
+
+    return make_optimizer(1e-5, warmup_steps=10, total_steps=1000, weight_decay=0.01, clip_norm=1.0)
+
+
+def sft_inputs(cfg, mesh, batch: int, length: int, accum_steps: int = 1):
+    """(jitted sft_step, abstract TrainState, abstract TokenBatch): what `run_stage` compiles."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlft.data.batching import TokenBatch
+    from rlft.models.decoder import Decoder
+    from rlft.steps import abstract_train_state, jit_step, sft_step
+
+    from flax import nnx
+
+    graphdef, params = abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+    tx = plan_optimizer()
+    state = abstract_train_state(graphdef, params, tx, mesh)
+    ints = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    host = TokenBatch(tokens=ints, positions=ints, segment_ids=ints,
+                      loss_mask=jax.ShapeDtypeStruct((batch, length), jnp.float32))
+    tokens = abstract_batch(host, mesh)
+    step = jit_step(sft_step, shardings_of(state), shardings_of(tokens), mesh, graphdef=graphdef, tx=tx,
+                    accum_steps=accum_steps)
+    return step, (state, tokens)
+
+
+def rl_inputs(cfg, mesh, batch: int, length: int, *, algorithm: str = "grpo", new_tokens: int | None = None,
+              group_size: int | None = None, accum_steps: int = 1):
+    """(jitted pg_step, (abstract PGState, batch, reference params)): what `make_rl_step` compiles.
+
+    `batch` rollout rows of `length` columns (prompt + `new_tokens`, default half each), groups of
+    `group_size` (default min(8, batch)); GRPO has no critic, PPO a separate ScalarModel critic.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rlft.models.decoder import Decoder
+    from rlft.models.heads import ScalarModel
+    from rlft.pg_step import init_pg_state, pg_step
+    from rlft.rl_config import resolve_pg_config, rl_stage_config
+    from rlft.sampling import Sequences
+    from rlft.steps import jit_step, train_state_shardings, with_shardings
+
+    new_tokens = new_tokens or length // 2
+    group_size = group_size or min(8, batch)
+    if not 0 < new_tokens < length:
+        raise RlftError(f"--new-tokens={new_tokens}: must be between 1 and --length - 1 ({length - 1})")
+    if batch % group_size:
+        raise RlftError(f"--group={group_size} does not divide --batch={batch}")
+    section = rl_stage_config(steps=1000, prompts_per_step=batch // group_size, group_size=group_size,
+                              learning_rate=1e-6, max_new_tokens=new_tokens, algorithm=algorithm,
+                              accum_steps=accum_steps)
+    config = resolve_pg_config(section, eos_id=0, prefix=algorithm)
+    graphdef, params = abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+    critic_graphdef = critic_params = critic_tx = None
+    if config.critic == "separate":
+        critic_graphdef, critic_params = abstract_module(lambda: ScalarModel(cfg, rngs=nnx.Rngs(1)), mesh)
+        critic_tx = plan_optimizer()
+    elif config.critic != "none":
+        raise RlftError(f"{algorithm}: the planner covers critic 'none' and 'separate', not {config.critic!r}")
+    tx = plan_optimizer()
+    abstract = jax.eval_shape(lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, 0),
+                              params, critic_params)
+    state = with_shardings(abstract, train_state_shardings(abstract, mesh))
+    ints = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    floats = jax.ShapeDtypeStruct((batch, new_tokens), jnp.float32)
+    host = {"sequences": Sequences(tokens=ints, positions=ints, segment_ids=ints, completion_mask=floats,
+                                   logprobs=floats),
+            "scores": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+    rollout = abstract_batch(host, mesh)
+    reference = (params,) if config.uses_reference else ()
+    step = jit_step(pg_step, shardings_of(state), shardings_of(rollout), mesh,
+                    tuple(shardings_of(r) for r in reference), graphdef=graphdef,
+                    critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx, config=config)
+    return step, (state, rollout, *reference)
+
+
+def step_inputs(step: str, cfg, mesh, batch: int, length: int, **kw):
+    """`sft_inputs` or `rl_inputs` by step name ("sft", "grpo" or "rl", "ppo")."""
+    step = "grpo" if step == "rl" else step
+    if step == "sft":
+        return sft_inputs(cfg, mesh, batch, length, **{k: v for k, v in kw.items() if k == "accum_steps"})
+    if step in ("grpo", "ppo"):
+        return rl_inputs(cfg, mesh, batch, length, algorithm=step, **kw)
+    raise RlftError(f"--step={step!r}: expected one of sft, rl (= grpo), grpo, ppo")
+
+
+def plan(model: str | Any, mesh_shape: dict[str, int], *, step: str = "sft", batch: int = 8,
+         length: int = 2048, remat: str = "none", scan_layers: bool = False, dtype: str = "float32",
+         devices: Sequence | None = None, **kw) -> MemoryPlan:
+    """Compile `step` of a model for abstract inputs on a mesh; XLA's per-device sizes.
+
+    `model`: a name (`rlft.models.model_config`) or a ModelConfig.
+
+    `devices`: the devices to build the mesh from (default: the first CPU devices, as many as the
+    mesh needs). `remat` and `scan_layers` set the ModelConfig fields of the same names; `kw` goes
+    to `rl_inputs` (new_tokens, group_size) or, with accum_steps, to both steps.
+    """
+    from rlft.models.config import model_config
+    from rlft.sharding import make_mesh
+
+    if batch < 1 or length < 2:
+        raise RlftError(f"--batch={batch} --length={length}: need a batch >= 1 and a length >= 2")
+    # Only fields that differ from the defaults, so a ModelConfig without remat/scan_layers plans too.
+    changes = {k: v for k, v in (("remat", remat), ("scan_layers", scan_layers), ("dtype", dtype))
+               if v != {"remat": "none", "scan_layers": False, "dtype": "float32"}[k]}
+    if isinstance(model, str):
+        cfg = model_config(model, **changes)
+    else:
+        cfg, model = model.replace(**changes), model.family
+    if length > cfg.max_positions:
+        raise RlftError(f"--length={length}: more than {model}'s {cfg.max_positions} positions")
+    mesh = make_mesh(mesh_shape, devices if devices is not None else host_devices(math.prod(mesh_shape.values())))
+    jitted, args = step_inputs(step, cfg, mesh, batch, length, **kw)
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    return memory_plan(compiled, step=step, model=model, mesh=mesh_shape, batch=batch, length=length,
+                       remat=remat, scan_layers=scan_layers, compile_seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+NOTE = ("Per-device sizes from XLA:CPU's buffer assignment of the partitioned program (GiB): an "
+        "estimate of what a GPU/TPU compiler would allocate, not a measurement on one. Full "
+        "fine-tuning (float32 params + AdamW); LoRA is not implemented in rlft yet.")
+
+
+def mesh_text(shape: dict[str, int]) -> str:
+    """'fsdp=4,tensor=2' (axes of size 1 left out; 'data=1' for a single device)."""
+    return ",".join(f"{a}={n}" for a, n in shape.items() if n > 1) or "data=1"
+
+
+def format_plans(plans: Sequence[MemoryPlan]) -> str:
+    """A fixed-width table, one row per plan, then the note on what the numbers are."""
+    header = ("step", "model", "mesh", "batch×len", "remat", "scan", "args", "out", "alias", "temp",
+              "code", "total", "compile s")
+    rows = [header]
+    for p in plans:
+        gib = lambda b: f"{b / GIB:.2f}"
+        rows.append((p.step, p.model, mesh_text(p.mesh), f"{p.batch}×{p.length}", p.remat,
+                     "yes" if p.scan_layers else "no", gib(p.argument_bytes), gib(p.output_bytes),
+                     gib(p.alias_bytes), gib(p.temp_bytes), gib(p.generated_code_bytes), gib(p.total_bytes),
+                     f"{p.compile_seconds:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i >= 6 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return "\n".join([*lines, "", NOTE])
+
+
+def plan_command(args) -> list[MemoryPlan]:
+    """`rlft plan`: one plan per --mesh, printed as a table (or JSON lines with --json)."""
+    import json
+
+    meshes = [parse_mesh(spec, args.devices) for spec in (args.mesh or [f"fsdp={args.devices}"])]
+    host_devices(args.devices)  # fail before any work if JAX started with fewer devices
+    plans = []
+    for shape in meshes:
+        kw = {"accum_steps": args.accum_steps}
+        if args.step != "sft":
+            kw.update(new_tokens=args.new_tokens, group_size=args.group)
+        p = plan(args.model, shape, step=args.step, batch=args.batch, length=args.length,
+                 remat=args.remat, scan_layers=args.scan, dtype=args.dtype, **kw)
+        plans.append(p)
+        if args.json:
+            print(json.dumps(p.to_dict()), flush=True)
+        else:
+            print(f"rlft: planned {p.step} on {mesh_text(shape)}: {p.total_bytes / GIB:.2f} GiB per device "
+                  f"({p.compile_seconds:.1f} s to compile)", file=sys.stderr, flush=True)
+    if not args.json:
+        print(format_plans(plans))
+    return plans
+
+
+def add_plan_parser(sub) -> None:
+    """The `plan` subcommand's flags (`rlft.cli.build_parser`); imports nothing that starts JAX."""
+    p = sub.add_parser("plan", help="per-device memory of a compiled training step on a simulated mesh",
+                       description="Compile the SFT or RL step of a named model for abstract inputs on N "
+                                   "simulated CPU devices and print XLA's per-device memory. " + NOTE)
+    p.add_argument("--model", required=True,
+                   help="a named model (rlft.models.NAMED_CONFIGS): gpt2, llama2_7b, llama3_8b, qwen2_7b, ...")
+    p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (default 8)")
+    p.add_argument("--mesh", action="append",
+                   help="AXIS=SIZE[,AXIS=SIZE] over data, fsdp, tensor; repeat for several plans "
+                        "(default fsdp=DEVICES)")
+    p.add_argument("--step", default="sft", choices=("sft", "rl", "grpo", "ppo"),
+                   help="sft_step, or pg_step as GRPO (rl; no critic) or PPO (separate critic)")
+    p.add_argument("--batch", type=int, default=8, help="global rows per step (default 8)")
+    p.add_argument("--length", type=int, default=2048, help="tokens per row (default 2048)")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (default 1)")
+    p.add_argument("--new-tokens", type=int, help="RL: completion columns of --length (default half)")
+    p.add_argument("--group", type=int, help="RL: completions per prompt (default min(8, --batch))")
+    p.add_argument("--remat", default="none", help="ModelConfig.remat: none (default), full or dots")
+    p.add_argument("--scan", action="store_true", help="ModelConfig.scan_layers: blocks under lax.scan")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters stay float32)")
+    p.add_argument("--json", action="store_true", help="one JSON object per plan instead of the table")

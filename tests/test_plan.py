@@ -1,0 +1,118 @@
+"""`rlft plan`: the abstract compile is the program training runs, and its sizes add up by hand."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlft.cli import main
+from rlft.data.batching import TokenBatch
+from rlft.models import Decoder, ModelConfig
+from rlft.plan import memory_plan, parse_mesh, plan_optimizer, rl_inputs, sft_inputs
+from rlft.sharding import make_mesh, shard_batch, sharded_init
+from rlft.steps import batch_shardings, init_sharded_train_state, jit_step, sft_step, train_state_shardings
+
+CFG = ModelConfig.llama(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                        max_positions=64)
+BATCH, LENGTH = 8, 32
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings, or arrays)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _stats(compiled) -> tuple:
+    s = compiled.memory_analysis()
+    return (s.argument_size_in_bytes, s.output_size_in_bytes, s.alias_size_in_bytes, s.temp_size_in_bytes)
+
+
+@pytest.fixture(scope="module")
+def sft_plan():
+    """(mesh, abstract (state, batch), compiled) of the SFT step on fsdp=4, planned from shapes only."""
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, jax.devices()[:4])
+    jitted, args = sft_inputs(CFG, mesh, BATCH, LENGTH)
+    return mesh, args, jitted.lower(*args).compile()
+
+
+def test_abstract_plan_equals_the_compile_from_real_arrays(sft_plan):
+    mesh, (state, batch), planned = sft_plan
+    # The same step as run_stage builds it: real sharded params, optimizer state and batch.
+    graphdef, params = sharded_init(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), mesh)
+    tx = plan_optimizer()
+    real_state = init_sharded_train_state(graphdef, params, tx, 0, mesh)
+    ints = np.random.default_rng(0).integers(0, CFG.vocab_size, (BATCH, LENGTH), dtype=np.int32)
+    positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1))
+    real_batch = shard_batch(TokenBatch(tokens=ints, positions=positions, segment_ids=np.ones_like(ints),
+                                        loss_mask=np.ones(ints.shape, np.float32)), mesh)
+    real_step = jit_step(sft_step, train_state_shardings(real_state, mesh), batch_shardings(real_batch, mesh),
+                         mesh, graphdef=graphdef, tx=tx, accum_steps=1)
+    executed = real_step.lower(real_state, real_batch).compile()
+    assert _stats(planned) == _stats(executed)
+    # The arguments are exactly the buffers one device holds.
+    device = jax.devices()[0]
+    held = sum(s.data.nbytes for x in jax.tree.leaves((real_state, real_batch))
+               for s in x.addressable_shards if s.device == device)
+    assert _stats(planned)[0] == held == _shard_bytes((state, batch))
+    new_state, metrics = executed(real_state, real_batch)  # the compiled program runs
+    assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+
+
+def test_argument_bytes_are_the_parameter_and_optimizer_shards(sft_plan):
+    mesh, _, compiled = sft_plan
+    result = memory_plan(compiled, step="sft", model="llama", mesh=dict(mesh.shape), batch=BATCH,
+                         length=LENGTH, remat="none", scan_layers=False, compile_seconds=0.0)
+    params = nnx.state(nnx.eval_shape(lambda: Decoder(CFG, rngs=nnx.Rngs(0))))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    # Every Llama parameter has an "embed" dimension, which FSDP splits 4 ways; AdamW keeps mu and
+    # nu beside each float32 parameter.
+    per_device = 3 * 4 * n_params // 4
+    # Replicated scalars: step int32, rng uint32[2], inject_hyperparams' count, learning rate and
+    # schedule count, Adam's count.
+    scalars = 4 + 8 + 4 + 4 + 4 + 4
+    batch = 4 * BATCH * LENGTH * 4 // 4  # four [8, 32] 4-byte fields, rows split 4 ways
+    assert result.argument_bytes == per_device + scalars + batch
+    # The state is donated: the outputs reuse it (all but the replicated metrics).
+    assert per_device + scalars <= result.alias_bytes <= result.output_bytes
+    assert result.total_bytes == result.argument_bytes + result.output_bytes - result.alias_bytes + result.temp_bytes
+
+
+def test_rl_plan_counts_the_frozen_reference():
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    jitted, args = rl_inputs(CFG, mesh, BATCH, LENGTH, algorithm="grpo", new_tokens=16, group_size=4)
+    state, rollout, reference = args
+    compiled = jitted.lower(*args).compile()
+    argument_bytes = compiled.memory_analysis().argument_size_in_bytes
+    assert argument_bytes == _shard_bytes(args)
+    # The reference is one more copy of the parameter shards, not donated.
+    assert _shard_bytes(reference) == _shard_bytes(state.params)
+    stats = memory_plan(compiled, step="grpo", model="llama", mesh=dict(mesh.shape), batch=BATCH,
+                        length=LENGTH, remat="none", scan_layers=False, compile_seconds=0.0)
+    assert stats.alias_bytes <= argument_bytes - _shard_bytes(reference)
+
+
+def test_plan_command_prints_a_table(capsys):
+    assert main(["plan", "--model", "tiny_llama", "--devices", "4", "--mesh", "fsdp=4", "--batch", "4",
+                 "--length", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_llama  fsdp=4" in out and "XLA:CPU" in out and "LoRA is not implemented" in out
+
+
+def test_plan_command_errors(capsys):
+    # conftest started JAX with 8 CPU devices: asking for more is refused, naming the fix.
+    assert main(["plan", "--model", "tiny_llama", "--devices", "16"]) == 2
+    assert "JAX already started with 8 CPU device(s), the plan needs 16" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-7b"]) == 2
+    assert "named models: gpt2, llama2_7b" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny_llama", "--devices", "4", "--mesh", "fsdp=2"]) == 2
+    assert "--mesh 'fsdp=2': 2 devices, but --devices=4" in capsys.readouterr().err
+
+
+def test_parse_mesh():
+    assert parse_mesh("fsdp=4,tensor=2", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(Exception, match="expected AXIS=SIZE"):
+        parse_mesh("model=8", 8)
