@@ -157,12 +157,9 @@ def shardings_of(tree: Any) -> Any:
 
 def abstract_batch(shapes: Any, mesh) -> Any:
     """ShapeDtypeStructs of a host batch (`shapes`: a tree of ShapeDtypeStructs) with batch shardings."""
-    import jax
+    from rlft.steps import batch_shardings, with_shardings
 
-    from rlft.steps import batch_shardings
-
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, batch_shardings(shapes, mesh))
+    return with_shardings(shapes, batch_shardings(shapes, mesh))
 
 
 def plan_optimizer():
