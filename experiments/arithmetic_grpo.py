@@ -170,7 +170,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     records = [p.record(tokenizer) for p in train]
     rl_params = run_rl_stage(name="rl", workdir=workdir, graphdef=graphdef, params=sft_params,
                              prompts=records, reward_fn=exact_match, cfg=config.rl, mesh=mesh,
-                             seed=config.seed + 2, eos_id=eos, pad_id=pad, tokenizer=tokenizer)
+                             seed=config.seed + 2, eos_id=eos, pad_id=pad, tokenizer=tokenizer,
+                             base=os.path.join(workdir, "sft"))
     rl_metrics, rl_answers = test_metrics(rl_params)
     seconds["rl"] = time.perf_counter() - clock
 

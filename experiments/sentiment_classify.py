@@ -65,7 +65,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         test_set = test_set[:config.data.max_test_examples]
     sft_examples = [encode_example(tokenizer, _prompt(t), LABELS[y]) for t, y in train_set]
     params = run_sft_stage("sft", workdir, graphdef, params, sft_examples, config.sft, mesh,
-                           config.seed + 1, pad)
+                           config.seed + 1, pad, base=base.source)
 
     # Classify by comparing log p(" negative" | prompt) with log p(" positive" | prompt).
     scores = [completion_logprobs(graphdef, params,

@@ -24,6 +24,7 @@ fitted directly (0 and 0 when training leaves the policy at its reference).
 
 from __future__ import annotations
 
+import os
 
 import ml_collections
 import numpy as np
@@ -71,11 +72,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sentences = load_split(config.data.source, "train", config.data.data_dir or None)
     sft_examples = [(prompt_ids, tok.encode(r["text"], add_special_tokens=False) + [eos]) for r in sentences]
     reference = run_sft_stage("sft", workdir, base.graphdef, base.params, sft_examples, config.sft,
-                              base.mesh, config.seed + 1, pad)
+                              base.mesh, config.seed + 1, pad, base=base.source)
 
     encode = lambda pairs: encode_pairs(tok, pairs, add_eos=True, bos_id=eos)
     policy = run_dpo_stage("dpo", workdir, base.graphdef, reference, encode(train_pairs), config.dpo,
-                           base.mesh, config.seed + 2, pad, reference_params=reference)
+                           base.mesh, config.seed + 2, pad, reference_params=reference,
+                           base=os.path.join(workdir, "sft"))
 
     beta = config.dpo.beta
 

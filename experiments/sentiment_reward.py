@@ -70,7 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     graphdef, params = scalar_model_from_lm(base.model_config, base.params, base.mesh,
                                             config.reward_model.head_init_std, config.seed)
     params = run_reward_stage(STAGE, workdir, graphdef, params, encode(train_pairs), config.reward,
-                              base.mesh, config.seed + 2, base.pad_id)
+                              base.mesh, config.seed + 2, base.pad_id, base=base.source)
 
     def score(examples):
         return sequence_scores(graphdef, params, examples, config.reward.max_length, base.pad_id,

@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     examples = [(p["ids"], tok.encode(p["completion"], add_special_tokens=False) + [base.eos_id])
                 for p in prompts]
     sft = run_sft_stage("sft", workdir, base.graphdef, base.params, examples, config.sft, base.mesh,
-                        config.seed + 1, base.pad_id)
+                        config.seed + 1, base.pad_id, base=base.source)
     seconds["sft"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -158,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_rl_stage(name="rl", workdir=workdir, graphdef=base.graphdef, params=sft, prompts=prompts,
                  reward_fn=proxy, cfg=config.rl, mesh=base.mesh, seed=config.seed + 3, eos_id=base.eos_id,
                  pad_id=base.pad_id, tokenizer=tok, reference_params=sft,
-                 critic_init=(reward_graphdef, reward_params))
+                 critic_init=(reward_graphdef, reward_params), base=os.path.join(workdir, "sft"))
     seconds["rl"] = time.perf_counter() - clock
 
     if jax.process_count() > 1:  # the evaluation is single-process (launch/README.md)
@@ -183,7 +183,7 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str, base: se
     encode = lambda pairs: encode_pairs(base.tokenizer, pairs, add_eos=True, bos_id=base.eos_id)
     pairs = sentiment.pairs_of_sources(config.data, sources, "train")
     params = run_reward_stage("reward", workdir, graphdef, params, encode(pairs), config.reward, base.mesh,
-                              config.seed + 2, base.pad_id)
+                              config.seed + 2, base.pad_id, base=base.source)
     stage_dir = os.path.join(workdir, "reward")
     if not os.path.isfile(os.path.join(stage_dir, "generalization.json")):
         def score_texts(texts):

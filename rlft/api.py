@@ -16,6 +16,7 @@ from flax import nnx
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
 from rlft.models import hf
+from rlft.models.lora import merge_adapters
 
 
 def _shown(value: Any) -> str:
@@ -271,7 +272,7 @@ def _run_dir_of(path: str) -> str | None:
 
 def _load_run(run_dir: str, path: str) -> Model:
     """A model from an rlft run dir (its last stage), a stage dir, a checkpoints dir or a step dir."""
-    from rlft.checkpoints import load_model_config, load_params
+    from rlft.checkpoints import load_model_config
     from rlft.data.tokenizer import load_tokenizer
     from rlft.scoring import read_reward_stats
     from rlft.stages import STAGES_FILE, read_stages
@@ -290,9 +291,51 @@ def _load_run(run_dir: str, path: str) -> Model:
     stats = read_reward_stats(os.path.join(run_dir, relative)) if kind == "scalar" else None
     cls = Decoder if kind == "lm" else ScalarModel
     state = nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
-    values, _ = load_params(path)
-    nnx.replace_by_pure_dict(state, values)
+    nnx.replace_by_pure_dict(state, load_values(path))
     return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind, reward_stats=stats)
+
+
+def load_values(path: str) -> dict:
+    """The params saved at `path` (a stage, checkpoints or step dir) as a nested dict of arrays.
+
+    The `nnx.to_pure_dict` layout of the stage's plain model: a LoRA stage's adapters (its
+    checkpoints hold nothing else, plus a reward model's head) are merged into the base recorded
+    in its lora.json, which is loaded the same way (so LoRA stages on LoRA stages work too).
+    """
+    from rlft.checkpoints import load_params
+    from rlft.models.lora import read_lora_record
+    from rlft.stages import read_stages
+
+    values, _ = load_params(path)
+    run_dir = _run_dir_of(path)
+    if run_dir is None:
+        return values
+    stage = os.path.relpath(os.path.abspath(path), run_dir).split(os.sep)[0]
+    lora = read_lora_record(os.path.join(run_dir, stage))
+    if lora is None:
+        return values
+    kind = next((s["kind"] for s in read_stages(run_dir) if s["name"] == stage), "lm")
+    return _merged_lora_values(values, *lora, stage=stage, kind=kind)
+
+
+def _merged_lora_values(adapters: dict, lora, base: str | None, *, stage: str, kind: str) -> dict:
+    """A LoRA stage's checkpoint (adapters, + head) joined with its recorded base, adapters merged."""
+    if base is None:
+        raise RlftError(f"stage {stage} was trained with LoRA without a recorded base model, so only its "
+                        f"adapters are saved; it cannot be loaded as a merged model")
+    if not os.path.exists(base):
+        raise RlftError(f"stage {stage} is a LoRA stage on the base {base}, which no longer exists")
+    base_values = nnx.to_pure_dict(load(base).params)
+    full = _deep_merge(base_values if kind == "lm" else {"backbone": base_values}, adapters)
+    return merge_adapters(full, lora)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    """Nested dicts: b's entries added to (or replacing) a's."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load(path: str) -> Model:

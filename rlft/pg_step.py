@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from rlft.models.lora import adapters_off, combine
 from rlft.objectives.advantages import masked_mean
 from rlft.objectives.kl import KL_CONTROLLERS, kl_estimate
 from rlft.objectives.pg import aggregate, clipped_surrogate, value_loss
@@ -123,10 +124,14 @@ def _epoch_minibatches(experience: Experience, key: Array, epochs: int, minibatc
 def pg_updates(state: PGState, experience: Experience, key: Array, *, graphdef: nnx.GraphDef,
                critic_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
                critic_tx: optax.GradientTransformation | None,
-               config: PGConfig) -> tuple[PGState, dict[str, Array]]:
-    """`epochs` × `minibatches` updates (one lax.scan); per-minibatch metrics stacked [updates]."""
-    loss_fn = functools.partial(pg_loss, graphdef=graphdef, critic_graphdef=critic_graphdef,
-                                config=config, kl_coef=state.kl_coef)
+               config: PGConfig, frozen: nnx.State | None = None) -> tuple[PGState, dict[str, Array]]:
+    """`epochs` × `minibatches` updates (one lax.scan); per-minibatch metrics stacked [updates].
+
+    frozen: the base of a LoRA policy (state.params are its adapters), else None.
+    """
+    loss = functools.partial(pg_loss, graphdef=graphdef, critic_graphdef=critic_graphdef,
+                             config=config, kl_coef=state.kl_coef)
+    loss_fn = lambda trainable, mb: loss((combine(frozen, trainable[0]), trainable[1]), mb)
 
     def update(carry, mb):
         params, opt_state, critic_params, critic_opt_state = carry
@@ -153,19 +158,26 @@ def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
     return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
 
 
-def pg_step(state: PGState, batch: dict, reference_params: nnx.State | None = None, *,
-            graphdef: nnx.GraphDef, critic_graphdef: nnx.GraphDef | None = None,
-            tx: optax.GradientTransformation, critic_tx: optax.GradientTransformation | None = None,
+def pg_step(state: PGState, batch: dict, reference_params: nnx.State | None = None,
+            frozen: nnx.State | None = None, *, graphdef: nnx.GraphDef,
+            critic_graphdef: nnx.GraphDef | None = None, tx: optax.GradientTransformation,
+            critic_tx: optax.GradientTransformation | None = None,
             config: PGConfig) -> tuple[PGState, dict[str, Array]]:
-    """One RL step on sampled rows: experience, updates, KL controller; metrics named as trl's."""
+    """One RL step on sampled rows: experience, updates, KL controller; metrics named as trl's.
+
+    With `frozen` (a LoRA policy: state.params are its adapters) and no `reference_params`, the
+    reference is the base with the adapters off, so the base weights are held once.
+    """
     sequences, scores = batch["sequences"], batch["scores"]
-    experience, stats = make_experience(config, graphdef, state.params, sequences, scores,
-                                        reference_params, state.kl_coef, state.baseline,
+    if frozen is not None and reference_params is None and config.uses_reference:
+        reference_params = adapters_off(frozen, state.params)
+    experience, stats = make_experience(config, graphdef, combine(frozen, state.params), sequences,
+                                        scores, reference_params, state.kl_coef, state.baseline,
                                         critic_graphdef, state.critic_params)
     key = step_key(state)  # the minibatch shuffle; the sampler uses salt SAMPLE_SALT
     new_state, stacked = pg_updates(state, experience, key, graphdef=graphdef,
                                     critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx,
-                                    config=config)
+                                    config=config, frozen=frozen)
     rows = scores.shape[0]
     mean_kl = jnp.mean(stats["kl"])
     controller = KL_CONTROLLERS[config.kl_controller]

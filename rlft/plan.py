@@ -108,6 +108,7 @@ class MemoryPlan:
     length: int
     remat: str
     scan_layers: bool
+    lora_rank: int  # 0 = full fine-tuning
     argument_bytes: int
     output_bytes: int
     alias_bytes: int
@@ -126,11 +127,11 @@ class MemoryPlan:
 
 
 def memory_plan(compiled, *, step: str, model: str, mesh: dict[str, int], batch: int, length: int,
-                remat: str, scan_layers: bool, compile_seconds: float) -> MemoryPlan:
+                remat: str, scan_layers: bool, compile_seconds: float, lora_rank: int = 0) -> MemoryPlan:
     """A MemoryPlan from a compiled executable's `memory_analysis()`."""
     stats = compiled.memory_analysis()
     return MemoryPlan(step=step, model=model, mesh=dict(mesh), batch=batch, length=length, remat=remat,
-                      scan_layers=scan_layers, argument_bytes=stats.argument_size_in_bytes,
+                      scan_layers=scan_layers, lora_rank=lora_rank, argument_bytes=stats.argument_size_in_bytes,
                       output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes,
                       temp_bytes=stats.temp_size_in_bytes,
                       generated_code_bytes=stats.generated_code_size_in_bytes,
@@ -169,41 +170,55 @@ def plan_optimizer():
     return make_optimizer(1e-5, warmup_steps=10, total_steps=1000, weight_decay=0.01, clip_norm=1.0)
 
 
-def sft_inputs(cfg, mesh, batch: int, length: int, accum_steps: int = 1):
-    """(jitted sft_step, abstract TrainState, abstract TokenBatch): what `run_stage` compiles."""
+def policy_inputs(cfg, mesh, lora=None) -> tuple[Any, Any, Any]:
+    """(graphdef, abstract trainable params, abstract frozen base or None) of a Decoder, as a stage
+    holds them: the whole model, or with a LoraConfig its adapters and the frozen rest."""
+    from flax import nnx
+
+    from rlft.models.decoder import Decoder
+    from rlft.models.lora import split_trainable
+
+    graphdef, params = abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=lora), mesh)
+    if lora is None:
+        return graphdef, params, None
+    return (graphdef, *split_trainable(params))
+
+
+def sft_inputs(cfg, mesh, batch: int, length: int, accum_steps: int = 1, lora=None):
+    """(jitted sft_step, (abstract TrainState, abstract TokenBatch[, frozen base])): what `run_stage`
+    compiles; with a LoraConfig the state holds the adapters and the base is a further argument."""
     import jax
     import jax.numpy as jnp
 
     from rlft.data.batching import TokenBatch
-    from rlft.models.decoder import Decoder
     from rlft.steps import abstract_train_state, jit_step, sft_step
 
-    from flax import nnx
-
-    graphdef, params = abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params, frozen = policy_inputs(cfg, mesh, lora)
     tx = plan_optimizer()
     state = abstract_train_state(graphdef, params, tx, mesh)
     ints = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     host = TokenBatch(tokens=ints, positions=ints, segment_ids=ints,
                       loss_mask=jax.ShapeDtypeStruct((batch, length), jnp.float32))
     tokens = abstract_batch(host, mesh)
-    step = jit_step(sft_step, shardings_of(state), shardings_of(tokens), mesh, graphdef=graphdef, tx=tx,
-                    accum_steps=accum_steps)
-    return step, (state, tokens)
+    extra = () if frozen is None else (frozen,)
+    step = jit_step(sft_step, shardings_of(state), shardings_of(tokens), mesh,
+                    tuple(shardings_of(e) for e in extra), graphdef=graphdef, tx=tx, accum_steps=accum_steps)
+    return step, (state, tokens, *extra)
 
 
 def rl_inputs(cfg, mesh, batch: int, length: int, *, algorithm: str = "grpo", new_tokens: int | None = None,
-              group_size: int | None = None, accum_steps: int = 1):
-    """(jitted pg_step, (abstract PGState, batch, reference params)): what `make_rl_step` compiles.
+              group_size: int | None = None, accum_steps: int = 1, lora=None):
+    """(jitted pg_step, (abstract PGState, batch, reference params...)): what `make_rl_step` compiles.
 
     `batch` rollout rows of `length` columns (prompt + `new_tokens`, default half each), groups of
     `group_size` (default min(8, batch)); GRPO has no critic, PPO a separate ScalarModel critic.
+    With a LoraConfig the state holds the policy's adapters, and the frozen base is the one further
+    argument (the reference is the base with the adapters off: no second copy).
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from rlft.models.decoder import Decoder
     from rlft.models.heads import ScalarModel
     from rlft.pg_step import init_pg_state, pg_step
     from rlft.rl_config import resolve_pg_config, rl_stage_config
@@ -220,7 +235,7 @@ def rl_inputs(cfg, mesh, batch: int, length: int, *, algorithm: str = "grpo", ne
                               learning_rate=1e-6, max_new_tokens=new_tokens, algorithm=algorithm,
                               accum_steps=accum_steps)
     config = resolve_pg_config(section, eos_id=0, prefix=algorithm)
-    graphdef, params = abstract_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params, frozen = policy_inputs(cfg, mesh, lora)
     critic_graphdef = critic_params = critic_tx = None
     if config.critic == "separate":
         critic_graphdef, critic_params = abstract_module(lambda: ScalarModel(cfg, rngs=nnx.Rngs(1)), mesh)
@@ -237,18 +252,21 @@ def rl_inputs(cfg, mesh, batch: int, length: int, *, algorithm: str = "grpo", ne
                                    logprobs=floats),
             "scores": jax.ShapeDtypeStruct((batch,), jnp.float32)}
     rollout = abstract_batch(host, mesh)
-    reference = (params,) if config.uses_reference else ()
+    if frozen is not None:
+        extra = (None, frozen)  # (reference_params, frozen): the reference is the base, adapters off
+    else:
+        extra = (params,) if config.uses_reference else ()
     step = jit_step(pg_step, shardings_of(state), shardings_of(rollout), mesh,
-                    tuple(shardings_of(r) for r in reference), graphdef=graphdef,
+                    tuple(shardings_of(e) for e in extra), graphdef=graphdef,
                     critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx, config=config)
-    return step, (state, rollout, *reference)
+    return step, (state, rollout, *extra)
 
 
 def step_inputs(step: str, cfg, mesh, batch: int, length: int, **kw):
     """`sft_inputs` or `rl_inputs` by step name ("sft", "grpo" or "rl", "ppo")."""
     step = "grpo" if step == "rl" else step
     if step == "sft":
-        return sft_inputs(cfg, mesh, batch, length, **{k: v for k, v in kw.items() if k == "accum_steps"})
+        return sft_inputs(cfg, mesh, batch, length, **{k: v for k, v in kw.items() if k in ("accum_steps", "lora")})
     if step in ("grpo", "ppo"):
         return rl_inputs(cfg, mesh, batch, length, algorithm=step, **kw)
     raise RlftError(f"--step={step!r}: expected one of sft, rl (= grpo), grpo, ppo")
@@ -256,16 +274,18 @@ def step_inputs(step: str, cfg, mesh, batch: int, length: int, **kw):
 
 def plan(model: str | Any, mesh_shape: dict[str, int], *, step: str = "sft", batch: int = 8,
          length: int = 2048, remat: str = "none", scan_layers: bool = False, dtype: str = "float32",
-         devices: Sequence | None = None, **kw) -> MemoryPlan:
+         lora_rank: int = 0, lora_targets: str = "q,k,v,o", devices: Sequence | None = None,
+         **kw) -> MemoryPlan:
     """Compile `step` of a model for abstract inputs on a mesh; XLA's per-device sizes.
 
     `model`: a name (`rlft.models.model_config`) or a ModelConfig.
 
     `devices`: the devices to build the mesh from (default: the first CPU devices, as many as the
-    mesh needs). `remat` and `scan_layers` set the ModelConfig fields of the same names; `kw` goes
+    mesh needs). `lora_rank` > 0 plans LoRA fine-tuning with adapters on `lora_targets`. `remat` and `scan_layers` set the ModelConfig fields of the same names; `kw` goes
     to `rl_inputs` (new_tokens, group_size) or, with accum_steps, to both steps.
     """
     from rlft.models.config import model_config
+    from rlft.models.lora import LoraConfig
     from rlft.sharding import make_mesh
 
     if batch < 1 or length < 2:
@@ -280,20 +300,21 @@ def plan(model: str | Any, mesh_shape: dict[str, int], *, step: str = "sft", bat
     if length > cfg.max_positions:
         raise RlftError(f"--length={length}: more than {model}'s {cfg.max_positions} positions")
     mesh = make_mesh(mesh_shape, devices if devices is not None else host_devices(math.prod(mesh_shape.values())))
-    jitted, args = step_inputs(step, cfg, mesh, batch, length, **kw)
+    lora = LoraConfig(rank=lora_rank, targets=tuple(lora_targets.split(","))) if lora_rank else None
+    jitted, args = step_inputs(step, cfg, mesh, batch, length, lora=lora, **kw)
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - start
     return memory_plan(compiled, step=step, model=model, mesh=mesh_shape, batch=batch, length=length,
-                       remat=remat, scan_layers=scan_layers, compile_seconds=seconds)
+                       remat=remat, scan_layers=scan_layers, compile_seconds=seconds, lora_rank=lora_rank)
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 NOTE = ("Per-device sizes from XLA:CPU's buffer assignment of the partitioned program (GiB): an "
-        "estimate of what a GPU/TPU compiler would allocate, not a measurement on one. Full "
-        "fine-tuning (float32 params + AdamW); LoRA is not implemented in rlft yet.")
+        "estimate of what a GPU/TPU compiler would allocate, not a measurement on one. Float32 "
+        "params + AdamW on everything (lora 0) or on LoRA adapters only (lora r; the base frozen).")
 
 
 def mesh_text(shape: dict[str, int]) -> str:
@@ -303,17 +324,17 @@ def mesh_text(shape: dict[str, int]) -> str:
 
 def format_plans(plans: Sequence[MemoryPlan]) -> str:
     """A fixed-width table, one row per plan, then the note on what the numbers are."""
-    header = ("step", "model", "mesh", "batch×len", "remat", "scan", "args", "out", "alias", "temp",
+    header = ("step", "model", "mesh", "batch×len", "remat", "scan", "lora", "args", "out", "alias", "temp",
               "code", "total", "compile s")
     rows = [header]
     for p in plans:
         gib = lambda b: f"{b / GIB:.2f}"
         rows.append((p.step, p.model, mesh_text(p.mesh), f"{p.batch}×{p.length}", p.remat,
-                     "yes" if p.scan_layers else "no", gib(p.argument_bytes), gib(p.output_bytes),
+                     "yes" if p.scan_layers else "no", str(p.lora_rank), gib(p.argument_bytes), gib(p.output_bytes),
                      gib(p.alias_bytes), gib(p.temp_bytes), gib(p.generated_code_bytes), gib(p.total_bytes),
                      f"{p.compile_seconds:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i >= 6 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.rjust(w) if i >= 7 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     return "\n".join([*lines, "", NOTE])
 
@@ -330,7 +351,8 @@ def plan_command(args) -> list[MemoryPlan]:
         if args.step != "sft":
             kw.update(new_tokens=args.new_tokens, group_size=args.group)
         p = plan(args.model, shape, step=args.step, batch=args.batch, length=args.length,
-                 remat=args.remat, scan_layers=args.scan, dtype=args.dtype, **kw)
+                 remat=args.remat, scan_layers=args.scan, dtype=args.dtype, lora_rank=args.lora,
+                 lora_targets=args.lora_targets, **kw)
         plans.append(p)
         if args.json:
             print(json.dumps(p.to_dict()), flush=True)
@@ -364,4 +386,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--scan", action="store_true", help="ModelConfig.scan_layers: blocks under lax.scan")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="LoRA fine-tuning with adapters of this rank (default 0: full fine-tuning)")
+    p.add_argument("--lora-targets", default="q,k,v,o",
+                   help="weights the adapters target (default q,k,v,o; also gate, up, down)")
     p.add_argument("--json", action="store_true", help="one JSON object per plan instead of the table")

@@ -31,6 +31,7 @@ import ml_collections
 
 from rlft.errors import RlftError
 from rlft.logprobs import SamplingParams
+from rlft.models.lora import lora_section
 from rlft.objectives.advantages import check_estimator
 from rlft.objectives.kl import (check_kl_coef, check_kl_controller, check_kl_estimator,
                                 check_kl_placement)
@@ -74,7 +75,7 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
         no_eos_penalty=0.0,
         kl=ml_collections.ConfigDict(dict(coef=None, estimator=None, placement=None,
                                           controller="fixed", target=6.0, horizon=10000.0)),
-        save_every=max(steps // 4, 1), keep=2, max_nonfinite_steps=3,
+        save_every=max(steps // 4, 1), keep=2, max_nonfinite_steps=3, lora=lora_section(),
     )
     cfg = ml_collections.ConfigDict(section)
     cfg.update(overrides)

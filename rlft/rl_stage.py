@@ -33,12 +33,13 @@ from rlft.distributed import local_rows, to_host
 from rlft.errors import RlftError
 from rlft.logging import MetricsLogger
 from rlft.models.heads import ScalarHead
+from rlft.models.lora import LoraConfig, combine, merged_state
 from rlft.pg_step import PGState, init_pg_state, pg_step
 from rlft.rewards import RewardFn, check_scores
 from rlft.rl_config import PGConfig, resolve_pg_config, rl_stage_config  # noqa: F401 (re-export)
 from rlft.rollout import sample_rollout
 from rlft.sharding import batch_sharding, sharded_init
-from rlft.stages import record_stage
+from rlft.stages import lora_setup, record_stage
 from rlft.steps import (batch_shardings, jit_step, make_optimizer, step_key, train_state_shardings,
                         with_shardings)
 from rlft.train_loop import DATA_POSITION, restore_or_init, train
@@ -72,10 +73,11 @@ def prompt_batch(prompts: Sequence[dict], indices: np.ndarray, group: int, width
 def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState,
                  prompts: Sequence[dict], reward_fn: RewardFn, tokenizer, mesh: Mesh, eos_id: int,
                  pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
-                 timings: dict[str, list[float]] | None = None):
+                 frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None):
     """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> decode + reward (host) -> pg_step (jit).
 
-    `shardings`: the PGState's. With `timings`, each phase's wall time is
+    `shardings`: the PGState's. `frozen`: the base of a LoRA policy (the state holds its adapters;
+    the reference is then the base with the adapters off). With `timings`, each phase's wall time is
     appended to timings["sampling_s" | "reward_s" | "update_s"] (the device is synchronised
     between phases, which costs a little overlap; for benchmarks only).
     """
@@ -83,7 +85,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     rollout = jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
                                         max_new_tokens=config.max_new_tokens,
                                         sampling=config.sampling, mesh=mesh))
-    extra_args = () if reference is None else (reference,)
+    extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
     pg = None
     scores_sharding = batch_sharding(mesh, 1)
 
@@ -94,7 +96,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
         nonlocal pg
         t0 = time.perf_counter()
-        seqs = rollout(state, batch["prompt_tokens"], batch["prompt_mask"])
+        seqs = rollout(state, frozen, batch["prompt_tokens"], batch["prompt_mask"])
         # Every process decodes and scores every row (a reward model is a collective computation).
         tokens, completion_mask, index = to_host((seqs.tokens, seqs.completion_mask, batch["index"]))
         timed("sampling_s", t0)  # to_host waited for the sampler
@@ -125,7 +127,8 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
                  prompts: Sequence[dict], reward_fn: RewardFn, cfg: ml_collections.ConfigDict,
                  mesh: Mesh, seed: int, eos_id: int, pad_id: int, tokenizer,
                  reference_params: nnx.State | None = None,
-                 critic_init: tuple[nnx.GraphDef, nnx.State] | None = None) -> nnx.State:
+                 critic_init: tuple[nnx.GraphDef, nnx.State] | None = None,
+                 base: str | None = None) -> nnx.State:
     """Train the policy `params` with RL on `prompts` for cfg.steps steps; returns its final params.
 
     prompts: records {"ids": prompt token ids, "text": ..., any fields the reward reads};
@@ -133,7 +136,10 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     section (validated before any work); reference_params: the frozen KL reference (default: the
     starting policy); critic_init: (graphdef, params) of a ScalarModel to start a separate critic
     from (e.g. the reward model; default: the policy with a zero value head). Checkpoints and
-    metrics go to WORKDIR/NAME, recorded in stages.json as a language model.
+    metrics go to WORKDIR/NAME, recorded in stages.json as a language model. LoRA
+    (`cfg.lora.rank` > 0): only adapters are trained and checkpointed, the reference is the
+    starting policy with the adapters off, the returned params have them merged, and `base` (where
+    `params` come from) is recorded for `rlft.load` (`rlft.stages.run_stage`).
     """
     config = resolve_pg_config(cfg, eos_id, prefix=name)
     if not prompts:
@@ -151,6 +157,13 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     make_tx = lambda lr: make_optimizer(lr, cfg.warmup_steps, updates, cfg.weight_decay, cfg.clip_norm)
     tx = make_tx(cfg.learning_rate)
     critic_graphdef, critic_params = _critic(config, graphdef, params, critic_init, mesh, seed)
+    if (LoraConfig.from_section(cfg.get("lora")) is not None and reference_params is not None
+            and reference_params is not params):
+        raise RlftError(f"{name}: with LoRA the KL reference is the starting policy (adapters off); "
+                        f"another reference_params is not supported")
+    policy_params = params
+    graphdef, params, frozen, lora = lora_setup(name, stage_dir, graphdef, params, cfg, mesh, seed, base)
+    finish = lambda trained: trained if lora is None else merged_state(frozen, trained, lora)
     critic_tx = None if critic_params is None else make_tx(cfg.critic_learning_rate or cfg.learning_rate)
     init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
     abstract = jax.eval_shape(init, params, critic_params)
@@ -161,15 +174,15 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     start = int(jax.device_get(state.step))
     if start >= cfg.steps:
         checkpointer.close()
-        return state.params
+        return finish(state.params)
 
     reference = None
-    if config.uses_reference:
-        reference = params if reference_params is None else reference_params
+    if config.uses_reference and lora is None:
+        reference = policy_params if reference_params is None else reference_params
     step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings,
                         prompts=prompts, reward_fn=reward_fn, tokenizer=tokenizer, mesh=mesh,
                         eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
-                        critic_tx=critic_tx, reference=reference)
+                        critic_tx=critic_tx, reference=reference, frozen=frozen)
     rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
     batches = ((i, jax.tree.map(lambda x: x[rows], prompt_batch(prompts, idx, config.group_size, width, pad_id)))
                for i, idx in epoch_batches(len(prompts), cfg.prompts_per_step, seed,
@@ -178,12 +191,13 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
         state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None,
                       stage=name, max_nonfinite=cfg.max_nonfinite_steps)
     checkpointer.close()
-    return state.params
+    return finish(state.params)
 
 
-def _rollout(graphdef, state: PGState, prompt_tokens, prompt_mask, *, eos_id, pad_id,
+def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, *, eos_id, pad_id,
              max_new_tokens, sampling, mesh):
-    """sample_rollout of the state's policy with the step's key `step_key(state, salt=SAMPLE_SALT)`."""
+    """sample_rollout of the state's policy (joined with a LoRA base `frozen`, if any) with the
+    step's key `step_key(state, salt=SAMPLE_SALT)`."""
     key = step_key(state, salt=SAMPLE_SALT)
-    return sample_rollout(graphdef, state.params, prompt_tokens, prompt_mask, key, eos_id=eos_id,
+    return sample_rollout(graphdef, combine(frozen, state.params), prompt_tokens, prompt_mask, key, eos_id=eos_id,
                           pad_id=pad_id, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)

@@ -33,6 +33,7 @@ RULES: dict[str, Any] = {
     "mlp": "tensor",
     "positions": None,
     "layers": None,
+    "lora_rank": None,  # the rank of LoRA adapters: small, replicated
 }
 
 

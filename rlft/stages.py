@@ -25,6 +25,7 @@ from rlft.errors import RlftError
 from rlft.files import read_json, write_json
 from rlft.data.preferences import EncodedPair, pad_pairs
 from rlft.logging import MetricsLogger
+from rlft.models.lora import LoraConfig, attach_adapters, lora_section, merged_state, write_lora_record
 from rlft.objectives.dpo import check_dpo_args
 from rlft.steps import (TrainState, abstract_train_state, batch_shardings, jit_step, dpo_step,
                         init_sharded_train_state, make_optimizer, reward_step, sft_step)
@@ -36,7 +37,7 @@ def sft_stage_config(steps: int, batch_size: int, learning_rate: float, **overri
     section = dict(steps=steps, batch_size=batch_size, accum_steps=1, learning_rate=learning_rate,
                    warmup_steps=max(steps // 20, 1), weight_decay=0.01, clip_norm=1.0,
                    max_length=64, full_sequence_loss=False, save_every=max(steps // 4, 1), keep=2,
-                   max_nonfinite_steps=3)
+                   max_nonfinite_steps=3, lora=lora_section())
     section.update(overrides)
     return ml_collections.ConfigDict(section)
 
@@ -112,7 +113,7 @@ def step_hyperparameters(step_fn: Callable, cfg: ml_collections.ConfigDict) -> d
 def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State, num_examples: int,
               make_batch: Callable[[np.ndarray], Any], step_fn: Callable[..., tuple[TrainState, dict]],
               cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int, kind: str = "lm",
-              extra_args: tuple = ()) -> nnx.State:
+              extra_args: tuple = (), base: str | None = None) -> nnx.State:
     """Train `params` with `step_fn` for cfg.steps on batches `make_batch(indices)`; final params.
 
     make_batch maps example indices [cfg.batch_size] to a host batch (a pytree of numpy arrays
@@ -124,12 +125,22 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
     WORKDIR/NAME, which is recorded in WORKDIR/stages.json with `kind` ("lm" or "scalar").
     Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order);
     a finished stage just returns its params.
+
+    LoRA (`cfg.lora.rank` > 0): adapters are attached to `params`, which stay frozen and are passed
+    to the step as its last extra argument; only the adapters (and a scalar head) are optimised
+    and checkpointed, and the returned params have the adapters merged in. `base` (the stage or
+    checkpoint directory `params` come from) is recorded in WORKDIR/NAME/lora.json so that
+    `rlft.load` can rebuild the merged model.
     """
     if not 1 <= cfg.batch_size <= num_examples:
         raise RlftError(f"{name}.batch_size={cfg.batch_size}: must be between 1 and the number of "
                         f"training examples ({num_examples})")
     stage_dir = os.path.join(workdir, name)
     record_stage(workdir, name, kind)
+    graphdef, params, frozen, lora = lora_setup(name, stage_dir, graphdef, params, cfg, mesh, seed, base)
+    if frozen is not None:
+        extra_args = (*extra_args, frozen)
+    finish = lambda trained: trained if lora is None else merged_state(frozen, trained, lora)
     tx = make_optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.weight_decay, cfg.clip_norm)
     abstract = abstract_train_state(graphdef, params, tx, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
@@ -139,7 +150,7 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
     start = int(jax.device_get(state.step))
     if start >= cfg.steps:
         checkpointer.close()
-        return state.params
+        return finish(state.params)
 
     rows = local_rows(mesh, cfg.batch_size)  # each process builds only its part of a global batch
     batches = ((i, make_batch(idx[rows])) for i, idx in
@@ -154,15 +165,35 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
         state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, stage=name,
                       max_nonfinite=cfg.get("max_nonfinite_steps", 3))
     checkpointer.close()
-    return state.params
+    return finish(state.params)
+
+
+def lora_setup(name: str, stage_dir: str, graphdef: nnx.GraphDef, params: nnx.State,
+               cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int, base: str | None
+               ) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None, LoraConfig | None]:
+    """(graphdef, trainable params, frozen base or None, LoraConfig or None) of a stage.
+
+    Without LoRA (`cfg.lora` absent or rank 0) the model is returned as it is. With it, the
+    adapters are attached (`attach_adapters`, seeded by the stage's seed) and STAGE/lora.json is
+    written by process 0.
+    """
+    lora = LoraConfig.from_section(cfg.get("lora"), what=f"{name}.lora")
+    if lora is None:
+        return graphdef, params, None, None
+    graphdef, trainable, frozen = attach_adapters(graphdef, params, lora, mesh, seed)
+    if is_primary():
+        os.makedirs(stage_dir, exist_ok=True)
+        write_lora_record(stage_dir, lora, base)
+    return graphdef, trainable, frozen, lora
 
 
 def run_sft_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                   examples: Sequence[Example], cfg: ml_collections.ConfigDict, mesh: Mesh,
-                  seed: int, pad_id: int) -> nnx.State:
+                  seed: int, pad_id: int, base: str | None = None) -> nnx.State:
     """Train `params` on (prompt, completion) token examples for cfg.steps; returns final params.
 
     Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order).
+    base: where `params` come from, recorded for a LoRA stage (`run_stage`).
     """
 
     def host_batch(indices: np.ndarray) -> TokenBatch:
@@ -172,7 +203,7 @@ def run_sft_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.S
 
     return run_stage(name=name, workdir=workdir, graphdef=graphdef, params=params,
                      num_examples=len(examples), make_batch=host_batch, step_fn=sft_step, cfg=cfg,
-                     mesh=mesh, seed=seed, kind="lm")
+                     mesh=mesh, seed=seed, kind="lm", base=base)
 
 
 def _pair_batches(pairs: Sequence[EncodedPair], length: int, pad_id: int) -> Callable[[np.ndarray], TokenBatch]:
@@ -182,25 +213,34 @@ def _pair_batches(pairs: Sequence[EncodedPair], length: int, pad_id: int) -> Cal
 
 def run_reward_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                      pairs: Sequence[EncodedPair], cfg: ml_collections.ConfigDict, mesh: Mesh,
-                     seed: int, pad_id: int) -> nnx.State:
+                     seed: int, pad_id: int, base: str | None = None) -> nnx.State:
     """Bradley–Terry training of a ScalarModel on encoded pairs (`reward_stage_config`); final params.
 
     The stage is recorded as kind "scalar", so `rlft.load` of it gives a model with `score()`.
+    base: the language-model stage the backbone comes from, recorded for a LoRA stage.
     """
     return run_stage(name=name, workdir=workdir, graphdef=graphdef, params=params,
                      num_examples=len(pairs), make_batch=_pair_batches(pairs, cfg.max_length, pad_id),
-                     step_fn=reward_step, cfg=cfg, mesh=mesh, seed=seed, kind="scalar")
+                     step_fn=reward_step, cfg=cfg, mesh=mesh, seed=seed, kind="scalar", base=base)
 
 
 def run_dpo_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                   pairs: Sequence[EncodedPair], cfg: ml_collections.ConfigDict, mesh: Mesh,
-                  seed: int, pad_id: int, reference_params: nnx.State | None = None) -> nnx.State:
+                  seed: int, pad_id: int, reference_params: nnx.State | None = None,
+                  base: str | None = None) -> nnx.State:
     """DPO/IPO training of a Decoder on encoded pairs (`dpo_stage_config`); final params.
 
     The reference is `reference_params` (default: `params`, the starting policy), kept frozen.
+    With LoRA the reference is the starting policy itself, as the base with the adapters off (one
+    copy of the weights); `base` is where `params` come from (`run_stage`).
     """
     check_dpo_args(cfg.beta, cfg.label_smoothing, cfg.loss_type)
-    reference = params if reference_params is None else reference_params
+    lora = LoraConfig.from_section(cfg.get("lora"), what=f"{name}.lora")
+    if lora is not None and reference_params is not None and reference_params is not params:
+        raise RlftError(f"{name}: with LoRA ({name}.lora.rank={lora.rank}) the DPO reference is the "
+                        f"starting policy (adapters off); another reference_params is not supported")
+    reference = None if lora is not None else params if reference_params is None else reference_params
     return run_stage(name=name, workdir=workdir, graphdef=graphdef, params=params,
                      num_examples=len(pairs), make_batch=_pair_batches(pairs, cfg.max_length, pad_id),
-                     step_fn=dpo_step, cfg=cfg, mesh=mesh, seed=seed, kind="lm", extra_args=(reference,))
+                     step_fn=dpo_step, cfg=cfg, mesh=mesh, seed=seed, kind="lm", extra_args=(reference,),
+                     base=base)

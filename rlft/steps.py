@@ -22,6 +22,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from rlft.errors import RlftError
+from rlft.models.lora import adapters_off, combine
 from rlft.objectives.dpo import check_dpo_args, dpo_loss, pair_logprobs
 from rlft.objectives.reward import reward_loss
 from rlft.objectives.sft import sft_loss
@@ -265,55 +266,71 @@ def mean_gradients(loss_fn: LossFn, params: Any, batch: Any,
     return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, denom, aux
 
 
+def with_frozen(loss_fn: LossFn, frozen: nnx.State | None) -> LossFn:
+    """loss_fn of the whole model as a function of its trainable part (LoRA: `frozen` is the base)."""
+    if frozen is None:
+        return loss_fn
+    return lambda trainable, micro: loss_fn(combine(frozen, trainable), micro)
+
+
 def gradient_update(state: TrainState, loss_fn: LossFn, batch: Any, tx: optax.GradientTransformation,
-                    accum_steps: int) -> tuple[TrainState, dict, dict, Array]:
+                    accum_steps: int, frozen: nnx.State | None = None) -> tuple[TrainState, dict, dict, Array]:
     """The epilogue every step shares: accumulate -> divide by the count -> apply.
 
     Returns (new state, metrics {loss, grad_norm, learning_rate, param_norm, nonfinite}, aux sums,
     count); a non-finite loss or gradient skips the update (`apply_update`).
-    Steps turn aux sums into means by dividing by the returned (clamped) count.
+    Steps turn aux sums into means by dividing by the returned (clamped) count. With `frozen`
+    (LoRA), state.params is the trainable part and loss_fn sees it combined with the frozen base.
     """
-    grads, loss, count, aux = mean_gradients(loss_fn, state.params, batch, accum_steps)
+    grads, loss, count, aux = mean_gradients(with_frozen(loss_fn, frozen), state.params, batch, accum_steps)
     state, metrics = apply_gradients(state, grads, tx, loss)
     return state, {"loss": loss, **metrics}, aux, count
 
 
-def sft_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
+def sft_step(state: TrainState, batch: Any, frozen: nnx.State | None = None, *, graphdef: nnx.GraphDef,
              tx: optax.GradientTransformation, accum_steps: int = 1) -> tuple[TrainState, dict]:
-    """One SFT update on batch leaves [accum_steps * micro_batch, length]; mean-per-token gradient."""
+    """One SFT update on batch leaves [accum_steps * micro_batch, length]; mean-per-token gradient.
+
+    frozen: the base of a LoRA model (state.params are then its adapters), else None.
+    """
     loss_fn = functools.partial(sft_loss, graphdef)
-    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps)
+    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps, frozen)
     return state, {**metrics, "tokens": count, "input_tokens": aux["input_tokens"],
                    "accuracy": aux["correct"] / count}
 
 
-def reward_step(state: TrainState, batch: Any, *, graphdef: nnx.GraphDef,
+def reward_step(state: TrainState, batch: Any, frozen: nnx.State | None = None, *, graphdef: nnx.GraphDef,
                 tx: optax.GradientTransformation, accum_steps: int = 1, margin: float = 0.0,
                 center_weight: float = 0.0) -> tuple[TrainState, dict]:
     """One Bradley–Terry update of a ScalarModel on pair batch leaves [accum_steps * pairs, 2, length].
 
     The gradient is that of the mean loss per pair; metrics: loss, bt_loss, accuracy (r_c > r_r),
-    margin, chosen, rejected (means over pairs), pairs.
+    margin, chosen, rejected (means over pairs), pairs. frozen: a LoRA model's base (state.params
+    are then its adapters and the head), else None.
     """
     loss_fn = functools.partial(reward_loss, graphdef, margin=margin, center_weight=center_weight)
-    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps)
+    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps, frozen)
     return state, {**metrics, "bt_loss": aux["bt_loss"] / count, "accuracy": aux["correct"] / count,
                    "margin": aux["margin"] / count, "chosen": aux["chosen"] / count,
                    "rejected": aux["rejected"] / count, "pairs": count}
 
 
-def dpo_step(state: TrainState, batch: Any, reference_params: nnx.State | None = None, *,
-             graphdef: nnx.GraphDef, tx: optax.GradientTransformation, accum_steps: int = 1,
+def dpo_step(state: TrainState, batch: Any, reference_params: nnx.State | None = None,
+             frozen: nnx.State | None = None, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, accum_steps: int = 1,
              beta: float = 0.1, label_smoothing: float = 0.0,
              loss_type: str = "sigmoid") -> tuple[TrainState, dict]:
     """One DPO/IPO update on pair batch leaves [accum_steps * pairs, 2, length].
 
     Reference log-probs come from `reference_params` (frozen, not donated; computed once per
     micro-batch, outside the gradient) or, when it is None, from the batch field "ref_logps"
-    [pairs, 2]. Metrics (means over pairs): loss, rewards/accuracies, rewards/margins,
-    rewards/chosen, rewards/rejected, logps/chosen, logps/rejected.
+    [pairs, 2]. With `frozen` (LoRA: state.params are the adapters) and neither, the reference is
+    the base with the adapters off, so the base weights are held once. Metrics (means over
+    pairs): loss, rewards/accuracies, rewards/margins, rewards/chosen, rewards/rejected,
+    logps/chosen, logps/rejected.
     """
     check_dpo_args(beta, label_smoothing, loss_type)
+    if frozen is not None and reference_params is None and not _has_field(batch, "ref_logps"):
+        reference_params = adapters_off(frozen, state.params)
 
     def loss_fn(params, micro):
         if reference_params is None:
@@ -323,13 +340,21 @@ def dpo_step(state: TrainState, batch: Any, reference_params: nnx.State | None =
         return dpo_loss(pair_logprobs(graphdef, params, micro), reference, beta, label_smoothing,
                         loss_type)
 
-    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps)
+    state, metrics, aux, count = gradient_update(state, loss_fn, batch, tx, accum_steps, frozen)
     return state, {**metrics, "rewards/accuracies": aux["correct"] / count,
                    "rewards/margins": aux["margin"] / count,
                    "rewards/chosen": aux["chosen_reward"] / count,
                    "rewards/rejected": aux["rejected_reward"] / count,
                    "logps/chosen": aux["chosen_logp"] / count,
                    "logps/rejected": aux["rejected_logp"] / count, "pairs": count}
+
+
+def _has_field(batch: Any, name: str) -> bool:
+    try:
+        batch_field(batch, name)
+    except (KeyError, AttributeError):
+        return False
+    return True
 
 
 def jit_step(step_fn: Callable[..., tuple[Any, dict]], state_shardings: Any,

@@ -4,7 +4,7 @@
 `RULES` (a section-qualified key such as "mesh.data" wins over the bare name), then the relations
 between fields (d_model a multiple of n_heads, max_length within model.max_positions, accum_steps
 dividing batch_size), then the validators the sections already have: `resolve_pg_config` for RL
-sections and `check_dpo_args` for DPO sections. Fields without a rule are fine; a field with a
+sections, `check_dpo_args` for DPO sections and `LoraConfig` for `lora` sections. Fields without a rule are fine; a field with a
 rule and a bad value is an RlftError naming its dotted path, the value and what is allowed, e.g.
 `pretrain.steps=-1: must be an integer >= 0 (0 skips the stage)`.
 """
@@ -92,6 +92,8 @@ RULES: dict[str, Rule] = {
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,
     "tokenizer.vocab_size": _int(258, " (byte-level BPE: 256 bytes, EOS and pad)"),
+    "lora.rank": _int(0, " (0 = full fine-tuning)"),
+    "lora.alpha": _number(0, open_low=True),
 }
 
 
@@ -136,6 +138,10 @@ def _check_section(path: str, s: ml_collections.ConfigDict) -> None:
         from rlft.rl_config import resolve_pg_config
 
         resolve_pg_config(s, eos_id=0, prefix=path.rstrip("."))
+    if path.endswith("lora."):
+        from rlft.models.lora import LoraConfig
+
+        LoraConfig.from_section(s, what=path.rstrip("."))
     if {"beta", "label_smoothing", "loss_type"} <= set(s.keys()):
         from rlft.objectives.dpo import check_dpo_args
 

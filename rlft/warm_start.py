@@ -42,10 +42,9 @@ def decoder_state(cfg: ModelConfig, source: LmSource, mesh: Mesh) -> nnx.State:
         state = source
     else:
         if isinstance(source, str):
-            from rlft.checkpoints import load_params
+            from rlft.api import load_values
 
-            values, _ = load_params(source)
-            name = source
+            values, name = load_values(source), source
         else:
             values, name = source, "warm-start params"
         state = fill_params(abstract, _dotted(values), name)

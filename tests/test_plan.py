@@ -11,6 +11,7 @@ from flax import nnx
 from rlft.cli import main
 from rlft.data.batching import TokenBatch
 from rlft.models import Decoder, ModelConfig
+from rlft.models.lora import LoraConfig
 from rlft.plan import memory_plan, parse_mesh, plan_optimizer, rl_inputs, sft_inputs
 from rlft.sharding import make_mesh, shard_batch, sharded_init
 from rlft.steps import batch_shardings, init_sharded_train_state, jit_step, sft_step, train_state_shardings
@@ -95,11 +96,29 @@ def test_rl_plan_counts_the_frozen_reference():
     assert stats.alias_bytes <= argument_bytes - _shard_bytes(reference)
 
 
+def test_lora_rl_step_holds_one_copy_of_the_base():
+    """LoRA GRPO: the compiled step's arguments are the frozen base once (it is also the reference,
+    adapters off) plus adapters, their AdamW moments and the rollout; full GRPO holds 4 copies."""
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    lora = LoraConfig(rank=4, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    jitted, args = rl_inputs(CFG, mesh, BATCH, LENGTH, algorithm="grpo", new_tokens=16, group_size=4, lora=lora)
+    state, rollout, reference, frozen = args
+    assert reference is None
+    argument_bytes = jitted.lower(*args).compile().memory_analysis().argument_size_in_bytes
+    base = _shard_bytes(frozen)
+    adapters = _shard_bytes(state.params)
+    assert argument_bytes == base + _shard_bytes((state, rollout))  # the base exactly once
+    assert 0 < _shard_bytes(state) - 3 * adapters < 64  # adapters + AdamW moments + a few scalars
+    full_jitted, full_args = rl_inputs(CFG, mesh, BATCH, LENGTH, algorithm="grpo", new_tokens=16, group_size=4)
+    full_bytes = full_jitted.lower(*full_args).compile().memory_analysis().argument_size_in_bytes
+    assert full_bytes - _shard_bytes(rollout) > 3.9 * base  # params, mu, nu and the reference
+
+
 def test_plan_command_prints_a_table(capsys):
     assert main(["plan", "--model", "tiny_llama", "--devices", "4", "--mesh", "fsdp=4", "--batch", "4",
-                 "--length", "16"]) == 0
+                 "--length", "16", "--lora", "2"]) == 0
     out = capsys.readouterr().out
-    assert "tiny_llama  fsdp=4" in out and "XLA:CPU" in out and "LoRA is not implemented" in out
+    assert "tiny_llama  fsdp=4" in out and "XLA:CPU" in out and "LoRA adapters only" in out
 
 
 def test_plan_command_errors(capsys):

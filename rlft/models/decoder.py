@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rlft.models.config import REMAT_POLICIES, ModelConfig
+from rlft.models.lora import Adapter, LoraConfig
 
 Array = jax.Array
 
@@ -61,6 +62,32 @@ def dense(x: Array, w: Array, b: Array | None, n_in: int, dtype) -> Array:
     if b is not None:
         y = y + b.reshape(-1).astype(dtype)
     return y.reshape(*lead, *out_shape)
+
+
+def add_adapters(module: nnx.Module, lora: LoraConfig | None, axes: dict[str, tuple[str, str]],
+                 dtype, rngs: nnx.Rngs) -> None:
+    """Give each weight of `module` that `lora` targets an `Adapter` named `<weight>_lora`.
+
+    axes: weight name -> (logical axis of its input, of its output) for the adapter's A and B.
+    """
+    for name, (in_axis, out_axis) in axes.items():
+        if lora is None or name not in lora.targets or not hasattr(module, name):
+            continue
+        w = getattr(module, name)
+        n_in = 2 if name == "o" else 1
+        setattr(module, f"{name}_lora", Adapter(math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:]),
+                                                lora, in_axis, out_axis, dtype, rngs))
+
+
+def project(module: nnx.Module, name: str, x: Array, n_in: int, dtype) -> Array:
+    """`dense` of x with weight `name` of `module` (and its bias and LoRA adapter, when present)."""
+    bias = getattr(module, f"{name}_bias", None)
+    y = dense(x, getattr(module, name)[...], None if bias is None else bias[...], n_in, dtype)
+    adapter = getattr(module, f"{name}_lora", None)
+    if adapter is not None:
+        flat = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
+        y = y + adapter(flat.astype(dtype)).reshape(y.shape).astype(y.dtype)
+    return y
 
 
 def activation(name: str, x: Array) -> Array:
@@ -185,7 +212,7 @@ def attention_weights_mask(q_segments: Array, k_segments: Array, q_slots: Array)
 class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with optional RoPE and KV cache."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cfg = cfg
         out_init = _normal(0.02 / math.sqrt(2 * cfg.n_layers))
@@ -199,6 +226,9 @@ class Attention(nnx.Module):
             self.v_bias = _const(0.0, (kv, hd), ("kv_heads", "head_dim"))
         if cfg.out_bias:
             self.o_bias = _const(0.0, (d,), ("embed",))
+        add_adapters(self, lora, {"q": ("embed", "heads"), "k": ("embed", "kv_heads"),
+                                  "v": ("embed", "kv_heads"), "o": ("heads", "embed")},
+                     jnp.dtype(cfg.dtype), rngs)
 
     def __call__(self, x: Array, allowed: Array, kv: tuple | None,
                  rope: tuple[Array, Array] | None = None):
@@ -211,10 +241,7 @@ class Attention(nnx.Module):
         rope: (cos, sin) from `rope_cos_sin` for RoPE families (computed once per forward), else None.
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        bias = lambda name: getattr(self, name)[...] if hasattr(self, name) else None
-        q = dense(x, self.q[...], bias("q_bias"), 1, dtype)
-        k = dense(x, self.k[...], bias("k_bias"), 1, dtype)
-        v = dense(x, self.v[...], bias("v_bias"), 1, dtype)
+        q, k, v = (project(self, name, x, 1, dtype) for name in ("q", "k", "v"))
         if cfg.uses_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, KV, T, Dh], [B, KV, Dh, T]
@@ -239,13 +266,13 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bkds->btkgd", probs, v.astype(dtype)).reshape(b, t, h, hd)
-        return dense(out, self.o[...], bias("o_bias"), 2, dtype), new_kv
+        return project(self, "o", out, 2, dtype), new_kv
 
 
 class MLP(nnx.Module):
     """GELU MLP with biases (GPT-2) or SwiGLU (Llama/Qwen2)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, f = cfg.d_model, cfg.d_ff
         self.cfg = cfg
         out_init = _normal(0.02 / math.sqrt(2 * cfg.n_layers))
@@ -258,26 +285,27 @@ class MLP(nnx.Module):
                 self.gate_bias = _const(0.0, (f,), ("mlp",))
             self.up_bias = _const(0.0, (f,), ("mlp",))
             self.down_bias = _const(0.0, (d,), ("embed",))
+        add_adapters(self, lora, {"gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")},
+                     jnp.dtype(cfg.dtype), rngs)
 
     def __call__(self, x: Array) -> Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        bias = lambda name: getattr(self, name)[...] if hasattr(self, name) else None
-        up = dense(x, self.up[...], bias("up_bias"), 1, dtype)
+        up = project(self, "up", x, 1, dtype)
         if cfg.gated_mlp:
-            up = activation(cfg.activation, dense(x, self.gate[...], bias("gate_bias"), 1, dtype)) * up
+            up = activation(cfg.activation, project(self, "gate", x, 1, dtype)) * up
         else:
             up = activation(cfg.activation, up)
-        return dense(up, self.down[...], bias("down_bias"), 1, dtype)
+        return project(self, "down", up, 1, dtype)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         self.attn_norm = Norm(cfg)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, lora)
         self.mlp_norm = Norm(cfg)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, lora)
 
     def __call__(self, x, allowed, kv, rope=None):
         a, kv = self.attn(self.attn_norm(x), allowed, kv, rope)
@@ -311,16 +339,18 @@ class Decoder(nnx.Module):
     """A decoder-only language model; `__call__` gives logits, `decode` reads/writes a KVCache.
 
     `layers` is an nnx.List of Blocks, or with `cfg.scan_layers` one Block whose parameters carry a
-    leading [n_layers] axis (logical axis "layers", never sharded).
+    leading [n_layers] axis (logical axis "layers", never sharded). `lora` adds low-rank adapters
+    to the targeted dense weights (rlft/models/lora.py); None builds the plain model.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         self.config = cfg
+        self.lora = lora
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         if not cfg.uses_rope:
             self.pos_embed = _param(rngs, (cfg.max_positions, cfg.d_model), ("positions", "embed"),
                                     _normal(0.01))
-        blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+        blocks = [Block(cfg, rngs, lora) for _ in range(cfg.n_layers)]
         self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:

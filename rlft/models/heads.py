@@ -8,6 +8,7 @@ from flax import nnx
 
 from rlft.models.config import ModelConfig
 from rlft.models.decoder import Decoder
+from rlft.models.lora import LoraConfig
 
 
 class ScalarHead(nnx.Module):
@@ -29,8 +30,9 @@ class ScalarModel(nnx.Module):
     last real token (reward) or at every completion token (value).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, head_init_std: float = 0.0):
-        self.backbone = Decoder(cfg, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, head_init_std: float = 0.0,
+                 lora: LoraConfig | None = None):
+        self.backbone = Decoder(cfg, rngs=rngs, lora=lora)
         self.head = ScalarHead(cfg.d_model, rngs=rngs, init_std=head_init_std)
 
     @property

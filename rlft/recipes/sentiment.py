@@ -63,6 +63,7 @@ class Base:
     mesh: Mesh
     graphdef: nnx.GraphDef
     params: nnx.State
+    source: str  # the stage directory `params` come from (a LoRA stage records it as its base)
 
     @property
     def pad_id(self) -> int:
@@ -101,7 +102,7 @@ def pretrain_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
     save_model_config(workdir, model_cfg)
     mesh = make_mesh(dict(config.mesh))
     graphdef, params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
-    base = Base(tokenizer, model_cfg, mesh, graphdef, params)
+    base = Base(tokenizer, model_cfg, mesh, graphdef, params, os.path.join(workdir, "pretrain"))
     corpus = [base.encode_sentence(r["text"]) for r in rows]
     base.params = run_sft_stage("pretrain", workdir, graphdef, params, corpus, config.pretrain, mesh,
                                 config.seed, base.pad_id)
@@ -125,7 +126,7 @@ def base_from_run(run_dir: str, stage: str, workdir: str, mesh_shape: dict) -> B
     save_model_config(workdir, model_cfg)
     mesh = make_mesh(mesh_shape)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
-    return Base(tokenizer, model_cfg, mesh, graphdef, decoder_state(model_cfg, stage_dir, mesh))
+    return Base(tokenizer, model_cfg, mesh, graphdef, decoder_state(model_cfg, stage_dir, mesh), stage_dir)
 
 
 def pretrained_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
