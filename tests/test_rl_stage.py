@@ -2,13 +2,14 @@
 position), checkpoints of the whole PGState, metrics under trl's names, reward-function checks."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from rlft.checkpoints import Checkpointer
+from rlft.checkpoints import Checkpointer, load_params
 from rlft.data.arithmetic import build_tokenizer
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
@@ -35,9 +36,10 @@ def stage_config(**overrides):
                 algorithm="ppo", minibatches=2, epochs=2, save_every=2,
                 kl=dict(controller="adaptive", target=0.5, horizon=100.0))
     base.update(overrides)
-    kl = base.pop("kl")
+    kl, lora = base.pop("kl"), base.pop("lora", {})
     cfg = rl_stage_config(**base)
     cfg.kl.update(kl)
+    cfg.lora.update(lora)
     return cfg
 
 
@@ -105,7 +107,6 @@ def test_checkpoint_holds_the_whole_rl_state(tmp_path):
 
     policy = rlft.load(str(tmp_path / "rl"))  # the policy loads like any language-model stage
     assert policy.kind == "lm" and policy.generate(["1+2="], max_new_tokens=3, temperature=0)["text"]
-    from rlft.checkpoints import load_params
     import orbax.checkpoint as ocp
 
     meta = ocp.PyTreeCheckpointHandler().metadata(step_dir).tree
@@ -135,3 +136,28 @@ def test_reward_registry():
         build_reward("bleu")
     with pytest.raises(RlftError, match="cannot import"):
         build_reward("python", spec="no_such_module:f")
+
+
+def _scores(workdir):
+    return [json.loads(line)["objective/scores"] for line in (workdir / "rl" / "metrics.jsonl").open()]
+
+
+def test_lora_rl_raises_the_reward_and_resumes_exactly(tmp_path):
+    """LoRA RLOO on the toy reward: only adapters are checkpointed, the reward rises (measured: mean
+    score of the first 4 steps 0.165, of the last 4 0.30; full fine-tuning reaches 0.88, as it can
+    also move the tied embedding of "1"), and a run interrupted after step 8 resumes bit for bit."""
+    cfg = lambda: stage_config(steps=16, algorithm="rloo", group_size=4, learning_rate=3e-2, minibatches=1,
+                               epochs=1, save_every=8, lora=dict(rank=4, alpha=16.0, targets="q,k,v,o,up,down"))
+    straight = run(tmp_path / "straight", cfg=cfg())
+    scores = _scores(tmp_path / "straight")
+    assert np.mean(scores[-4:]) > np.mean(scores[:4]) + 0.08, scores
+    values, _ = load_params(str(tmp_path / "straight" / "rl"))
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(values)[0]]
+    assert names and all("_lora/" in n for n in names), names[:3]
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "rl", tmp_path / "resumed" / "rl")
+    shutil.rmtree(tmp_path / "resumed" / "rl" / "checkpoints" / "16")
+    resumed = run(tmp_path / "resumed", cfg=cfg())
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(a, b)
+    assert _scores(tmp_path / "resumed") == scores
