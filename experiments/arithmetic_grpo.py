@@ -42,7 +42,7 @@ from rlft.data.batching import pad_left
 from rlft.distributed import is_primary, to_host
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
-from rlft.models import Decoder, ModelConfig
+from rlft.models import Decoder, model_from_section, model_section
 from rlft.rewards import exact_match
 from rlft.rl_stage import rl_stage_config, run_rl_stage
 from rlft.sampling import SamplingParams, sample
@@ -66,7 +66,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict(dict(max_operand=19 if tiny else 99, ops="+",
                                             num_test=64 if tiny else 500, num_train=0))
     prompt_len, completion_len = _lengths(c.task)
-    c.model = ml_collections.ConfigDict(dict(d_model=128, n_layers=3, n_heads=4, max_positions=64))
+    c.model = model_section(d_model=128, n_layers=3, n_heads=4, max_positions=64)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # The learning rate warms up over the whole SFT budget (no decay): measured, this makes the
     # SFT accuracy after the budget far less seed-dependent than warm-up + cosine (module doc).
@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer = arithmetic.build_tokenizer(os.path.join(workdir, "tokenizer"))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
-    model_cfg = ModelConfig.gpt2(vocab_size=len(tokenizer), **config.model)
+    model_cfg = model_from_section(config.model, len(tokenizer))
     save_model_config(workdir, model_cfg)
     mesh = make_mesh(dict(config.mesh))
     graphdef, init_params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)

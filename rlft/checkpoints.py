@@ -44,6 +44,7 @@ from flax import nnx
 from rlft.config import changed_fields, format_changes
 from rlft.distributed import barrier, is_primary
 from rlft.errors import RlftError
+from rlft.files import write_text
 from rlft.models.config import ModelConfig
 
 PARAMS, TRAIN, EXTRA = "params", "train", "extra"
@@ -409,12 +410,15 @@ def save_model_config(workdir: str | Path, cfg: ModelConfig) -> Path:
         if problem := _json_problem(path, "it"):
             raise RlftError(f"{path}: {problem}; it describes the checkpoints of {workdir}, so it is not "
                             f"replaced: restore it or use a new work directory")
-        if changes := changed_fields(_with_defaults(json.loads(path.read_bytes())), new):
+        saved = _with_defaults(json.loads(path.read_bytes()))
+        # remat changes how the backward is computed, not the parameters: it may change on resume.
+        if changes := [c for c in changed_fields(saved, new) if c[0] != "remat"]:
             raise RlftError(f"{path} describes another model ({format_changes(changes)}): the checkpoints "
                             f"in {workdir} have its shapes; use its model settings or a new work directory")
-        return path
+        if saved.get("remat") == new["remat"]:
+            return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -119,6 +119,8 @@ def apply_override(config: ml_collections.ConfigDict, field: str, text: str) -> 
         node = child
     if parts[-1] not in node:
         raise _unknown_field(node, field, parts, len(parts) - 1)
+    if isinstance(node[parts[-1]], ml_collections.ConfigDict) and "name" in node[parts[-1]]:
+        node, parts, field = node[parts[-1]], [*parts, "name"], f"{field}.name"  # --config.model=NAME
     value = _parse_value(text, node[parts[-1]], field)
     try:
         node[parts[-1]] = value
@@ -226,6 +228,7 @@ SAFE_ON_RESUME: dict[str, str] = {
     "save_every": "checkpoint cadence",
     "keep": "how many checkpoints are kept",
     "eval.*": "any field of an `eval` section, at any depth: evaluation reads it, training never does",
+    "model.remat": "rematerialisation policy: the same parameters and values, another memory/compute trade",
 }
 _SAFE_SUMMARY = f"{', '.join(SAFE_ON_RESUME)}; steps only upwards"
 
@@ -263,7 +266,7 @@ def safe_on_resume(field: str, old: Any, new: Any) -> bool:
         return False
     if leaf == "steps":
         return all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and new >= old
-    return leaf in ("save_every", "keep")
+    return leaf in ("save_every", "keep") or field == "model.remat"
 
 
 def config_changes(workdir: str, config: ml_collections.ConfigDict, experiment_path: str,

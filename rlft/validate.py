@@ -19,6 +19,7 @@ from typing import Any, Callable
 import ml_collections
 
 from rlft.errors import RlftError
+from rlft.models.config import NAMED_CONFIGS, REMAT_POLICIES, model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,14 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _known_model(name: Any) -> bool:
+    try:
+        model_config(str(name))
+    except RlftError:
+        return False
+    return True
 
 
 def _int(low: int, note: str = "") -> Rule:
@@ -93,6 +102,10 @@ RULES: dict[str, Rule] = {
     "mesh.tensor": _MESH_AXIS,
     "tokenizer.vocab_size": _int(258, " (byte-level BPE: 256 bytes, EOS and pad)"),
     "lora.rank": _int(0, " (0 = full fine-tuning)"),
+    "model.remat": Rule(lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
+    "model.scan_layers": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "model.name": Rule(lambda v: v == "" or _known_model(v), f"empty (the experiment's own shape) or one "
+                       f"of {', '.join(NAMED_CONFIGS)}"),
     "lora.alpha": _number(0, open_low=True),
 }
 

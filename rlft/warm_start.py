@@ -9,9 +9,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel
-from rlft.models.params import fill_params
+from rlft.models.params import fill_params, flatten_params
 from rlft.sharding import sharded_init, state_shardings
 
 LmSource = str | nnx.State | dict  # a stage/checkpoint dir, an in-memory state or a pure dict
@@ -32,14 +31,15 @@ def _dotted(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 def decoder_state(cfg: ModelConfig, source: LmSource, mesh: Mesh) -> nnx.State:
     """Decoder params for `cfg` from `source`, checked by name and shape, placed by the sharding rules.
 
-    An in-memory nnx.State must have the Decoder's structure; it is re-placed, not copied to host.
+    An in-memory nnx.State with the Decoder's structure is re-placed, not copied to host; one in
+    the other layer layout (unrolled vs `scan_layers`) is converted by name (through the host).
     """
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     if isinstance(source, nnx.State):
-        if jax.tree.structure(source) != jax.tree.structure(abstract):
-            raise RlftError("warm start: the given params do not have the structure of a Decoder "
-                            "with this model config")
-        state = source
+        if jax.tree.structure(source) == jax.tree.structure(abstract):
+            state = source
+        else:  # another layout, or not this model: fill_params converts or names what does not fit
+            state = fill_params(abstract, flatten_params(source), "warm-start params")
     else:
         if isinstance(source, str):
             from rlft.api import load_values

@@ -9,7 +9,7 @@ import pytest
 from rlft.checkpoints import save_model_config
 from rlft.cli import main
 from rlft.errors import RlftError
-from rlft.models import ModelConfig
+from rlft.models import ModelConfig, model_config, model_from_section, model_section
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 EXPERIMENT = os.path.join(FIXTURES, "contract_experiment.py")
@@ -102,6 +102,32 @@ def test_model_shape_change_is_refused_and_model_config_kept(run_dir, capsys):
     path.write_text("{garbled")
     with pytest.raises(RlftError, match="not valid JSON.*not replaced"):
         save_model_config(run_dir, ModelConfig.gpt2(vocab_size=64))
+
+
+def test_remat_may_change_on_resume_the_layout_may_not(run_dir, capsys):
+    assert _run(run_dir, "--config.model.remat=full") == 2  # a change like any other: needs --override
+    assert "model.remat 'none' -> 'full'" in _refused(capsys)
+    assert _run(run_dir, "--config.model.remat=full", "--override") == 0
+    capsys.readouterr()
+    assert json.load(open(run_dir / "model_config.json"))["remat"] == "full"
+    entry = json.loads(open(run_dir / "config_changes.jsonl").readline())
+    assert entry["changes"] == {"model.remat": {"old": "none", "new": "full"}}
+    assert _run(run_dir, "--config.model.remat=full", "--config.model.scan_layers=true", "--override") == 2
+    assert "--override cannot change model.scan_layers False -> True" in _refused(capsys)
+
+
+def test_config_model_name_selects_a_named_model(run_dir, capsys):
+    assert _run(run_dir, "--config.model=llama2_7b", "--print-config") == 0
+    assert "--config.model.name=llama2_7b" in capsys.readouterr().out
+    assert _run(run_dir, "--config.model=llama-9b", "--print-config") == 0  # print-config does not validate
+    capsys.readouterr()
+    assert _run(run_dir, "--config.model=llama-9b") == 2
+    assert "model.name='llama-9b': must be empty (the experiment's own shape) or one of gpt2" in _refused(capsys)
+    section = model_section(d_model=32, n_layers=2, n_heads=4, max_positions=64)
+    section.update(name="tiny_llama", remat="dots", scan_layers=True)
+    assert model_from_section(section, 300) == model_config("tiny_llama", remat="dots", scan_layers=True)
+    with pytest.raises(RlftError, match=r"model.name='tiny_llama': its vocabulary \(512 tokens\) is smaller"):
+        model_from_section(section, 100_000)
 
 
 def test_another_experiment_in_the_run_dir_is_refused(run_dir, capsys):

@@ -194,3 +194,30 @@ def model_config(name: str, **changes: Any) -> ModelConfig:
     if unknown:
         raise RlftError(f"model {canonical}: unknown model config field(s) {unknown}")
     return cfg.replace(**changes) if changes else cfg
+
+
+def model_section(**shape: Any):
+    """An experiment's `model` config section: a GPT-2-family shape (`shape`: d_model, n_layers,
+    n_heads, max_positions, ...) plus `name` ("" = that shape; else a NAMED_CONFIGS model, e.g.
+    `--config.model=llama2_7b`), `remat` and `scan_layers`."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(name="", **shape, remat="none", scan_layers=False))
+
+
+def model_from_section(section: Any, vocab_size: int) -> ModelConfig:
+    """The ModelConfig a `model_section` describes, for a tokenizer of `vocab_size` tokens.
+
+    A named model keeps its own shape (the section's shape fields are then unused) and vocabulary,
+    which must hold the tokenizer's; `remat` and `scan_layers` apply either way.
+    """
+    fields = dict(section)
+    name = fields.pop("name", "")
+    runtime = {k: fields.pop(k) for k in ("remat", "scan_layers", "dtype") if k in fields}
+    if not name:
+        return ModelConfig.gpt2(vocab_size=vocab_size, **fields, **runtime)
+    cfg = model_config(name, **runtime)
+    if vocab_size > cfg.vocab_size:
+        raise RlftError(f"model.name={name!r}: its vocabulary ({cfg.vocab_size} tokens) is smaller than the "
+                        f"tokenizer's ({vocab_size}); raise the model's or lower tokenizer.vocab_size")
+    return cfg

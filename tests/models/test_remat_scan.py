@@ -155,6 +155,21 @@ def test_scanned_equals_unrolled(family):
     _assert_close(unstack_layers(scanned_grads), grads, atol=1e-5)
 
 
+def test_warm_start_converts_an_in_memory_state_between_layouts():
+    from rlft.warm_start import decoder_state
+
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2])
+    cfg = CONFIGS["llama"]
+    _, params = _model(cfg)
+    scanned = decoder_state(cfg.replace(scan_layers=True), params, mesh)
+    assert scanned["layers"]["attn"]["q"][...].shape[0] == cfg.n_layers
+    _assert_close(unstack_layers(flatten_params(scanned)), flatten_params(params), atol=0)
+    back = decoder_state(cfg, scanned, mesh)
+    _assert_close(flatten_params(back), flatten_params(params), atol=0)
+    with pytest.raises(RlftError, match="warm-start params: parameters do not match the model config"):
+        decoder_state(cfg.replace(n_layers=2), params, mesh)
+
+
 def test_layer_names_convert_both_ways_and_gaps_are_errors():
     values = {"embed": np.zeros(2), "backbone.layers.0.mlp.up": np.zeros(3),
               "backbone.layers.1.mlp.up": np.ones(3)}
