@@ -258,7 +258,7 @@ class Model:
         return self.tokenizer
 
 
-def _run_dir_of(path: str) -> str | None:
+def run_dir_of(path: str) -> str | None:
     """The rlft run directory holding `path` (the first ancestor with model_config.json)."""
     from rlft.checkpoints import MODEL_CONFIG_FILE
 
@@ -307,7 +307,7 @@ def load_values(path: str) -> dict:
     from rlft.stages import read_stages
 
     values, _ = load_params(path)
-    run_dir = _run_dir_of(path)
+    run_dir = run_dir_of(path)
     if run_dir is None:
         return values
     stage = os.path.relpath(os.path.abspath(path), run_dir).split(os.sep)[0]
@@ -349,7 +349,7 @@ def load(path: str) -> Model:
     if hf.is_hf_checkpoint(path):
         cfg, params, tokenizer = hf.load_hf_checkpoint(path)
         return Model(config=cfg, params=params, tokenizer=tokenizer)
-    run_dir = _run_dir_of(path)
+    run_dir = run_dir_of(path)
     if run_dir is None:
         raise RlftError(f"{path}: not a Hugging Face checkpoint directory (no config.json) "
                         f"nor inside an rlft run directory (no model_config.json)")

@@ -83,11 +83,12 @@ def eval_command(run_dir: str) -> dict:
     return module.evaluate(config, run_dir) or {}
 
 
-def export_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
+def export_command(checkpoint: str, out: str, overwrite: bool = False, adapters_only: bool = False) -> None:
     """Write a Hugging Face checkpoint directory from anything `rlft.load` takes.
 
     A non-empty OUT is refused unless `overwrite`; then it is replaced as a whole (no file of an
-    earlier export survives). OUT may not hold the checkpoint being exported.
+    earlier export survives). OUT may not hold the checkpoint being exported. A LoRA stage exports
+    merged, or with `adapters_only` as a PEFT adapter directory.
     """
     import rlft
     from rlft.models.hf import check_export_dir, save_hf_checkpoint
@@ -96,11 +97,31 @@ def export_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
     source, target = os.path.realpath(checkpoint), os.path.realpath(out)
     if overwrite and (source == target or source.startswith(target + os.sep)):
         raise RlftError(f"--out {out}: holds the checkpoint being exported ({checkpoint}); choose another directory")
+    if adapters_only:
+        return _export_adapters(checkpoint, out, overwrite)
     model = rlft.load(checkpoint)
     if model.kind != "lm":
         raise RlftError(f"{checkpoint}: only language models export to Hugging Face format")
     save_hf_checkpoint(model.config, model.params, out, model.tokenizer, overwrite=overwrite)
     print(f"rlft: wrote {out}", file=sys.stderr)
+
+
+def _export_adapters(checkpoint: str, out: str, overwrite: bool) -> None:
+    """`rlft export --adapters-only`: a LoRA stage's adapters as a PEFT adapter directory."""
+    from rlft.api import run_dir_of
+    from rlft.checkpoints import load_model_config, load_params
+    from rlft.models.hf import save_peft_adapters
+    from rlft.models.lora import read_lora_record
+
+    run_dir = run_dir_of(checkpoint)
+    stage = None if run_dir is None else os.path.relpath(os.path.abspath(checkpoint), run_dir).split(os.sep)[0]
+    record = None if stage in (None, ".") else read_lora_record(os.path.join(run_dir, stage))
+    if record is None:
+        raise RlftError(f"{checkpoint}: --adapters-only needs a LoRA stage (STAGE/lora.json); this is not one")
+    lora, base = record
+    values, _ = load_params(checkpoint)
+    save_peft_adapters(load_model_config(run_dir), values, lora, out, base=base, overwrite=overwrite)
+    print(f"rlft: wrote {out} (LoRA adapters, PEFT format)", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory (absent or empty)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out as a whole (no file of an earlier export survives)")
+    export.add_argument("--adapters-only", action="store_true",
+                        help="a LoRA stage's adapters alone, as a PEFT adapter directory (Llama/Qwen2); "
+                             "default: the merged model")
     sub.add_parser("sample", help="sample completions from a checkpoint", add_help=False)
     add_plan_parser(sub)
     return parser
@@ -160,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = eval_command(args.run_dir)
             print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}, indent=2, default=str))
         elif args.command == "export":
-            export_command(args.checkpoint, args.out, args.overwrite)
+            export_command(args.checkpoint, args.out, args.overwrite, args.adapters_only)
         elif args.command == "plan":
             request_host_devices(args.devices)  # before anything starts JAX
             plan_command(args)

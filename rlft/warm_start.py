@@ -5,27 +5,14 @@ of a ScalarModel (reward model, critic), from memory or from an rlft run/stage/c
 from __future__ import annotations
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from rlft.models import Decoder, ModelConfig, ScalarModel
-from rlft.models.params import fill_params, flatten_params
+from rlft.models.params import dotted_names, fill_params, flatten_params
 from rlft.sharding import sharded_init, state_shardings
 
 LmSource = str | nnx.State | dict  # a stage/checkpoint dir, an in-memory state or a pure dict
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """{"layers.0.attn.q": array, ...} from a nested (nnx.to_pure_dict layout) dict."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_dotted(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def decoder_state(cfg: ModelConfig, source: LmSource, mesh: Mesh) -> nnx.State:
@@ -47,7 +34,7 @@ def decoder_state(cfg: ModelConfig, source: LmSource, mesh: Mesh) -> nnx.State:
             values, name = load_values(source), source
         else:
             values, name = source, "warm-start params"
-        state = fill_params(abstract, _dotted(values), name)
+        state = fill_params(abstract, dotted_names(values), name)
     return jax.device_put(state, state_shardings(abstract, mesh))
 
 

@@ -21,7 +21,7 @@ from rlft.errors import RlftError
 from rlft.files import read_json
 from rlft.models.config import ModelConfig
 from rlft.models.decoder import Decoder
-from rlft.models.params import fill_params, flatten_params, unstack_layers
+from rlft.models.params import dotted_names, fill_params, flatten_params, unstack_layers
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -265,17 +265,25 @@ def save_hf_checkpoint(cfg: ModelConfig, params: nnx.State, out_dir: str, tokeni
     """
     from safetensors.numpy import save_file
 
+    def fill(fresh: str) -> None:
+        hf_config(cfg, tokenizer).save_pretrained(fresh)
+        save_file(hf_tensors_from_params(cfg, params), os.path.join(fresh, "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(fresh)
+
+    _write_dir(out_dir, overwrite, fill)
+
+
+def _write_dir(out_dir: str, overwrite: bool, fill: Callable[[str], None]) -> None:
+    """Run fill(fresh) on a fresh sibling directory, then swap it in for `out_dir` (see check_export_dir)."""
     check_export_dir(out_dir, overwrite)
     parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     fresh = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
     os.mkdir(fresh)
     try:
-        hf_config(cfg, tokenizer).save_pretrained(fresh)
-        save_file(hf_tensors_from_params(cfg, params), os.path.join(fresh, "model.safetensors"),
-                  metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(fresh)
+        fill(fresh)
         if os.path.lexists(out_dir):
             os.rename(out_dir, fresh + ".old")
             try:
@@ -300,3 +308,50 @@ def load_hf_checkpoint(path: str):
 
         tokenizer = read_pretrained_tokenizer(path)
     return cfg, params, tokenizer
+
+
+# Our adapter targets -> the Llama/Qwen2 module names PEFT targets (torch Linear layers).
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def save_peft_adapters(cfg: ModelConfig, adapters: dict, lora, out_dir: str, base: str | None = None,
+                       overwrite: bool = False) -> None:
+    """Write a LoRA stage's adapters alone as a PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(base_model, out_dir)`.
+
+    adapters: the stage's checkpoint params (nested, `nnx.to_pure_dict` layout, either layer layout);
+    ours are A [in, r], B [r, out] on flattened weights, PEFT's lora_A [r, in] and lora_B [out, r]
+    with the same alpha / r scale. Llama and Qwen2 only: GPT-2's fused c_attn has no per-q/k/v module.
+    """
+    import json
+
+    from safetensors.numpy import save_file
+
+    if cfg.family == "gpt2":
+        raise RlftError("export --adapters-only: GPT-2 fuses q, k and v into one c_attn module, which rlft's "
+                        "per-weight adapters do not map onto; export the merged model instead")
+    flat = unstack_layers({k: np.asarray(v, np.float32) for k, v in dotted_names(adapters).items()})
+    tensors = {}
+    for name, value in flat.items():
+        parts = name.split(".")  # layers.{i}.{attn|mlp}.{target}_lora.lora_{a|b}
+        if len(parts) != 5 or parts[0] != "layers" or not parts[3].endswith("_lora"):
+            continue  # not an adapter (e.g. a reward model's head)
+        target, which = parts[3][: -len("_lora")], parts[4]
+        prefix = f"base_model.model.model.layers.{parts[1]}.{PEFT_MODULES[target]}"
+        key = f"{prefix}.lora_{'A' if which == 'lora_a' else 'B'}.weight"
+        tensors[key] = np.ascontiguousarray(value.T)
+    if not tensors:
+        raise RlftError("export --adapters-only: the checkpoint holds no LoRA adapters")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "target_modules": sorted(PEFT_MODULES[t].split(".")[-1] for t in lora.targets),
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "inference_mode": True, "base_model_name_or_path": base}
+
+    def fill(fresh: str) -> None:
+        save_file(tensors, os.path.join(fresh, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(fresh, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+    _write_dir(out_dir, overwrite, fill)
+

@@ -27,6 +27,18 @@ def flatten_params(state: nnx.State) -> dict[str, jax.Array]:
     return {".".join(str(k) for k in path): var[...] for path, var in nnx.to_flat_state(state)}
 
 
+def dotted_names(tree: dict, prefix: str = "") -> dict:
+    """{"layers.0.attn.q": array, ...} from a nested dict (the `nnx.to_pure_dict` layout)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(dotted_names(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def stack_layers(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-layer names -> stacked: {"layers.{i}.X": [...]} for i < L becomes {"layers.X": [L, ...]}.
 

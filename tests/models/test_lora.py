@@ -239,3 +239,31 @@ def test_a_lora_stage_without_its_base_is_a_clear_error(lora_run, tmp_path):
     shutil.rmtree(copy / "base")
     with pytest.raises(RlftError, match="LoRA stage on the base .*base, which no longer exists"):
         rlft.load(str(copy / "lora"))
+
+
+def test_adapters_only_export_loads_with_peft_onto_the_exported_base(lora_run, tmp_path):
+    """`rlft export --adapters-only`: a PEFT adapter directory; peft on the exported base model
+    gives the merged model's logits (an independent implementation of the same LoRA function)."""
+    import peft
+    import torch
+    import transformers
+
+    workdir, _, graphdef, _, merged = lora_run
+    assert main(["export", str(workdir / "base"), "--out", str(tmp_path / "base")]) == 0
+    assert main(["export", str(workdir / "lora"), "--out", str(tmp_path / "adapters"), "--adapters-only"]) == 0
+    config = json.load(open(tmp_path / "adapters" / "adapter_config.json"))
+    assert config["r"] == 4 and config["lora_alpha"] == 16.0
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                "up_proj", "v_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapters")).eval()
+    tokens = _inputs()[0]
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(np.asarray(tokens))).logits.numpy()
+    np.testing.assert_allclose(theirs, nnx.merge(graphdef, merged)(*_inputs()), atol=1e-4)
+
+
+def test_adapters_only_export_needs_a_lora_stage(lora_run, tmp_path, capsys):
+    workdir = lora_run[0]
+    assert main(["export", str(workdir / "base"), "--out", str(tmp_path / "a"), "--adapters-only"]) == 2
+    assert "--adapters-only needs a LoRA stage" in capsys.readouterr().err
