@@ -150,7 +150,7 @@ def test_scalar_model_backbone_from_an_lm():
     wider = CFG.replace(d_model=64, head_dim=16, d_ff=256)
     with pytest.raises(RlftError, match="parameter embed has shape"):
         decoder_state(wider, nnx.to_pure_dict(lm_host), mesh)
-    with pytest.raises(RlftError, match="structure of a Decoder"):
+    with pytest.raises(RlftError, match="do not match the model config"):
         decoder_state(CFG.replace(n_layers=1), lm, mesh)
 
 

@@ -267,3 +267,77 @@ def test_adapters_only_export_needs_a_lora_stage(lora_run, tmp_path, capsys):
     workdir = lora_run[0]
     assert main(["export", str(workdir / "base"), "--out", str(tmp_path / "a"), "--adapters-only"]) == 2
     assert "--adapters-only needs a LoRA stage" in capsys.readouterr().err
+
+
+# --- LoRA reward and DPO stages ------------------------------------------------------------------
+
+def _pairs(n=24, seed=5):
+    """Preference pairs (prompt, chosen), (prompt, rejected): chosen completions end in token 7."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        prompt = [0] + rng.integers(2, 64, 2).tolist()
+        tail = rng.integers(8, 64, int(rng.integers(1, 6))).tolist()
+        out.append(((prompt, tail + [7]), (prompt, tail + [9])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    """A run dir with a 2-step SFT stage "base" (tiny GPT-2) for LoRA reward / DPO stages to start from."""
+    from tests.pairs_util import CFG as PAIR_CFG
+
+    workdir = tmp_path_factory.mktemp("lora_pairs")
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
+    save_model_config(workdir, PAIR_CFG)
+    graphdef, params = nnx.split(Decoder(PAIR_CFG, rngs=nnx.Rngs(0)))
+    cfg = sft_stage_config(steps=2, batch_size=8, learning_rate=1e-2, max_length=16)
+    examples = [(p, c) for (p, c), _ in _pairs()]
+    base = run_sft_stage("base", str(workdir), graphdef, params, examples, cfg, mesh, seed=0, pad_id=1)
+    return workdir, mesh, PAIR_CFG, graphdef, base
+
+
+def _lora_cfg(section):
+    section.lora.update(rank=4, alpha=16.0, targets="q,k,v,o,up,down")
+    return section
+
+
+def test_lora_reward_stage_trains_adapters_and_head_and_loads_merged(pair_run):
+    from rlft.stages import reward_stage_config, run_reward_stage
+    from rlft.warm_start import scalar_model_from_lm
+
+    workdir, mesh, cfg, _, base = pair_run
+    graphdef, params = scalar_model_from_lm(cfg, base, mesh)
+    section = _lora_cfg(reward_stage_config(steps=12, batch_size=8, learning_rate=3e-2, max_length=16))
+    merged = run_reward_stage("reward", str(workdir), graphdef, params, _pairs(), section, mesh, seed=1,
+                              pad_id=1, base=str(workdir / "base"))
+    lines = [json.loads(line) for line in open(workdir / "reward" / "metrics.jsonl")]
+    assert np.mean([x["train/accuracy"] for x in lines[-3:]]) > 0.9, [x["train/accuracy"] for x in lines]
+    values, _ = load_params(str(workdir / "reward"))
+    assert set(values) == {"backbone", "head"} and set(values["head"]) == {"kernel", "bias"}
+    model = rlft.load(str(workdir / "reward"))
+    assert model.kind == "scalar"
+    tokens, positions, segments = _inputs(rows=3, length=8)
+    tokens = tokens % 64
+    expected = nnx.merge(graphdef, merged)(tokens, positions, segments)
+    np.testing.assert_allclose(nnx.merge(graphdef, model.params)(tokens, positions, segments), expected,
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_lora_dpo_starts_at_log2_and_moves_the_margin(pair_run):
+    """Step 1 of LoRA DPO has policy == reference (B = 0, reference = adapters off): loss log 2."""
+    from rlft.stages import dpo_stage_config, run_dpo_stage
+
+    workdir, mesh, _, graphdef, base = pair_run
+    section = _lora_cfg(dpo_stage_config(steps=12, batch_size=8, learning_rate=1e-2, max_length=16))
+    run_dpo_stage("dpo", str(workdir), graphdef, base, [p for p in _pairs()], section, mesh, seed=2, pad_id=1,
+                  reference_params=base, base=str(workdir / "base"))
+    lines = [json.loads(line) for line in open(workdir / "dpo" / "metrics.jsonl")]
+    assert lines[0]["train/loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+    assert lines[0]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    margins = [x["train/rewards/margins"] for x in lines[1:]]
+    assert min(margins) > 0.0 and margins[-1] > 0.01, margins  # the adapters moved chosen above rejected
+    assert lines[-1]["train/loss"] < np.log(2.0) - 0.005
+    with pytest.raises(RlftError, match="with LoRA .* the DPO reference is the starting policy"):
+        run_dpo_stage("dpo2", str(workdir), graphdef, base, _pairs(), section, mesh, seed=2, pad_id=1,
+                      reference_params=jax.tree.map(lambda x: x + 0, base))
