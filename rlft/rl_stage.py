@@ -38,7 +38,7 @@ from rlft.pg_step import PGState, init_pg_state, pg_step
 from rlft.rewards import RewardFn, check_scores
 from rlft.rl_config import PGConfig, resolve_pg_config, rl_stage_config  # noqa: F401 (re-export)
 from rlft.rollout import sample_rollout
-from rlft.sharding import batch_sharding, sharded_init
+from rlft.sharding import MeshJit, batch_sharding, sharded_init
 from rlft.stages import lora_setup, record_stage
 from rlft.steps import (batch_shardings, jit_step, make_optimizer, step_key, train_state_shardings,
                         with_shardings)
@@ -82,9 +82,9 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     between phases, which costs a little overlap; for benchmarks only).
     """
     width = max(len(p["ids"]) for p in prompts)
-    rollout = jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
-                                        max_new_tokens=config.max_new_tokens,
-                                        sampling=config.sampling, mesh=mesh))
+    rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
+                                                max_new_tokens=config.max_new_tokens,
+                                                sampling=config.sampling, mesh=mesh)), mesh)
     extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
     pg = None
     scores_sharding = batch_sharding(mesh, 1)

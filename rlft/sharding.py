@@ -161,6 +161,47 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, batch)
 
 
+def constrain_activation(x: jax.Array, feature_axis: str) -> jax.Array:
+    """Pin a [tokens, features] activation: tokens over the batch axes, features as `feature_axis`'s weights.
+
+    Active only while tracing under `jax.set_mesh` (as `MeshJit` traces the train steps); a no-op
+    otherwise. The features keep the non-batch mesh axes their logical axis maps to (`tensor` for
+    heads/mlp/vocab; nothing for embed, whose `fsdp` sharding is for weights only). Without it,
+    XLA's partitioner met an FSDP-sharded weight by all-gathering the whole global batch's
+    activations (docs/big_models.md). A dimension the axes do not divide is left unconstrained.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return x
+    rules = mesh_rules(mesh)
+    tokens = batch_axes(mesh) or None
+    entry = rules[feature_axis]
+    names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n and n not in BATCH_AXES)
+    features = names or None
+    spec = [axes if axes is None or dim % _mesh_size(mesh, axes) == 0 else None
+            for dim, axes in zip(x.shape, (tokens, features))]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+class MeshJit:
+    """A `jax.jit` function that is traced, lowered and called with `mesh` set (`jax.set_mesh`).
+
+    The mesh in context lets the model constrain its activations (`constrain_activation`);
+    everything else is the jitted function's (call it, or `.lower(...)` it to inspect).
+    """
+
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Fully replicated sharding (scalars, RNG keys, step counters)."""
     return NamedSharding(mesh, PartitionSpec())

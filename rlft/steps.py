@@ -27,7 +27,7 @@ from rlft.objectives.dpo import check_dpo_args, dpo_loss, pair_logprobs
 from rlft.objectives.reward import reward_loss
 from rlft.objectives.sft import sft_loss
 from rlft.ops import batch_field
-from rlft.sharding import batch_sharding, checked_sharding, replicated
+from rlft.sharding import MeshJit, batch_sharding, checked_sharding, replicated
 
 Array = jax.Array
 LossFn = Callable[[nnx.State, Any], tuple[Array, Array, dict]]
@@ -362,10 +362,12 @@ def jit_step(step_fn: Callable[..., tuple[Any, dict]], state_shardings: Any,
              **static: Any) -> Callable:
     """jax.jit(step_fn(state, batch, *extra, **static)) with explicit shardings, metrics replicated.
 
+    Traced with `mesh` set (`MeshJit`), so that the model keeps its activations batch-sharded.
+
     Compiles on first call (lower it with `.lower(...)` to inspect). Only the state is donated; `extra_shardings` place further positional arguments (e.g. the
     frozen reference params of `dpo_step`), which are never donated.
     """
-    return jax.jit(functools.partial(step_fn, **static),
-                   in_shardings=(state_shardings, batch_sharding_tree, *extra_shardings),
-                   out_shardings=(state_shardings, replicated(mesh)),
-                   donate_argnums=0)
+    return MeshJit(jax.jit(functools.partial(step_fn, **static),
+                           in_shardings=(state_shardings, batch_sharding_tree, *extra_shardings),
+                           out_shardings=(state_shardings, replicated(mesh)),
+                           donate_argnums=0), mesh)

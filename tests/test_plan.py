@@ -135,3 +135,19 @@ def test_parse_mesh():
     assert parse_mesh("fsdp=4,tensor=2", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
     with pytest.raises(Exception, match="expected AXIS=SIZE"):
         parse_mesh("model=8", 8)
+
+
+def test_fsdp_activations_stay_batch_sharded():
+    """At one row per device, the per-device temporaries of the SFT step do not grow with the FSDP
+    degree: activations stay batch-sharded and only weights are all-gathered. Compiled without the
+    mesh in context (no activation constraints), XLA all-gathers the global batch's activations."""
+    cfg = ModelConfig.llama(vocab_size=1024, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=1024,
+                            max_positions=512)
+    temps, unconstrained = {}, {}
+    for fsdp in (1, 8):
+        mesh = make_mesh({"data": 1, "fsdp": fsdp, "tensor": 1}, jax.devices()[:fsdp])
+        jitted, args = sft_inputs(cfg, mesh, fsdp, 512)
+        temps[fsdp] = jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+        unconstrained[fsdp] = jitted.jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temps[8] <= 1.1 * temps[1], temps
+    assert unconstrained[8] > 1.5 * temps[8], (unconstrained, temps)  # what the constraints prevent

@@ -27,6 +27,7 @@ from flax import nnx, struct
 
 from rlft.models.config import REMAT_POLICIES, ModelConfig
 from rlft.models.lora import Adapter, LoraConfig
+from rlft.sharding import constrain_activation
 
 Array = jax.Array
 
@@ -54,23 +55,26 @@ def _const(value: float, shape: tuple, axes: tuple) -> nnx.Param:
     return nnx.Param(jnp.full(shape, value, jnp.float32), logical_axes=axes)
 
 
-def dense(x: Array, w: Array, b: Array | None, n_in: int, dtype) -> Array:
-    """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul."""
+def dense(x: Array, w: Array, b: Array | None, n_in: int, dtype, axes: tuple[str, str]) -> Array:
+    """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul.
+
+    axes: the logical axes of the input and output features (the weight's first input and output
+    axis), by which the 2-D activations are kept sharded (`constrain_activation`).
+    """
     lead, in_shape, out_shape = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    y = jnp.dot(x.reshape(-1, math.prod(in_shape)).astype(dtype),
-                w.reshape(math.prod(in_shape), -1).astype(dtype))
+    x2 = constrain_activation(x.reshape(-1, math.prod(in_shape)).astype(dtype), axes[0])
+    y = jnp.dot(x2, w.reshape(math.prod(in_shape), -1).astype(dtype))
     if b is not None:
         y = y + b.reshape(-1).astype(dtype)
-    return y.reshape(*lead, *out_shape)
+    return constrain_activation(y, axes[1]).reshape(*lead, *out_shape)
 
 
-def add_adapters(module: nnx.Module, lora: LoraConfig | None, axes: dict[str, tuple[str, str]],
-                 dtype, rngs: nnx.Rngs) -> None:
+def add_adapters(module: nnx.Module, lora: LoraConfig | None, dtype, rngs: nnx.Rngs) -> None:
     """Give each weight of `module` that `lora` targets an `Adapter` named `<weight>_lora`.
 
-    axes: weight name -> (logical axis of its input, of its output) for the adapter's A and B.
+    The adapter's A and B take the logical axes of the weight's input and output (`DENSE_AXES`).
     """
-    for name, (in_axis, out_axis) in axes.items():
+    for name, (in_axis, out_axis) in module.DENSE_AXES.items():
         if lora is None or name not in lora.targets or not hasattr(module, name):
             continue
         w = getattr(module, name)
@@ -82,7 +86,8 @@ def add_adapters(module: nnx.Module, lora: LoraConfig | None, axes: dict[str, tu
 def project(module: nnx.Module, name: str, x: Array, n_in: int, dtype) -> Array:
     """`dense` of x with weight `name` of `module` (and its bias and LoRA adapter, when present)."""
     bias = getattr(module, f"{name}_bias", None)
-    y = dense(x, getattr(module, name)[...], None if bias is None else bias[...], n_in, dtype)
+    y = dense(x, getattr(module, name)[...], None if bias is None else bias[...], n_in, dtype,
+              module.DENSE_AXES[name])
     adapter = getattr(module, f"{name}_lora", None)
     if adapter is not None:
         flat = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
@@ -212,6 +217,10 @@ def attention_weights_mask(q_segments: Array, k_segments: Array, q_slots: Array)
 class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with optional RoPE and KV cache."""
 
+    # weight -> logical axes of its input and output features (activation sharding, LoRA adapters)
+    DENSE_AXES = {"q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
+                  "o": ("heads", "embed")}
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cfg = cfg
@@ -226,9 +235,7 @@ class Attention(nnx.Module):
             self.v_bias = _const(0.0, (kv, hd), ("kv_heads", "head_dim"))
         if cfg.out_bias:
             self.o_bias = _const(0.0, (d,), ("embed",))
-        add_adapters(self, lora, {"q": ("embed", "heads"), "k": ("embed", "kv_heads"),
-                                  "v": ("embed", "kv_heads"), "o": ("heads", "embed")},
-                     jnp.dtype(cfg.dtype), rngs)
+        add_adapters(self, lora, jnp.dtype(cfg.dtype), rngs)
 
     def __call__(self, x: Array, allowed: Array, kv: tuple | None,
                  rope: tuple[Array, Array] | None = None):
@@ -272,6 +279,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """GELU MLP with biases (GPT-2) or SwiGLU (Llama/Qwen2)."""
 
+    DENSE_AXES = {"gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, f = cfg.d_model, cfg.d_ff
         self.cfg = cfg
@@ -285,8 +294,7 @@ class MLP(nnx.Module):
                 self.gate_bias = _const(0.0, (f,), ("mlp",))
             self.up_bias = _const(0.0, (f,), ("mlp",))
             self.down_bias = _const(0.0, (d,), ("embed",))
-        add_adapters(self, lora, {"gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")},
-                     jnp.dtype(cfg.dtype), rngs)
+        add_adapters(self, lora, jnp.dtype(cfg.dtype), rngs)
 
     def __call__(self, x: Array) -> Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -439,7 +447,7 @@ class Decoder(nnx.Module):
         """LM-head logits in float32: [batch, length, d_model] -> [batch, length, vocab]."""
         dtype = jnp.dtype(self.config.dtype)
         w = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return dense(x, w, None, 1, dtype).astype(jnp.float32)
+        return dense(x, w, None, 1, dtype, ("embed", "vocab")).astype(jnp.float32)
 
     def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
         """Logits float32 [batch, length, vocab] for int [batch, length] inputs (no cache)."""
