@@ -1,7 +1,7 @@
 """Memory plans: compile a training step for abstract inputs on a mesh and read XLA's per-device sizes.
 
     rlft plan --model llama2_7b --devices 8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 \\
-              --batch 8 --length 2048 [--remat none|full|dots] [--scan] [--step sft|rl|grpo|ppo]
+              --batch 8 --length 2048 [--remat none|full|dots] [--scan] [--step sft|rl|grpo|ppo] [--lora 16]
 
 The step is the one training runs: `rlft.steps.sft_step` through `jit_step` with the shardings of
 `abstract_train_state` (as `rlft.stages.run_stage` compiles it), or `rlft.pg_step.pg_step` with a
@@ -12,8 +12,9 @@ materialised: a 7B model plans on a laptop, on N simulated CPU devices
 the partitioned per-device program: an estimate of what a GPU or TPU compiler would allocate (its
 fusions, layouts and collectives differ), not a measurement on such a device.
 
-Full fine-tuning only: float32 parameters with AdamW moments (12 bytes per parameter before
-activations). LoRA is not implemented in rlft yet.
+Full fine-tuning (float32 parameters with AdamW moments: 12 bytes per parameter before
+activations) or, with `--lora RANK`, LoRA: the frozen base as a non-donated argument and AdamW on
+the adapters only. docs/big_models.md holds the measured table.
 """
 
 from __future__ import annotations
