@@ -111,3 +111,20 @@ def test_init_from_copies_finished_stages_and_trains_only_rl(rlhf_tiny_run, tmp_
     metrics = [json.loads(l) for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
     assert len(metrics) == 2 and "val/explained_variance" in metrics[-1]  # PPO: the critic (from the reward model)
     assert 0.0 <= _report(workdir)["gold_win_rate_rl_vs_sft"] <= 1.0
+
+
+@pytest.mark.slow
+def test_lora_rl_raises_the_rollout_reward(rlhf_tiny_run, tmp_path):
+    """LoRA RL (r16 on q, k, v, o, up, down) from the tiny run's SFT policy: the rollout reward of
+    the last quarter of 48 steps is above the first quarter's (seeds 0-2: +0.13, +0.14, +0.19;
+    held-out proxy on 128 prompts +0.12, +0.05, +0.04 with KL 0.2-0.4, where full fine-tuning
+    gets +0.37 with KL 2.9 in 12 steps: the frozen tied embeddings limit what the adapters move)."""
+    workdir = str(tmp_path / "lora")
+    assert main(["run", os.path.join(ROOT, "experiments/sentiment_rlhf.py:tiny"), "--workdir", workdir,
+                 f"--config.init_from={rlhf_tiny_run}", "--config.rl.lora.rank=16", "--config.rl.lora.alpha=32",
+                 "--config.rl.lora.targets=q,k,v,o,up,down", "--config.rl.learning_rate=1e-2",
+                 "--config.rl.steps=48", "--config.eval.num_prompts=16"]) == 0
+    scores = [json.loads(l)["objective/scores"] for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
+    assert len(scores) == 48
+    assert np.mean(scores[-12:]) > np.mean(scores[:12]) + 0.05, scores
+    assert 0.0 < _report(workdir)["kl"]["rl"]  # the merged LoRA policy (rlft.load) moved away from SFT
