@@ -35,6 +35,9 @@ RULES: dict[str, Any] = {
     "layers": None,
     "lora_rank": None,  # the rank of LoRA adapters: small, replicated
 }
+# The mesh axes that shard weights (every rule but the batch's).
+WEIGHT_AXES = tuple(sorted({a for name, entry in RULES.items() if name != "batch"
+                            for a in (entry if isinstance(entry, tuple) else (entry,)) if a}))
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -164,8 +167,9 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def constrain_activation(x: jax.Array, feature_axis: str) -> jax.Array:
     """Pin a [tokens, features] activation: tokens over the batch axes, features as `feature_axis`'s weights.
 
-    Active only while tracing under `jax.set_mesh` (as `MeshJit` traces the train steps); a no-op
-    otherwise. The features keep the non-batch mesh axes their logical axis maps to (`tensor` for
+    Active only while tracing under `jax.set_mesh` (as `MeshJit` traces the train steps) on a mesh
+    that shards weights (fsdp or tensor > 1); a no-op otherwise (data parallel: nothing to fix, and
+    the constraints cost compile time). The features keep the non-batch mesh axes their logical axis maps to (`tensor` for
     heads/mlp/vocab; nothing for embed, whose `fsdp` sharding is for weights only). Without it,
     XLA's partitioner met an FSDP-sharded weight by all-gathering the whole global batch's
     activations (docs/big_models.md). A dimension the axes do not divide is left unconstrained.
@@ -173,6 +177,8 @@ def constrain_activation(x: jax.Array, feature_axis: str) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
         return x
+    if all(mesh.shape[a] == 1 for a in WEIGHT_AXES if a in mesh.shape):
+        return x  # weights replicated (data parallel only): nothing pulls activations off the batch
     rules = mesh_rules(mesh)
     tokens = batch_axes(mesh) or None
     entry = rules[feature_axis]
