@@ -50,10 +50,15 @@ def scores_of(seqs):
     return jnp.sum((seqs.tokens[:, -NEW:] == TARGET) * seqs.completion_mask, -1) / NEW
 
 
+_sample_rollout = jax.jit(functools.partial(sample_rollout, eos_id=EOS, pad_id=PAD, max_new_tokens=NEW),
+                          static_argnames=("graphdef", "sampling"))
+
+
 def rollout(pc, graphdef, params, key, seed=0):
+    """The toy task's rollout (jitted: eager sampling costs seconds per test)."""
     tokens, mask = prompts(seed)
-    return sample_rollout(graphdef, params, tokens, mask, key, eos_id=EOS, pad_id=PAD,
-                          max_new_tokens=NEW, sampling=pc.sampling)
+    return _sample_rollout(graphdef=graphdef, params=params, prompt_tokens=tokens, prompt_mask=mask, key=key,
+                           sampling=pc.sampling)
 
 
 def test_first_minibatch_of_first_epoch_has_ratio_one():
@@ -64,10 +69,10 @@ def test_first_minibatch_of_first_epoch_has_ratio_one():
     tx = make_optimizer(1e-2, 0, 100)
     state = init_pg_state(params, tx, cp, tx, pc.kl_coef, 0)
     seqs = rollout(pc, graphdef, params, jax.random.key(1))
-    experience, _ = make_experience(pc, graphdef, params, seqs, scores_of(seqs), params,
-                                    state.kl_coef, state.baseline, cg, cp)
-    _, stacked = pg_updates(state, experience, jax.random.key(2), graphdef=graphdef, critic_graphdef=cg,
-                            tx=tx, critic_tx=tx, config=pc)
+    experience, _ = jax.jit(functools.partial(make_experience, pc, graphdef, critic_graphdef=cg))(
+        params, seqs, scores_of(seqs), params, state.kl_coef, state.baseline, critic_params=cp)
+    updates = functools.partial(pg_updates, graphdef=graphdef, critic_graphdef=cg, tx=tx, critic_tx=tx, config=pc)
+    _, stacked = jax.jit(updates)(state, experience, jax.random.key(2))
     tokens = np.asarray(stacked["tokens"])
     assert tokens[0] > 0
     np.testing.assert_allclose(np.asarray(stacked["ratio"])[0] / tokens[0], 1.0, atol=1e-5)
