@@ -68,7 +68,8 @@ def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: 
     module, preset, config = _resolved_experiment(spec, overrides)
     validate_config(config)  # nonsensical values fail here, before the run directory is written
     workdir = workdir or _default_workdir(spec, preset)
-    config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset, override)
+    config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset, override,
+                                  defaults=module.get_config(preset))
     print(f"rlft: running {spec} in {workdir}", file=sys.stderr)
     return module.run(config, workdir) or {}
 

@@ -42,8 +42,27 @@ def load_run_experiment(run_dir: str) -> tuple[ModuleType, ml_collections.Config
     if not isinstance(meta.get("path"), str) or not isinstance(meta.get("preset", "default"), str):
         raise RlftError(f"{meta_path}: expected {{\"path\": EXPERIMENT_FILE, \"preset\": PRESET}}; "
                         f"the file is damaged")
-    module, _, _ = load_experiment(f"{meta['path']}:{meta.get('preset', 'default')}")
-    return module, ml_collections.ConfigDict(values)
+    module, _, defaults = load_experiment(f"{meta['path']}:{meta.get('preset', 'default')}")
+    return module, ml_collections.ConfigDict(with_new_defaults(values, defaults))
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as run_config.json holds it (tuples as lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def with_new_defaults(recorded: dict, defaults: ml_collections.ConfigDict) -> dict:
+    """A recorded run config with the fields it lacks taken from the experiment's preset `defaults`.
+
+    A run made before a field existed ran with the behaviour its default keeps (rlft adds fields
+    that way), so `rlft eval` and a resume read the default where the record is silent.
+    """
+    def overlay(base: Any, values: Any) -> Any:
+        if not (isinstance(base, dict) and isinstance(values, dict)):
+            return values
+        return {**base, **{k: overlay(base.get(k), v) for k, v in values.items()}}
+
+    return overlay(_as_json(defaults), recorded)
 
 
 def load_experiment(spec: str) -> tuple[ModuleType, str, ml_collections.ConfigDict]:
@@ -270,17 +289,27 @@ def safe_on_resume(field: str, old: Any, new: Any) -> bool:
 
 
 def config_changes(workdir: str, config: ml_collections.ConfigDict, experiment_path: str,
-                   override: bool = False) -> list[tuple[str, Any, Any]]:
-    """The changes of `config` against WORKDIR/run_config.json ([] for a new run dir), if allowed.
+                   override: bool = False, defaults: ml_collections.ConfigDict | None = None
+                   ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(changes, new fields) of `config` against WORKDIR/run_config.json (both [] for a new run dir).
 
+    New fields are those the record lacks and `config` holds at the experiment's preset `defaults`
+    (fields added to rlft or the experiment after the run started): accepted without --override.
     Raises RlftError listing the differing fields unless `override` and every one is safe on
     resume (`safe_on_resume`); with `override`, the unsafe ones are named. Another experiment file
     than the one recorded in experiment.json counts as the (unsafe) field `experiment`.
     """
     path = os.path.join(workdir, RUN_CONFIG_FILE)
     if not os.path.exists(path):
-        return []
-    changes = changed_fields(read_json(path), json.loads(config.to_json_best_effort()))
+        return [], []
+    recorded, new = read_json(path), _as_json(config)
+    changes = changed_fields(recorded, new)
+    if defaults is not None:
+        at_defaults = changed_fields(recorded, with_new_defaults(recorded, defaults))
+        added = [change for change in changes if change[1] is ABSENT and change in at_defaults]
+        changes = [change for change in changes if change not in added]
+    else:
+        added = []
     if os.path.isfile(os.path.join(workdir, EXPERIMENT_FILE)):
         was = os.path.basename(str(read_json(os.path.join(workdir, EXPERIMENT_FILE)).get("path")))
         if was != os.path.basename(experiment_path):
@@ -294,36 +323,43 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict, experiment_p
     if unsafe:
         raise RlftError(f"{workdir}: --override cannot change {format_changes(unsafe)}: not safe on resume "
                         f"(safe: {safe}); use a new --workdir")
-    return changes
+    return changes, added
 
 
 def write_run_metadata(workdir: str, config: ml_collections.ConfigDict, argv: Sequence[str],
-                       experiment_path: str, preset: str = "default", override: bool = False) -> list:
+                       experiment_path: str, preset: str = "default", override: bool = False,
+                       defaults: ml_collections.ConfigDict | None = None) -> list:
     """Checks `config` against the run directory (`config_changes`), then records this invocation.
 
     run_config.json (the resolved config; not config.json, which means a Hugging Face checkpoint)
     and experiment.json (module and preset, for `rlft eval`) are written by the first run. An
-    accepted --override change is appended to config_changes.jsonl (time, argv, old and new values)
-    before run_config.json takes the new values. command.txt and git.txt get one line per
+    accepted --override change, and fields new since the run started (at their `defaults`), are
+    appended to config_changes.jsonl (time, argv, old and new values; "new_fields") before
+    run_config.json takes the new values. command.txt and git.txt get one line per
     invocation (the command; the commits of the experiment and of rlft), so resumes under other
     code are visible. Returns the changes recorded. With several processes every one checks, before
     any writes, and process 0 writes.
     """
     from rlft.distributed import barrier, is_primary  # imports JAX: not for --print-config
 
-    changes = config_changes(workdir, config, experiment_path, override)
+    changes, added = config_changes(workdir, config, experiment_path, override, defaults)
     barrier("rlft_run_metadata_checked")
     if not is_primary():
         return changes
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, RUN_CONFIG_FILE)
-    if changes:
+    if added:
+        print(f"rlft: {workdir}: fields new since this run started, at their defaults: "
+              f"{', '.join(f'{field}={new!r}' for field, _, new in added)}", file=sys.stderr)
+    if changes or added:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(argv),
                  "changes": {field: {k: v for k, v in (("old", old), ("new", new)) if v is not ABSENT}
                              for field, old, new in changes}}
+        if added:
+            entry["new_fields"] = {field: new for field, _, new in added}
         with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
             f.write(json.dumps(entry) + "\n")
-    if changes or not os.path.exists(config_path):
+    if changes or added or not os.path.exists(config_path):
         write_text(config_path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     if not os.path.exists(os.path.join(workdir, EXPERIMENT_FILE)):
         write_text(os.path.join(workdir, EXPERIMENT_FILE),

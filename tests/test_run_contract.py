@@ -140,3 +140,30 @@ def test_print_config_leaves_the_run_dir_alone(run_dir, capsys):
     assert _run(run_dir, "--config.seed=7", "--print-config") == 0
     assert "--config.seed=7" in capsys.readouterr().out
     assert _snapshot(run_dir) == before
+
+
+def test_fields_new_since_the_run_started_resume_at_their_defaults(run_dir, capsys):
+    """A run dir recorded before a field existed resumes without --override while the field is at
+    its default (recorded in config_changes.jsonl); a non-default value is a change like any other,
+    and `rlft eval`'s view of the run fills the field from the preset."""
+    from rlft.config import load_run_experiment
+
+    path = run_dir / "run_config.json"
+    old = json.load(open(path))
+    del old["model"]["scan_layers"], old["optim"]  # as written by an older rlft / experiment
+    path.write_text(json.dumps(old))
+    _, config = load_run_experiment(str(run_dir))
+    assert config.model.scan_layers is False and config.optim.learning_rate == 1e-3
+
+    before = _snapshot(run_dir)
+    assert _run(run_dir, "--config.optim.learning_rate=1e-4") == 2  # absent -> not the default: refused
+    assert "optim.learning_rate (absent) -> 0.0001" in _refused(capsys)
+    assert _snapshot(run_dir) == before
+
+    assert _run(run_dir) == 0
+    assert "fields new since this run started, at their defaults: model.scan_layers=False, " \
+           "optim.learning_rate=0.001" in capsys.readouterr().err
+    entry = json.loads(open(run_dir / "config_changes.jsonl").readline())
+    assert entry["changes"] == {} and entry["new_fields"] == {"model.scan_layers": False, "optim.learning_rate": 0.001}
+    assert json.load(open(path))["optim"] == {"learning_rate": 0.001}  # the record is complete again
+    assert _run(run_dir) == 0 and len(open(run_dir / "config_changes.jsonl").readlines()) == 1
