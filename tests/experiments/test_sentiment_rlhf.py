@@ -123,7 +123,7 @@ def test_lora_rl_raises_the_rollout_reward(rlhf_tiny_run, tmp_path):
     assert main(["run", os.path.join(ROOT, "experiments/sentiment_rlhf.py:tiny"), "--workdir", workdir,
                  f"--config.init_from={rlhf_tiny_run}", "--config.rl.lora.rank=16", "--config.rl.lora.alpha=32",
                  "--config.rl.lora.targets=q,k,v,o,up,down", "--config.rl.learning_rate=1e-2",
-                 "--config.rl.steps=48", "--config.eval.num_prompts=16"]) == 0
+                 "--config.rl.steps=48", "--config.rl.save_every=24", "--config.eval.num_prompts=16"]) == 0
     scores = [json.loads(l)["objective/scores"] for l in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
     assert len(scores) == 48
     assert np.mean(scores[-12:]) > np.mean(scores[:12]) + 0.05, scores
