@@ -169,10 +169,11 @@ def constrain_activation(x: jax.Array, feature_axis: str) -> jax.Array:
 
     Active only while tracing under `jax.set_mesh` (as `MeshJit` traces the train steps) on a mesh
     that shards weights (fsdp or tensor > 1); a no-op otherwise (data parallel: nothing to fix, and
-    the constraints cost compile time). The features keep the non-batch mesh axes their logical axis maps to (`tensor` for
-    heads/mlp/vocab; nothing for embed, whose `fsdp` sharding is for weights only). Without it,
-    XLA's partitioner met an FSDP-sharded weight by all-gathering the whole global batch's
-    activations (docs/big_models.md). A dimension the axes do not divide is left unconstrained.
+    the constraints cost compile time). The features keep the non-batch mesh axes their logical
+    axis maps to (`tensor` for heads/mlp/vocab; nothing for embed, whose `fsdp` sharding is for
+    weights only). Without it, XLA's partitioner met an FSDP-sharded weight by all-gathering the
+    whole global batch's activations (docs/big_models.md). A dimension the axes do not divide is
+    left unconstrained.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
