@@ -304,12 +304,10 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict, experiment_p
         return [], []
     recorded, new = read_json(path), _as_json(config)
     changes = changed_fields(recorded, new)
-    if defaults is not None:
-        at_defaults = changed_fields(recorded, with_new_defaults(recorded, defaults))
-        added = [change for change in changes if change[1] is ABSENT and change in at_defaults]
-        changes = [change for change in changes if change not in added]
-    else:
-        added = []
+    default_of = {} if defaults is None else dict(flat_fields(ml_collections.ConfigDict(_as_json(defaults))))
+    added = [(field, old, value) for field, old, value in changes
+             if old is ABSENT and default_of.get(field, ABSENT) == value]
+    changes = [change for change in changes if change not in added]
     if os.path.isfile(os.path.join(workdir, EXPERIMENT_FILE)):
         was = os.path.basename(str(read_json(os.path.join(workdir, EXPERIMENT_FILE)).get("path")))
         if was != os.path.basename(experiment_path):
