@@ -1,8 +1,12 @@
 """Experiments as data: load `experiments/NAME.py[:PRESET]`, apply `--config.a.b=VALUE` overrides.
 
-An experiment module defines `get_config(preset: str) -> ml_collections.ConfigDict` and
-`run(config, workdir) -> dict`. Overrides are type-checked against the preset's values; unknown
-fields are refused with the nearest valid names.
+An experiment module defines `get_config(preset: str) -> ml_collections.ConfigDict`,
+`run(config, workdir) -> dict` and `evaluate(config, workdir) -> dict` (what `rlft eval WORKDIR`
+calls, on a finished or running run; it writes only under WORKDIR/eval/), and may define
+`check(config) -> None`, which raises RlftError for what only the experiment can check; `rlft run`
+and `--print-config` call it before anything is written. Overrides are parsed to each field's
+declared type (a None field declares its type with `ml_collections.config_dict.placeholder(T)`);
+unknown fields are refused with the nearest valid names.
 """
 
 from __future__ import annotations
@@ -85,36 +89,58 @@ def load_experiment(spec: str) -> tuple[ModuleType, str, ml_collections.ConfigDi
     return module, preset, config
 
 
-def _parse_value(text: str, current: Any, field: str) -> Any:
-    """Parse `text` as the type of the field's current value."""
+_NONE = {"none", "null"}
+
+
+def declared_type(node: ml_collections.ConfigDict, key: str) -> type:
+    """The type a field holds: its value's type, or for a None field the type it was declared with
+    (`ml_collections.config_dict.placeholder(T)`); NoneType for an undeclared None."""
+    return node.get_type(key)
+
+
+def _parse_value(text: str, node: ml_collections.ConfigDict, key: str, field: str) -> Any:
+    """Parse `text` as the declared type of `node[key]` (a None field: as its placeholder's type).
+
+    A None field declared with `placeholder(T)` parses like a field holding a T
+    (`--config.rl.clip=false` is False) or takes "None" (and for non-strings "none"/"null") as None.
+    """
+    current, kind = node[key], declared_type(node, key)
     if isinstance(current, ml_collections.ConfigDict):
         raise RlftError(f"--config.{field} is a section; set one of its fields: "
                         f"{', '.join(sorted(current.keys()))}")
-    if isinstance(current, bool):
+    nullable = current is None
+    if kind is type(None):
+        raise RlftError(f"--config.{field}: the experiment declares this field as None without a type; "
+                        f"declare it with ml_collections.config_dict.placeholder(TYPE)")
+    if nullable and (text == "None" or kind is not str and text.lower() in _NONE):
+        return None  # "None" as --print-config writes it; a string field keeps "none" as text
+    if kind is bool:
         if text.lower() in _TRUE | _FALSE:
             return text.lower() in _TRUE
-    elif isinstance(current, str):
+    elif kind is str:
         return text
-    elif isinstance(current, int):
+    elif kind is int:
         try:
             return int(text)
         except ValueError:
             pass
-    elif isinstance(current, float):
+    elif kind is float:
         try:
             return float(text)
         except ValueError:
             pass
-    else:  # None, tuple, list: a Python literal (or a bare string when the field is None)
+    else:  # tuple, list: a Python literal
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        if current is None or isinstance(value, type(current)):
+        if isinstance(value, kind):
             return value
-        if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
-            return type(current)(value)
-    raise RlftError(f"--config.{field}={text!r}: expected {type(current).__name__} "
+        if issubclass(kind, (tuple, list)) and isinstance(value, (tuple, list)):
+            return kind(value)
+    expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, kind.__name__)
+    unset = " or none (the default)" if nullable and kind is not str else ""
+    raise RlftError(f"--config.{field}={text!r}: expected {expected}{unset} "
                     f"(current value {current!r})")
 
 
@@ -140,7 +166,7 @@ def apply_override(config: ml_collections.ConfigDict, field: str, text: str) -> 
         raise _unknown_field(node, field, parts, len(parts) - 1)
     if isinstance(node[parts[-1]], ml_collections.ConfigDict) and "name" in node[parts[-1]]:
         node, parts, field = node[parts[-1]], [*parts, "name"], f"{field}.name"  # --config.model=NAME
-    value = _parse_value(text, node[parts[-1]], field)
+    value = _parse_value(text, node, parts[-1], field)
     try:
         node[parts[-1]] = value
     except TypeError as e:

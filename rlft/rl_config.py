@@ -28,6 +28,7 @@ import dataclasses
 import math
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from rlft.errors import RlftError
 from rlft.logprobs import SamplingParams
@@ -60,21 +61,24 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
                     max_new_tokens: int, algorithm: str = "grpo", **overrides) -> ml_collections.ConfigDict:
     """The `rl` section of an experiment: one step = prompts_per_step × group_size completions.
 
-    Fields at None take the algorithm's defaults (module table). Sampling: temperature, top_k,
-    top_p (logprobs everywhere are those of this distribution).
+    Fields at None take the algorithm's defaults (module table); each is declared with its type
+    (`placeholder(bool)` etc.), so `--config.rl.clip=false` parses to False, never to the string
+    'false'. Sampling: temperature, top_k, top_p (logprobs everywhere are those of this distribution).
     """
     section = dict(
         algorithm=algorithm, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
         max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-        learning_rate=learning_rate, critic_learning_rate=None, warmup_steps=0, weight_decay=0.0,
-        clip_norm=1.0, accum_steps=1,
-        advantage=None, critic=None, gamma=1.0, lam=0.95, whiten_advantages=None,
+        learning_rate=learning_rate, critic_learning_rate=placeholder(float), warmup_steps=0,
+        weight_decay=0.0, clip_norm=1.0, accum_steps=1,
+        advantage=placeholder(str), critic=placeholder(str), gamma=1.0, lam=0.95,
+        whiten_advantages=placeholder(bool),
         grpo_scale_by_std=True, grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
-        clip=None, clip_eps_low=0.2, clip_eps_high=0.2, vf_coef=0.1, vf_clip=0.2,
-        entropy_coef=0.0, loss_aggregation=None, epochs=None, minibatches=1, old_logprobs="recompute",
-        no_eos_penalty=0.0,
-        kl=ml_collections.ConfigDict(dict(coef=None, estimator=None, placement=None,
-                                          controller="fixed", target=6.0, horizon=10000.0)),
+        clip=placeholder(bool), clip_eps_low=0.2, clip_eps_high=0.2, vf_coef=0.1, vf_clip=0.2,
+        entropy_coef=0.0, loss_aggregation=placeholder(str), epochs=placeholder(int), minibatches=1,
+        old_logprobs="recompute", no_eos_penalty=0.0,
+        kl=ml_collections.ConfigDict(dict(coef=placeholder(float), estimator=placeholder(str),
+                                          placement=placeholder(str), controller="fixed", target=6.0,
+                                          horizon=10000.0)),
         save_every=max(steps // 4, 1), keep=2, max_nonfinite_steps=3, lora=lora_section(),
     )
     cfg = ml_collections.ConfigDict(section)
@@ -145,6 +149,13 @@ def _positive_int(value, field: str) -> int:
     return value
 
 
+def _flag(value, field: str) -> bool:
+    """A boolean field; anything else (the string 'false', 0, None) is refused, never truth-tested."""
+    if not isinstance(value, bool):
+        raise RlftError(f"{field}={value!r}: must be true or false")
+    return value
+
+
 def _in_range(value, field: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (low_open and value == low) or value > high:
@@ -208,15 +219,15 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
         advantage=advantage, critic=critic,
         gamma=_in_range(section.gamma, f"{prefix}.gamma", 0.0, 1.0),
         lam=_in_range(section.lam, f"{prefix}.lam", 0.0, 1.0),
-        whiten_advantages=bool(_pick(section, d, "whiten_advantages")),
-        grpo_scale_by_std=bool(section.grpo_scale_by_std),
+        whiten_advantages=_flag(_pick(section, d, "whiten_advantages"), f"{prefix}.whiten_advantages"),
+        grpo_scale_by_std=_flag(section.grpo_scale_by_std, f"{prefix}.grpo_scale_by_std"),
         grpo_ddof=int(_in_range(section.grpo_ddof, f"{prefix}.grpo_ddof", 0, 1)),
         grpo_eps=_in_range(section.grpo_eps, f"{prefix}.grpo_eps", 0.0),
         baseline_decay=_in_range(section.baseline_decay, f"{prefix}.baseline_decay", 0.0, 1.0),
         kl_coef=float(kl_coef), kl_estimator=estimator, kl_placement=placement,
         kl_controller=section.kl.controller, kl_target=float(section.kl.target),
         kl_horizon=float(section.kl.horizon),
-        clip=bool(_pick(section, d, "clip")), clip_eps_low=float(section.clip_eps_low),
+        clip=_flag(_pick(section, d, "clip"), f"{prefix}.clip"), clip_eps_low=float(section.clip_eps_low),
         clip_eps_high=float(section.clip_eps_high),
         vf_coef=_in_range(section.vf_coef, f"{prefix}.vf_coef", 0.0),
         vf_clip=float(section.vf_clip or 0.0),
