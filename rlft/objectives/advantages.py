@@ -90,10 +90,13 @@ def grpo(scores: Array, *, scale_by_std: bool = True, ddof: int = 1, eps: float 
     """
     scores = _f32(scores)
     _group_size(scores, ddof + 1 if scale_by_std else 1, f"grpo (ddof={ddof})")
-    centred = scores - jnp.mean(scores, axis=-1, keepdims=True)
+    # Exactly 0 for a group of equal scores, for any eps (0 included): the float mean of equal
+    # values can differ from them in the last bit, and 0/0 would be NaN.
+    equal = jnp.max(scores, axis=-1, keepdims=True) == jnp.min(scores, axis=-1, keepdims=True)
+    centred = jnp.where(equal, 0.0, scores - jnp.mean(scores, axis=-1, keepdims=True))
     if not scale_by_std:
         return centred
-    std = jnp.std(scores, axis=-1, keepdims=True, ddof=ddof)
+    std = jnp.where(equal, 1.0, jnp.std(scores, axis=-1, keepdims=True, ddof=ddof))
     return centred / (std + eps)
 
 

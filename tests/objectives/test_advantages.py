@@ -126,6 +126,19 @@ def test_equal_scores_get_zero_advantage():
         np.testing.assert_allclose(out, 0.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_equal_scores_get_exactly_zero_advantage_for_any_eps(ddof):
+    """rl.grpo_eps=0 passes validation: a group of equal rewards must still give 0, not 0/0 = NaN
+    (values whose float mean differs from them in the last bit included), beside a normal group."""
+    scores = np.array([[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3], [1e-30, 1e-30, 1e-30, 1e-30, 1e-30, 1e-30, 1e-30],
+                       [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0]], np.float32)
+    out = np.asarray(adv.grpo(scores, eps=0.0, ddof=ddof))
+    assert np.all(out[:2] == 0.0), out
+    centred = scores[2] - scores[2].mean()
+    np.testing.assert_allclose(out[2], centred / scores[2].std(ddof=ddof), rtol=1e-5)
+    assert np.all(np.asarray(adv.grpo(scores, scale_by_std=False))[:2] == 0.0)
+
+
 def test_rloo_excludes_the_sample_itself():
     scores = np.array([[1.0, 2.0, 3.0, 6.0]], np.float32)
     out = np.asarray(adv.rloo(scores))
