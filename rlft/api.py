@@ -44,7 +44,19 @@ def _texts(value: Any, arg: str) -> list[str]:
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise RlftError(f"{arg}[{i}]={_shown(item)}: expected a str, got {type(item).__name__}")
+        _check_unicode(item, f"{arg}[{i}]={_shown(item)}")
     return list(value)
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """RlftError starting with `where` if `text` cannot be UTF-8 encoded (a lone surrogate, e.g.
+    from bytes decoded with errors="surrogateescape"); tokenizers would raise from inside Rust."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RlftError(f"{where}: not valid Unicode text (a lone surrogate "
+                        f"{text[e.start]!r} at position {e.start}); decode the source with "
+                        f"errors='replace'") from None
 
 
 @dataclasses.dataclass
@@ -145,6 +157,8 @@ class Model:
                                 f"ids (prompts[0] is {'text' if as_text else 'token ids'}); pass one kind")
             if as_text and not prompt:
                 raise RlftError(f"generate(prompts[{i}]=''): empty prompt")
+            if as_text:
+                _check_unicode(prompt, f"generate(prompts[{i}]={_shown(prompt)})")
         if as_text:
             tok = self._require_tokenizer()
             prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]

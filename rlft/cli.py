@@ -15,9 +15,13 @@ the current step, saves it and exits 143 (`rlft.train_loop.train`).
 from __future__ import annotations
 
 import argparse
+import errno
+import inspect
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from rlft.errors import Preempted, RlftError
@@ -31,20 +35,28 @@ def _default_workdir(spec: str, preset: str) -> str:
 
 
 def _resolved_experiment(spec: str, overrides: Sequence[str]):
-    """(module, preset, config): the experiment's preset config with the overrides applied, locked."""
+    """(module, preset, config): the experiment's preset config with the overrides applied, locked,
+    and checked: every field's range (`rlft.validate`), then what only the experiment knows (its
+    optional `check(config)`, e.g. that prompts fit the model). Runs before anything is written,
+    so a refused command leaves no run directory behind and its corrected form is a new run."""
     from rlft import config as config_lib
+    from rlft.validate import validate_config
 
     module, preset, config = config_lib.load_experiment(spec)
     for field, value in config_lib.parse_overrides(overrides):
         config_lib.apply_override(config, field, value)
     config.lock()
+    validate_config(config)
+    if callable(getattr(module, "check", None)):
+        module.check(config)
     return module, preset, config
 
 
 def print_config_command(spec: str, overrides: Sequence[str]) -> None:
     """Print the resolved config, one `--config.a.b=VALUE` line per leaf field, sorted; runs nothing.
 
-    The values are those `rlft run` would write to run_config.json; no work directory is created.
+    The values are those `rlft run` would write to run_config.json, checked as `rlft run` checks
+    them (a value it would refuse is refused here too); no work directory is created.
     """
     from rlft import config as config_lib
 
@@ -59,19 +71,26 @@ def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: 
 
     An existing WORKDIR keeps the config it was made with: a different one is refused before any
     work, unless `override` and every change is safe on resume (`rlft.config.config_changes`).
+    WORKDIR is locked for the whole run (`rlft.run_lock`): a second `rlft run` there is refused
+    before it reads or writes anything in it.
     """
     from rlft import config as config_lib
-    from rlft.validate import validate_config
+    from rlft.run_lock import lock_run_dir
 
     if workdir is not None and not workdir.strip():
         raise RlftError(f"--workdir={workdir!r}: must be a directory path (omit it for runs/NAME[-PRESET])")
-    module, preset, config = _resolved_experiment(spec, overrides)
-    validate_config(config)  # nonsensical values fail here, before the run directory is written
+    module, preset, config = _resolved_experiment(spec, overrides)  # checked before anything is written
     workdir = workdir or _default_workdir(spec, preset)
-    config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset, override,
-                                  defaults=module.get_config(preset))
-    print(f"rlft: running {spec} in {workdir}", file=sys.stderr)
-    return module.run(config, workdir) or {}
+    with lock_run_dir(workdir, argv):  # before run_config.json is checked or written; held until the end
+        try:
+            config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset, override,
+                                          defaults=module.get_config(preset))
+        except OSError as e:  # e.g. a full disk when an appended line is flushed: name the directory
+            if e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno), workdir) from e
+            raise
+        print(f"rlft: running {spec} in {workdir}", file=sys.stderr)
+        return module.run(config, workdir) or {}
 
 
 def eval_command(run_dir: str) -> dict:
@@ -79,9 +98,13 @@ def eval_command(run_dir: str) -> dict:
     from rlft import config as config_lib
 
     module, config = config_lib.load_run_experiment(run_dir)
-    if not callable(getattr(module, "evaluate", None)):
-        raise RlftError(f"{run_dir}: its experiment ({module.__file__}) defines no evaluate(config, run_dir)")
-    return module.evaluate(config, run_dir) or {}
+    evaluate = getattr(module, "evaluate", None)
+    try:
+        inspect.signature(evaluate).bind(config, run_dir)
+    except (TypeError, ValueError):  # not a function, or not evaluate(config, workdir)
+        raise RlftError(f"{run_dir}: its experiment ({module.__file__}) defines no evaluate(config, workdir) "
+                        f"(the experiment contract: rlft.config)") from None
+    return evaluate(config, run_dir) or {}
 
 
 def export_command(checkpoint: str, out: str, overwrite: bool = False, adapters_only: bool = False) -> None:
@@ -159,10 +182,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# File-system errors reported as one line naming the path and what to do, instead of a traceback.
+FS_ERRORS = {
+    errno.ENOSPC: "free space or choose another {where}",
+    errno.EDQUOT: "free space within the quota or choose another {where}",
+    errno.EFBIG: "the file-size limit (ulimit -f) was reached: raise it or choose another {where}",
+    errno.EROFS: "choose a writable {where}",
+    errno.EACCES: "check its permissions or choose another {where}",
+    errno.EPERM: "check its permissions or choose another {where}",
+    errno.ENOTDIR: "a component of the path is a file, not a directory: choose another {where}",
+    errno.EEXIST: "a file is in the way: remove it or choose another {where}",
+    errno.EISDIR: "a directory is in the way: remove it or choose another {where}",
+    errno.ENAMETOOLONG: "choose a shorter {where}",
+}
+
+
+def fs_error_line(error: OSError, command: str | None) -> str:
+    """`PATH: No space left on device (free space or choose another --workdir)` for an FS_ERRORS error."""
+    where = {"run": "--workdir", "export": "--out"}.get(command or "", "path")
+    reason = error.strerror or os.strerror(error.errno)
+    path = f"{error.filename}: " if error.filename is not None else ""
+    return f"{path}{reason} ({FS_ERRORS[error.errno].format(where=where)})"
+
+
+def _ignore_sigxfsz() -> None:
+    """A write past the file-size limit (RLIMIT_FSIZE) fails with EFBIG, reported as one line,
+    instead of SIGXFSZ killing the process mid-write."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rlft` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     tune_host_malloc()  # before JAX starts its thread pools; RLFT_MALLOC=default opts out
+    _ignore_sigxfsz()
+    args = None
     parser = build_parser()
     try:
         if argv and argv[0] == "sample":
@@ -191,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan_command(args)
     except RlftError as e:
         print(f"rlft: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in FS_ERRORS:
+            raise
+        print(f"rlft: error: {fs_error_line(e, getattr(args, 'command', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlft: interrupted", file=sys.stderr)

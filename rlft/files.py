@@ -7,6 +7,7 @@ names the file and what is wrong with it instead of raising a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -39,13 +40,25 @@ def read_json(path: str | os.PathLike, expect: type | None = dict) -> Any:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically (a temporary file renamed over it): a kill at any moment
-    leaves the old file or the new one, never a truncated one."""
+    leaves the old file or the new one, never a truncated one.
+
+    A failed write (a full disk, the file-size limit, a read-only file system) removes the temporary
+    file, leaves `path` as it was, and raises an OSError naming `path`.
+    """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            # write() and close() name no file, open() the temporary one: name the file being written.
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from e
+        raise
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:

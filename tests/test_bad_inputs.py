@@ -91,15 +91,27 @@ CONFIG_CASES = [
     (ARITHMETIC, ["--config.rl.epochs=0"], "rl.epochs=0"),
     (ARITHMETIC, ["--config.sft.max_length=65"], "sft.max_length=65"),
     (TOY, ["--config.optim.learning_rate=0"], "optim.learning_rate=0.0"),
+    # Typed None-default fields: a wrong type is one line naming the flag, not a TypeError.
+    (ARITHMETIC, ["--config.rl.kl.coef=abc"], "--config.rl.kl.coef='abc': expected a number or none"),
+    (RLHF, ["--config.rl.kl.coef=abc"], "--config.rl.kl.coef='abc': expected a number (current value 0.1)"),
+    (ARITHMETIC, ["--config.rl.clip=maybe"], "--config.rl.clip='maybe': expected true or false"),
+    (ARITHMETIC, ["--config.rl.epochs=1.5"], "--config.rl.epochs='1.5': expected an integer"),
+    # What only the experiment can check (its check(config)) is also checked before any write.
+    (ARITHMETIC, ["--config.task.max_operand=999"], "sft.max_length=9: the longest problem has 13 tokens"),
+    (ARITHMETIC, ["--config.rl.max_new_tokens=2"], "rl.max_new_tokens=2: the longest answer + EOS has 3"),
     (TOY, ["--config.train.batch_size=-4"], "train.batch_size=-4"),
 ]
 
 
 @pytest.mark.parametrize("experiment, overrides, culprit", CONFIG_CASES,
                          ids=[" ".join(c[1]) for c in CONFIG_CASES])
-def test_bad_config_value_fails_before_any_work(experiment, overrides, culprit, tmp_path, capsys):
+@pytest.mark.parametrize("print_config", [False, True], ids=["run", "print-config"])
+def test_bad_config_value_fails_before_any_work(experiment, overrides, culprit, print_config, tmp_path, capsys):
+    """`rlft run` refuses before writing anything; `--print-config` refuses the same values
+    instead of printing them as if valid."""
     workdir = tmp_path / "run"
-    line = cli_error(["run", experiment, "--workdir", str(workdir), *overrides], capsys)
+    flags = ["--print-config"] if print_config else []
+    line = cli_error(["run", experiment, "--workdir", str(workdir), *overrides, *flags], capsys)
     assert line.startswith(f"rlft: error: {culprit}"), line
     assert not workdir.exists()  # no run directory, so no checkpoints and no training
 
@@ -286,6 +298,9 @@ API_CASES = [
     ("generate", ("the film",), {}, "generate(prompts='the film'): expected a list of prompts"),
     ("generate", (b"the film",), {}, "generate(prompts=b'the film')"),
     ("generate", ([b"the film"],), {}, "generate(prompts[0]=b'the film'): bytes"),
+    ("generate", (["the film", "bad \udcff byte"],), {}, "generate(prompts[1]='bad \\udcff byte'): not valid Unicode "
+     "text (a lone surrogate '\\udcff' at position 4)"),
+    ("score", (["fine", "\ud800"],), {}, "score(texts)[1]='\\ud800': not valid Unicode text"),
     ("generate", (["the film", [1, 2]],), {}, "generate(prompts[1]=[1, 2]): prompts mix text and token ids"),
     ("generate", ([[1, 2], "the film"],), {}, "generate(prompts[1]='the film'): prompts mix"),
     ("generate", ([],), {}, "generate(prompts=[]): no prompts"),

@@ -35,6 +35,7 @@ from rlft.errors import RlftError
 from rlft.eval import metrics, plots
 from rlft.eval.policies import PolicySamples, logprobs_under, sample_policy, text_perplexity
 from rlft.eval.report import write_report
+from rlft.files import write_text
 from rlft.logprobs import SamplingParams
 from rlft.models import Decoder
 from rlft.rewards import RewardFn, check_scores
@@ -153,7 +154,16 @@ def _gao_points(run_dir, task, graphdef, load, reference, records, draw) -> list
     points = []
     for step, params in [(0, reference)] + [(s, None) for s in steps]:
         _log(f"over-optimisation curve: {task.gao_stage} step {step}")
-        params = params if params is not None else load(os.path.join(stage_dir, "checkpoints", str(step)))
+        if params is None:
+            step_dir = os.path.join(stage_dir, "checkpoints", str(step))
+            try:
+                params = load(step_dir)
+            except Exception:
+                if step in checkpoint_steps(stage_dir):
+                    raise
+                # A running run deleted it (it keeps its last `keep` checkpoints) after we listed it.
+                _log(f"{task.gao_stage} step {step} was deleted by the running run while being read; skipped")
+                continue
         samples = draw(params, ids)
         kl = metrics.sequence_kl(samples.logprobs, logprobs_under(graphdef, reference, samples), samples.mask)
         mean_kl = float(np.mean(kl))
@@ -230,9 +240,10 @@ def _write(run_dir: str, task: EvalTask, report: dict, rows: dict, samples: dict
 
     out = os.path.join(run_dir, EVAL_DIR)
     os.makedirs(out, exist_ok=True)
+    # Atomic writes: a run may evaluate itself while `rlft eval` of the same run writes here too.
     write_report(out, report, _markdown(task, report, rows, samples, present, records))
-    with open(os.path.join(out, "samples.json"), "w") as f:
-        json.dump({s: samples[s].texts for s in present} | {"prompts": [r["text"] for r in records]}, f)
+    write_text(os.path.join(out, "samples.json"),
+               json.dumps({s: samples[s].texts for s in present} | {"prompts": [r["text"] for r in records]}))
     writer = SummaryWriter(logdir=os.path.join(out, "tensorboard"))
     for stage in present:
         for name, value in rows[stage].items():
@@ -246,6 +257,12 @@ def _write(run_dir: str, task: EvalTask, report: dict, rows: dict, samples: dict
         figures["gao"] = plots.gao_figure(gao, task.reference)
     for name, fig in figures.items():
         writer.add_figure(f"eval/{name}", fig, 0, close=False)
-        plots.save_figure(fig, os.path.join(out, f"{name}.png"))
+        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}.png")
+        try:
+            plots.save_figure(fig, tmp)
+            os.replace(tmp, os.path.join(out, f"{name}.png"))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     writer.close()
     _log(f"wrote {out}/report.md")

@@ -10,6 +10,7 @@ exporting one unstacks them (`unstack_layers`).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from typing import Callable
@@ -275,27 +276,53 @@ def save_hf_checkpoint(cfg: ModelConfig, params: nnx.State, out_dir: str, tokeni
     _write_dir(out_dir, overwrite, fill)
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors and tokenizers report an I/O error
+
+
+def _export_os_error(error: Exception, out_dir: str) -> OSError | None:
+    """A write error of an export as an OSError naming `out_dir` (what the user named, not the temporary
+    sibling): an OSError, or a safetensors/tokenizers error carrying "(os error N)"; None otherwise."""
+    if isinstance(error, OSError):
+        code, reason = error.errno, error.strerror
+    elif match := _RUST_OS_ERROR.search(str(error)):
+        code, reason = int(match.group(1)), None
+    else:
+        return None
+    if code is None:
+        return None
+    return OSError(code, reason or os.strerror(code), out_dir)
+
+
 def _write_dir(out_dir: str, overwrite: bool, fill: Callable[[str], None]) -> None:
-    """Run fill(fresh) on a fresh sibling directory, then swap it in for `out_dir` (see check_export_dir)."""
+    """Run fill(fresh) on a fresh sibling directory, then swap it in for `out_dir` (see check_export_dir).
+
+    A failure (a full disk, the file-size limit, a read-only file system) removes the sibling and
+    leaves `out_dir` as it was; it is raised as an OSError naming `out_dir`.
+    """
     check_export_dir(out_dir, overwrite)
     parent, name = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
     fresh = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
-    os.mkdir(fresh)
     try:
-        fill(fresh)
-        if os.path.lexists(out_dir):
-            os.rename(out_dir, fresh + ".old")
-            try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(fresh)
+        try:
+            fill(fresh)
+            if os.path.lexists(out_dir):
+                os.rename(out_dir, fresh + ".old")
+                try:
+                    os.rename(fresh, out_dir)
+                except OSError:
+                    os.rename(fresh + ".old", out_dir)
+                    raise
+                shutil.rmtree(fresh + ".old")
+            else:
                 os.rename(fresh, out_dir)
-            except OSError:
-                os.rename(fresh + ".old", out_dir)
-                raise
-            shutil.rmtree(fresh + ".old")
-        else:
-            os.rename(fresh, out_dir)
-    finally:
-        shutil.rmtree(fresh, ignore_errors=True)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+    except Exception as e:
+        if (error := _export_os_error(e, out_dir)) is None:
+            raise
+        raise error from e
 
 
 def load_hf_checkpoint(path: str):
