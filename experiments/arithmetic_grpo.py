@@ -9,9 +9,9 @@ EOS, in SFT, RL and evaluation alike.
 Stage "sft" trains a GPT-2-layout decoder from scratch on (prompt, answer + EOS) for a budget that
 stops it half way; stage "rl" continues from it with `rlft.rl_stage` (GRPO by default,
 --config.rl.algorithm=ppo|rloo|reinforce) on the training prompts with the exact-match reward.
-The report gives the greedy exact-match accuracy (and the rate of well-formed "integer + EOS"
-answers) of the untrained, SFT and RL policies on the test problems; WORKDIR/problems.json lists
-both splits.
+The report (`evaluate`, also `rlft eval WORKDIR`; WORKDIR/eval/report.{json,md}) gives the greedy
+exact-match accuracy (and the rate of well-formed "integer + EOS" answers) of the untrained, SFT
+and RL policies on the test problems; WORKDIR/problems.json lists both splits.
 
 The SFT budget (default preset, measured on 2 CPU cores): 2-digit addition is learned in a sharp
 transition whose timing depends on the seed. With warm-up + cosine decay the accuracy after 450
@@ -27,7 +27,6 @@ GRPO then takes seed 0 from 36% to 84% in 500 steps (~3 min); the whole run take
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -36,18 +35,20 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlft.checkpoints import save_model_config
+from rlft.checkpoints import checkpoint_steps, load_model_config, save_model_config
 from rlft.data import arithmetic
 from rlft.data.batching import pad_left
 from rlft.distributed import is_primary, to_host
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
+from rlft.files import write_json
 from rlft.models import Decoder, model_from_section, model_section
 from rlft.rewards import exact_match
 from rlft.rl_stage import rl_stage_config, run_rl_stage
 from rlft.sampling import SamplingParams, sample
 from rlft.sharding import batch_axes, make_mesh, sharded_init
 from rlft.stages import run_sft_stage, sft_stage_config
+from rlft.warm_start import decoder_state
 
 INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 
@@ -56,7 +57,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (the case study, <= 10 min on 2 CPU cores) and "tiny" (tests).
 
     sft.max_length and rl.max_new_tokens fit the preset's task exactly (longest prompt + answer +
-    EOS; longest answer + EOS); a larger task.max_operand needs them raised (run() says so).
+    EOS; longest answer + EOS); a larger task.max_operand needs them raised (`check` says so).
     """
     if preset not in ("default", "tiny"):
         raise RlftError(f"arithmetic_grpo: unknown preset {preset!r} (default, tiny)")
@@ -114,19 +115,17 @@ def greedy_answers(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, prompts
     return out
 
 
-def evaluate(answers: list[tuple[str, bool]], problems: list[arithmetic.Problem]) -> dict:
+def score_answers(answers: list[tuple[str, bool]], problems: list[arithmetic.Problem]) -> dict:
     """accuracy (text before EOS == answer, EOS produced) and format (an integer, then EOS)."""
     correct = [ended and text == p.answer for (text, ended), p in zip(answers, problems)]
     formatted = [ended and INTEGER.fullmatch(text) is not None for text, ended in answers]
     return {"accuracy": float(np.mean(correct)), "format": float(np.mean(formatted))}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Split, SFT, RL, evaluate; writes report.json, report.md and problems.json into the work directory."""
-    task = config.task
-    # Evaluation decodes longest answer + EOS tokens: a completion without EOS is longer than any
-    # answer, so "text == answer" already implies that the EOS came.
-    prompt_len, new_tokens = _lengths(task)
+def check(config: ml_collections.ConfigDict) -> None:
+    """What only this experiment can check, before `rlft run` writes anything: the task's longest
+    prompt and answer fit sft.max_length, rl.max_new_tokens and model.max_positions."""
+    prompt_len, new_tokens = _lengths(config.task)
     if config.sft.max_length < prompt_len + new_tokens:
         raise RlftError(f"sft.max_length={config.sft.max_length}: the longest problem has "
                         f"{prompt_len + new_tokens} tokens (prompt + answer + EOS); raise it")
@@ -137,12 +136,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise RlftError(f"model.max_positions={config.model.max_positions} is shorter than the longest "
                         f"prompt + completion ({prompt_len} + {max(new_tokens, config.rl.max_new_tokens)})")
 
+
+STAGES = ("sft", "rl")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Split, SFT, RL, then `evaluate`; writes problems.json, seconds.json and eval/ in the work directory."""
+    check(config)
+    task = config.task
     train, test = arithmetic.split_problems(task.max_operand, task.ops, task.num_test, task.num_train,
                                             config.seed)
     if is_primary():
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "problems.json"), "w") as f:
-            json.dump({"train": [p.prompt for p in train], "test": [p.prompt for p in test]}, f)
+        write_json(os.path.join(workdir, "problems.json"),
+                   {"train": [p.prompt for p in train], "test": [p.prompt for p in test]})
     tokenizer = arithmetic.build_tokenizer(os.path.join(workdir, "tokenizer"))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
@@ -151,57 +158,78 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = make_mesh(dict(config.mesh))
     graphdef, init_params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
 
-    def test_metrics(params) -> tuple[dict, list]:
-        answers = greedy_answers(graphdef, params, tokenizer, [p.prompt for p in test], new_tokens,
-                                 prompt_len, config.eval.batch_size, mesh)
-        return evaluate(answers, test), answers
-
     seconds = {}
     clock = time.perf_counter()
-    init_metrics, _ = test_metrics(init_params)
     examples = [(arithmetic.encode(tokenizer, p.prompt), arithmetic.encode(tokenizer, p.answer) + [eos])
                 for p in train]
     sft_params = run_sft_stage("sft", workdir, graphdef, init_params, examples, config.sft, mesh,
                                config.seed + 1, pad)
-    sft_metrics, sft_answers = test_metrics(sft_params)
     seconds["sft"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     records = [p.record(tokenizer) for p in train]
-    rl_params = run_rl_stage(name="rl", workdir=workdir, graphdef=graphdef, params=sft_params,
-                             prompts=records, reward_fn=exact_match, cfg=config.rl, mesh=mesh,
-                             seed=config.seed + 2, eos_id=eos, pad_id=pad, tokenizer=tokenizer,
-                             base=os.path.join(workdir, "sft"))
-    rl_metrics, rl_answers = test_metrics(rl_params)
+    run_rl_stage(name="rl", workdir=workdir, graphdef=graphdef, params=sft_params, prompts=records,
+                 reward_fn=exact_match, cfg=config.rl, mesh=mesh, seed=config.seed + 2, eos_id=eos,
+                 pad_id=pad, tokenizer=tokenizer, base=os.path.join(workdir, "sft"))
     seconds["rl"] = time.perf_counter() - clock
 
-    report = {
-        "accuracy_sft": sft_metrics["accuracy"],
-        "accuracy_rl": rl_metrics["accuracy"],
-        "accuracy_init": init_metrics["accuracy"],
-        "format_sft": sft_metrics["format"],
-        "format_rl": rl_metrics["format"],
-        "format_init": init_metrics["format"],
-        "rl_gain": rl_metrics["accuracy"] - sft_metrics["accuracy"],
+    clock = time.perf_counter()
+    report = evaluate(config, workdir)
+    seconds["eval"] = time.perf_counter() - clock
+    if is_primary():
+        write_json(os.path.join(workdir, "seconds.json"), {k: round(v, 1) for k, v in seconds.items()})
+    return report
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`rlft eval WORKDIR`: greedy exact-match accuracy and well-formed-answer rate of the untrained
+    policy and of each stage with a finished checkpoint (sft, rl) on the held-out test problems;
+    writes WORKDIR/eval/report.json and report.md, and returns the report."""
+    task = config.task
+    # Evaluation decodes longest answer + EOS tokens: a completion without EOS is longer than any
+    # answer, so "text == answer" already implies that the EOS came.
+    prompt_len, new_tokens = _lengths(task)
+    train, test = arithmetic.split_problems(task.max_operand, task.ops, task.num_test, task.num_train,
+                                            config.seed)
+    tokenizer = arithmetic.build_tokenizer()  # the fixed character tokenizer every run saves
+    model_cfg = load_model_config(workdir)
+    mesh = make_mesh(dict(config.mesh))
+    graphdef, init_params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
+    policies = {"init": init_params}
+    for stage in STAGES:
+        if checkpoint_steps(os.path.join(workdir, stage)):
+            policies[stage] = decoder_state(model_cfg, os.path.join(workdir, stage), mesh)
+    if len(policies) == 1:
+        raise RlftError(f"rlft eval: {workdir} has no finished checkpoint of {' or '.join(STAGES)} yet")
+    metrics, answers = {}, {}
+    for name, params in policies.items():
+        answers[name] = greedy_answers(graphdef, params, tokenizer, [p.prompt for p in test], new_tokens,
+                                       prompt_len, config.eval.batch_size, mesh)
+        metrics[name] = score_answers(answers[name], test)
+
+    report = {f"{key}_{name}": value for name, m in metrics.items() for key, value in m.items()}
+    if "rl" in metrics and "sft" in metrics:
+        report["rl_gain"] = metrics["rl"]["accuracy"] - metrics["sft"]["accuracy"]
+    report.update({
+        "policies": list(policies),
         "test_problems": len(test),
         "train_problems": len(train),
         "task": {"max_operand": task.max_operand, "ops": arithmetic.unique_ops(task.ops)},
         "sft_steps": config.sft.steps,
         "rl_algorithm": config.rl.algorithm,
         "rl_steps": config.rl.steps,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
-    }
-    examples_md = "".join(f"| `{p.prompt}` | `{p.answer}` | `{s}` | `{r}` |\n"
-                          for p, (s, _), (r, _) in list(zip(test, sft_answers, rl_answers))[:8])
+    })
+    labels = {"init": "untrained", "sft": f"SFT ({config.sft.steps} steps)",
+              "rl": f"RL ({config.rl.algorithm}, {config.rl.steps} steps)"}
+    table = "".join(f"| {labels[name]} | {m['accuracy']:.3f} | {m['format']:.3f} |\n" for name, m in metrics.items())
+    shown = [name for name in STAGES if name in answers]
+    examples_md = "".join(f"| `{p.prompt}` | `{p.answer}` | " + " | ".join(f"`{answers[n][i][0]}`" for n in shown)
+                          + " |\n" for i, p in enumerate(test[:8]))
     markdown = (f"# Integer arithmetic: SFT then {config.rl.algorithm.upper()} on exact match\n\n"
                 f"Problems a{{op}}b=, a and b in [0, {task.max_operand}], ops {task.ops!r}: "
                 f"{len(test)} held-out test problems, {len(train)} training problems (disjoint).\n\n"
-                "| policy | greedy exact-match accuracy | well-formed answers |\n|---|---|---|\n"
-                f"| untrained | {report['accuracy_init']:.3f} | {report['format_init']:.3f} |\n"
-                f"| SFT ({config.sft.steps} steps) | {report['accuracy_sft']:.3f} "
-                f"| {report['format_sft']:.3f} |\n"
-                f"| RL ({config.rl.algorithm}, {config.rl.steps} steps) | {report['accuracy_rl']:.3f} "
-                f"| {report['format_rl']:.3f} |\n\n"
-                "| prompt | answer | SFT | RL |\n|---|---|---|---|\n" + examples_md)
-    write_report(workdir, report, markdown)
+                "| policy | greedy exact-match accuracy | well-formed answers |\n|---|---|---|\n" + table +
+                "\n| prompt | answer | " + " | ".join(n.upper() for n in shown) + " |\n|---|---|"
+                + "---|" * len(shown) + "\n" + examples_md)
+    write_report(os.path.join(workdir, "eval"), report, markdown)
     return report

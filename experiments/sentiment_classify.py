@@ -3,8 +3,9 @@
 Stage 1 pretrains a GPT-2-layout decoder from scratch on the training sentences of the VADER
 human-rated corpora (full-sequence loss). Stage 2 fine-tunes it to answer " positive" or
 " negative" after "<sentence>\\nSentiment:" for movie-review sentences whose mean human rating
-is beyond +-min_abs_rating. The report gives held-out test accuracy beside the VADER lexicon
-judge's accuracy (compound >= 0 -> positive) on the same test sentences.
+is beyond +-min_abs_rating. The report (`evaluate`, also `rlft eval WORKDIR`; WORKDIR/eval/) gives
+held-out test accuracy beside the VADER lexicon judge's accuracy (compound >= 0 -> positive) on
+the same test sentences.
 
     rlft run experiments/sentiment_classify.py            # ~10 minutes on 2 CPU cores
     rlft run experiments/sentiment_classify.py:tiny       # well under a minute (tests)
@@ -12,6 +13,7 @@ judge's accuracy (compound >= 0 -> positive) on the same test sentences.
 
 from __future__ import annotations
 
+import os
 
 import ml_collections
 import numpy as np
@@ -21,6 +23,7 @@ from rlft.data.human_ratings import load_split
 from rlft.eval.report import write_report
 from rlft.recipes import sentiment
 from rlft.scoring import completion_logprobs
+from rlft.sharding import make_mesh
 from rlft.stages import run_sft_stage, sft_stage_config
 
 LABELS = (" negative", " positive")
@@ -53,24 +56,30 @@ def vader_accuracy(examples: list[tuple[str, int]]) -> float:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrain, fine-tune, evaluate; writes report.json and report.md into the work directory."""
+    """Pretrain, fine-tune, then `evaluate` (WORKDIR/eval/report.json and report.md)."""
     data_dir = config.data.data_dir or None
-    splits = {s: load_split(config.data.source, s, data_dir) for s in ("train", "test")}
     base = sentiment.pretrain_base(config, workdir)
-    tokenizer, graphdef, params, mesh, pad = base.tokenizer, base.graphdef, base.params, base.mesh, base.pad_id
+    train_set = _labelled(load_split(config.data.source, "train", data_dir), config.data.min_abs_rating)
+    sft_examples = [encode_example(base.tokenizer, _prompt(t), LABELS[y]) for t, y in train_set]
+    run_sft_stage("sft", workdir, base.graphdef, base.params, sft_examples, config.sft, base.mesh,
+                  config.seed + 1, base.pad_id, base=base.source)
+    return evaluate(config, workdir)
 
-    train_set = _labelled(splits["train"], config.data.min_abs_rating)
-    test_set = _labelled(splits["test"], config.data.min_abs_rating)
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`rlft eval WORKDIR`: held-out test accuracy of the SFT stage's newest finished checkpoint
+    beside VADER's and the majority class's; writes WORKDIR/eval/report.json and report.md."""
+    data_dir = config.data.data_dir or None
+    train_set = _labelled(load_split(config.data.source, "train", data_dir), config.data.min_abs_rating)
+    test_set = _labelled(load_split(config.data.source, "test", data_dir), config.data.min_abs_rating)
     if config.data.max_test_examples:
         test_set = test_set[:config.data.max_test_examples]
-    sft_examples = [encode_example(tokenizer, _prompt(t), LABELS[y]) for t, y in train_set]
-    params = run_sft_stage("sft", workdir, graphdef, params, sft_examples, config.sft, mesh,
-                           config.seed + 1, pad, base=base.source)
-
+    mesh = make_mesh(dict(config.mesh))
+    model = sentiment.finished_stage(workdir, "sft", mesh)
     # Classify by comparing log p(" negative" | prompt) with log p(" positive" | prompt).
-    scores = [completion_logprobs(graphdef, params,
-                                  [encode_example(tokenizer, _prompt(t), label) for t, _ in test_set],
-                                  config.sft.max_length, pad, mesh)
+    scores = [completion_logprobs(model.graphdef, model.params,
+                                  [encode_example(model.tokenizer, _prompt(t), label) for t, _ in test_set],
+                                  config.sft.max_length, model.tokenizer.pad_token_id, mesh)
               for label in LABELS]
     predictions = (scores[1] > scores[0]).astype(int)
     labels = np.array([y for _, y in test_set])
@@ -89,5 +98,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"| rlft decoder (pretrain + SFT) | {report['model_accuracy']:.3f} |\n"
                 f"| VADER lexicon (compound >= 0) | {report['vader_accuracy']:.3f} |\n"
                 f"| majority class | {report['majority_class_accuracy']:.3f} |\n")
-    write_report(workdir, report, markdown)
+    write_report(os.path.join(workdir, "eval"), report, markdown)
     return report

@@ -11,7 +11,7 @@ Stages: "pretrain" (shared with the other sentiment experiments, or `--config.in
 no sentiment preference; `--config.sft.steps=0` skips it), then "dpo" against the frozen SFT
 model (`dpo.loss_type=sigmoid|ipo`, `dpo.beta`, `dpo.label_smoothing`).
 
-The report gives, on held-out test pairs (test sentences only), the implicit-reward accuracy
+The report (`evaluate`, also `rlft eval WORKDIR`; WORKDIR/eval/) gives, on held-out test pairs (test sentences only), the implicit-reward accuracy
 (β·log π/π_ref of the chosen sentence > that of the rejected one) and mean margin, beside two
 context figures on the same pairs: the reference's own likelihood preference (log π_ref(chosen) >
 log π_ref(rejected)) and the VADER judge (compound of chosen > compound of rejected); and the
@@ -35,6 +35,7 @@ from rlft.objectives.dpo import check_dpo_args
 from rlft.eval.report import write_report
 from rlft.recipes import sentiment
 from rlft.scoring import completion_logprobs
+from rlft.sharding import make_mesh
 from rlft.stages import dpo_stage_config, run_dpo_stage, run_sft_stage, sft_stage_config
 
 PROMPT = "Write a positive movie review sentence:\n"
@@ -59,13 +60,18 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     return c
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+    """Refuse an init_from / init_stage this experiment cannot start from, before anything is
+    written (`sentiment.check_base_source`: a language-model stage of a sentiment run with this
+    run's tokenizer and model). `run` calls it first too."""
+    sentiment.check_base_source(config, os.path.basename(__file__))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrain (or load) the base, SFT on the prompt format, DPO; writes report.json/report.md."""
+    """Pretrain (or load) the base, SFT on the prompt format, DPO, then `evaluate` (WORKDIR/eval/)."""
     check_dpo_args(config.dpo.beta, config.dpo.label_smoothing, config.dpo.loss_type)  # fail before training
+    check(config)  # before the run writes anything (init_from)
     train_pairs = load_pairs(config.data, "train")
-    test_pairs = load_pairs(config.data, "test")
-    if config.eval.max_test_pairs:
-        test_pairs = test_pairs[:config.eval.max_test_pairs]
     base = sentiment.pretrained_base(config, workdir)
     tok, eos, pad = base.tokenizer, base.eos_id, base.pad_id
     prompt_ids = [eos] + tok.encode(config.data.prompt, add_special_tokens=False)
@@ -75,15 +81,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               base.mesh, config.seed + 1, pad, base=base.source)
 
     encode = lambda pairs: encode_pairs(tok, pairs, add_eos=True, bos_id=eos)
-    policy = run_dpo_stage("dpo", workdir, base.graphdef, reference, encode(train_pairs), config.dpo,
-                           base.mesh, config.seed + 2, pad, reference_params=reference,
-                           base=os.path.join(workdir, "sft"))
+    run_dpo_stage("dpo", workdir, base.graphdef, reference, encode(train_pairs), config.dpo,
+                  base.mesh, config.seed + 2, pad, reference_params=reference,
+                  base=os.path.join(workdir, "sft"))
+    return evaluate(config, workdir)
 
+
+def reference_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The stage directory of DPO's reference: the SFT stage, or with sft.steps=0 the base it
+    starts from (this run's pretrain stage, or init_from's init_stage)."""
+    if config.sft.steps > 0:
+        return os.path.join(workdir, "sft")
+    if config.init_from:
+        return os.path.join(config.init_from, config.init_stage)
+    return os.path.join(workdir, "pretrain")
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`rlft eval WORKDIR`: implicit rewards of the DPO stage's newest finished checkpoint against
+    its reference on held-out (and training) pairs, beside the reference's likelihood and VADER;
+    writes WORKDIR/eval/report.json and report.md."""
+    train_pairs = load_pairs(config.data, "train")
+    test_pairs = load_pairs(config.data, "test")
+    if config.eval.max_test_pairs:
+        test_pairs = test_pairs[:config.eval.max_test_pairs]
+    mesh = make_mesh(dict(config.mesh))
+    reference_dir = reference_stage(config, workdir)
+    ref_model = sentiment.finished_stage(os.path.dirname(reference_dir), os.path.basename(reference_dir), mesh)
+    policy = sentiment.finished_stage(workdir, "dpo", mesh)
+    tok = policy.tokenizer
+    graphdef, reference, pad = policy.graphdef, ref_model.params, tok.pad_token_id
+    encode = lambda pairs: encode_pairs(tok, pairs, add_eos=True, bos_id=tok.eos_token_id)
+    policy = policy.params
     beta = config.dpo.beta
 
     def logps(params, encoded, column):
-        return completion_logprobs(base.graphdef, params, [p[column] for p in encoded],
-                                   config.dpo.max_length, pad, base.mesh, config.eval.batch_size)
+        return completion_logprobs(graphdef, params, [p[column] for p in encoded],
+                                   config.dpo.max_length, pad, mesh, config.eval.batch_size)
 
     encoded = encode(test_pairs)
     ref_c, ref_r = logps(reference, encoded, 0), logps(reference, encoded, 1)
@@ -123,5 +157,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"(chosen / rejected): policy {report['policy_logp_chosen']:.2f} / "
                 f"{report['policy_logp_rejected']:.2f}, reference {report['reference_logp_chosen']:.2f} / "
                 f"{report['reference_logp_rejected']:.2f}.\n")
-    write_report(workdir, report, markdown)
+    write_report(os.path.join(workdir, "eval"), report, markdown)
     return report

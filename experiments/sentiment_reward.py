@@ -8,7 +8,7 @@ higher-rated one preferred; sentences are framed as in pretraining (EOS, text, E
 at the closing EOS. Afterwards the mean/std of its scores on the validation sentences go to
 WORKDIR/reward/reward_stats.json (for reward normalisation in RL).
 
-The report gives, on held-out test pairs built the same way from test sentences only, the
+The report (`evaluate`, also `rlft eval WORKDIR`; WORKDIR/eval/) gives, on held-out test pairs built the same way from test sentences only, the
 model's pairwise accuracy (r_chosen > r_rejected) beside the VADER judge's (compound of chosen >
 compound of rejected; ties count as wrong, and also as 1/2 in a second column), and the Pearson
 correlation with the human mean ratings of the test sentences of the model's scores and of VADER's
@@ -30,7 +30,8 @@ from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, load_pairs, preference_data_config
 from rlft.eval.report import write_report
 from rlft.recipes import sentiment
-from rlft.scoring import sequence_scores, write_reward_stats
+from rlft.scoring import read_reward_stats, sequence_scores, write_reward_stats
+from rlft.sharding import make_mesh
 from rlft.stages import reward_stage_config, run_reward_stage
 from rlft.warm_start import scalar_model_from_lm
 
@@ -57,33 +58,52 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     return c
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+    """Refuse an init_from / init_stage this experiment cannot start from, before anything is
+    written (`sentiment.check_base_source`: a language-model stage of a sentiment run with this
+    run's tokenizer and model). `run` calls it first too."""
+    sentiment.check_base_source(config, os.path.basename(__file__))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrain (or load) the base, train the reward model, evaluate; writes report.json/report.md."""
+    """Pretrain (or load) the base, train the reward model, write its reward_stats.json, then
+    `evaluate` (WORKDIR/eval/report.json and report.md)."""
+    check(config)  # before the run writes anything (init_from)
+    train_pairs = load_pairs(config.data, "train")
+    base = sentiment.pretrained_base(config, workdir)
+    encode = lambda pairs: encode_pairs(base.tokenizer, pairs, add_eos=True, bos_id=base.eos_id)
+    graphdef, params = scalar_model_from_lm(base.model_config, base.params, base.mesh,
+                                            config.reward_model.head_init_std, config.seed)
+    params = run_reward_stage(STAGE, workdir, graphdef, params, encode(train_pairs), config.reward,
+                              base.mesh, config.seed + 2, base.pad_id, base=base.source)
+    validation = load_split(config.data.source, "validation", config.data.data_dir or None)
+    if config.eval.max_reference_sentences:
+        validation = validation[:config.eval.max_reference_sentences]
+    scores = sequence_scores(graphdef, params, [base.encode_sentence(r["text"]) for r in validation],
+                             config.reward.max_length, base.pad_id, base.mesh, config.eval.batch_size)
+    write_reward_stats(os.path.join(workdir, STAGE), scores, f"validation sentences of {config.data.source}",
+                       add_bos=True, add_eos=True, max_length=config.reward.max_length)
+    return evaluate(config, workdir)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`rlft eval WORKDIR`: pairwise accuracy and correlation with human ratings of the reward
+    stage's newest finished checkpoint beside VADER's; writes WORKDIR/eval/report.json and report.md."""
     data_dir = config.data.data_dir or None
     train_pairs = load_pairs(config.data, "train")
     test_pairs = load_pairs(config.data, "test")
     if config.eval.max_test_pairs:
         test_pairs = test_pairs[:config.eval.max_test_pairs]
-    base = sentiment.pretrained_base(config, workdir)
-    encode = lambda pairs: encode_pairs(base.tokenizer, pairs, add_eos=True, bos_id=base.eos_id)
-
-    graphdef, params = scalar_model_from_lm(base.model_config, base.params, base.mesh,
-                                            config.reward_model.head_init_std, config.seed)
-    params = run_reward_stage(STAGE, workdir, graphdef, params, encode(train_pairs), config.reward,
-                              base.mesh, config.seed + 2, base.pad_id, base=base.source)
+    mesh = make_mesh(dict(config.mesh))
+    model = sentiment.finished_stage(workdir, STAGE, mesh)
+    tok = model.tokenizer
+    encode = lambda pairs: encode_pairs(tok, pairs, add_eos=True, bos_id=tok.eos_token_id)
 
     def score(examples):
-        return sequence_scores(graphdef, params, examples, config.reward.max_length, base.pad_id,
-                               base.mesh, config.eval.batch_size)
+        return sequence_scores(model.graphdef, model.params, examples, config.reward.max_length,
+                               tok.pad_token_id, mesh, config.eval.batch_size)
 
-    validation = load_split(config.data.source, "validation", data_dir)
-    if config.eval.max_reference_sentences:
-        validation = validation[:config.eval.max_reference_sentences]
-    stats = write_reward_stats(os.path.join(workdir, STAGE),
-                               score([base.encode_sentence(r["text"]) for r in validation]),
-                               f"validation sentences of {config.data.source}", add_bos=True, add_eos=True,
-                               max_length=config.reward.max_length)
-
+    stats = read_reward_stats(os.path.join(workdir, STAGE))  # None until the run has written it
     encoded = encode(test_pairs)
     chosen = score([c for c, _ in encoded])
     rejected = score([r for _, r in encoded])
@@ -93,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval.max_test_sentences:
         sentences = sentences[:config.eval.max_test_sentences]
     ratings = np.array([r["rating"] for r in sentences])
-    model_scores = score([base.encode_sentence(r["text"]) for r in sentences])
+    model_scores = score([sentiment.encode_sentence(tok, r["text"]) for r in sentences])
     vader_scores = sentiment.vader_compound([r["text"] for r in sentences])
 
     report = {
@@ -105,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "vader_pairwise_ties": float(np.mean(vader_c == vader_r)),
         "model_pearson": sentiment.pearson(model_scores, ratings),
         "vader_pearson": sentiment.pearson(vader_scores, ratings),
-        "reward_stats": {"mean": stats["mean"], "std": stats["std"]},
+        "reward_stats": stats and {"mean": stats["mean"], "std": stats["std"]},
     }
     report["model_beats_vader"] = bool(
         report["model_pairwise_accuracy"] > report["vader_pairwise_accuracy_ties_half"]
@@ -119,7 +139,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"| VADER compound (ties wrong) | {report['vader_pairwise_accuracy']:.3f} | "
                 f"{report['vader_pearson']:.3f} |\n"
                 f"| VADER compound (ties 1/2) | {report['vader_pairwise_accuracy_ties_half']:.3f} | |\n\n"
-                f"Reward statistics on the validation sentences (reward/reward_stats.json): "
-                f"mean {stats['mean']:.3f}, std {stats['std']:.3f}.\n")
-    write_report(workdir, report, markdown)
+                + (f"Reward statistics on the validation sentences (reward/reward_stats.json): "
+                   f"mean {stats['mean']:.3f}, std {stats['std']:.3f}.\n" if stats else
+                   "No reward/reward_stats.json yet (the run writes it after training).\n"))
+    write_report(os.path.join(workdir, "eval"), report, markdown)
     return report

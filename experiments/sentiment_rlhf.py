@@ -84,7 +84,7 @@ ADOPTABLE_STAGES = ("pretrain", "sft", "reward")
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (the main job, <= 15 min on 2 CPU cores) and "tiny" (tests)."""
     c = sentiment.base_config(preset, "sentiment_rlhf")
-    c.init_from = ""  # an earlier sentiment_rlhf run: copy its finished init_stages
+    c.init_from = ""  # an earlier sentiment run: copy its finished init_stages (which: `check`)
     c.init_stages = ADOPTABLE_STAGES
     for key, value in preference_data_config(min_gap=1.0, pairs_per_sentence=4.0).items():
         if key not in c.data:
@@ -124,13 +124,17 @@ def whole_sentence(judge):
     return lambda completions, records: judge([r["text"] + c for c, r in zip(completions, records)], records)
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+    """Refuse an init_from this experiment cannot adopt stages from, before anything is written
+    (`sentiment.check_adopted_stages`: a sentiment run with this run's tokenizer and model; stages
+    other than "pretrain" only from a sentiment_rlhf run). `run` calls it first too."""
+    sentiment.check_adopted_stages(config, os.path.basename(__file__), ADOPTABLE_STAGES)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrain, SFT, reward model, RL, then the evaluation (`rlft eval`); returns eval/report.json's dict."""
+    check(config)
     if config.init_from:
-        unknown = set(config.init_stages) - set(ADOPTABLE_STAGES)
-        if unknown:
-            raise RlftError(f"init_stages={list(config.init_stages)}: {sorted(unknown)} cannot be "
-                            f"copied (choose from {list(ADOPTABLE_STAGES)})")
         copied = sentiment.adopt_stages(config.init_from, workdir, config.init_stages)
         print(f"sentiment_rlhf: copied {copied or 'no'} stages from {config.init_from}", file=sys.stderr)
     seconds = {}

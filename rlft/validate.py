@@ -65,6 +65,13 @@ def _or_none(rule: Rule, note: str) -> Rule:
     return Rule(lambda v: v is None or rule.ok(v), f"{rule.allowed} or None ({note})")
 
 
+def _is_run_dir(path: str) -> bool:
+    """A directory with the files the first `rlft run` writes there (experiment.json, run_config.json)."""
+    from rlft.config import EXPERIMENT_FILE, RUN_CONFIG_FILE
+
+    return all(os.path.isfile(os.path.join(path, name)) for name in (EXPERIMENT_FILE, RUN_CONFIG_FILE))
+
+
 _AT_LEAST_ONE = ("batch_size", "accum_steps", "save_every", "max_nonfinite_steps", "max_new_tokens",
                  "prompts_per_step", "group_size", "minibatches", "max_length", "d_model", "n_layers",
                  "n_heads", "max_positions", "vocab_size", "prompt_words")
@@ -95,8 +102,11 @@ RULES: dict[str, Rule] = {
     "min_abs_rating": _number(0),
     "min_gap": _number(0, open_low=True),
     "pairs_per_sentence": _number(0, open_low=True),
-    "init_from": Rule(lambda v: not v or (isinstance(v, str) and os.path.isdir(v)),
-                      "empty (start from scratch) or an existing run directory"),
+    # Which runs an experiment can start from is its own rule (its `check(config)`, e.g.
+    # rlft.recipes.sentiment.check_base_source); this one only needs a run directory.
+    "init_from": Rule(lambda v: not v or (isinstance(v, str) and _is_run_dir(v)),
+                      "empty (start from scratch) or a run directory made by `rlft run` "
+                      "(with experiment.json and run_config.json)"),
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,

@@ -60,7 +60,7 @@ def test_two_processes_reproduce_one_process(runs):
             assert x.keys() == y.keys()
             for key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-5), (stage, x["step"], key)
-    report_one, report_two = (json.load(open(os.path.join(d, "report.json"))) for d in (one, two))
+    report_one, report_two = (json.load(open(os.path.join(d, "eval", "report.json"))) for d in (one, two))
     for key in ("accuracy_init", "accuracy_sft", "accuracy_rl", "format_sft", "format_rl"):
         assert report_two[key] == report_one[key], key
     params_one, params_two = load_params(os.path.join(one, "rl")), load_params(os.path.join(two, "rl"))

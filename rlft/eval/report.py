@@ -1,4 +1,4 @@
-"""Experiment reports: WORKDIR/report.json (machine-readable) beside WORKDIR/report.md (for people)."""
+"""Experiment reports: report.json (machine-readable) beside report.md (for people), in WORKDIR/eval/."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import json
 import os
 
 from rlft.distributed import is_primary
+from rlft.files import write_text
 
 
-def write_report(workdir: str, report: dict, markdown: str) -> None:
-    """Write an experiment's results as WORKDIR/report.json and WORKDIR/report.md (process 0 only)."""
+def write_report(directory: str, report: dict, markdown: str) -> None:
+    """Write an experiment's results as DIRECTORY/report.json and DIRECTORY/report.md (process 0
+    only; each file atomically). Experiments' `evaluate` writes them to WORKDIR/eval/."""
     if not is_primary():
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(markdown)
+    os.makedirs(directory, exist_ok=True)
+    write_text(os.path.join(directory, "report.json"), json.dumps(report, indent=2))
+    write_text(os.path.join(directory, "report.md"), markdown)

@@ -5,6 +5,15 @@ training sentences of the VADER human-rated corpora (full-sequence loss, each se
 EOS), with a byte-level BPE trained on the same sentences. `pretrained_base` builds it in the
 work directory (stage "pretrain", resumable) or, with `init_from=RUN_DIR`, reuses the tokenizer,
 model config and pretrain-stage params of an earlier sentiment run.
+
+Which runs `init_from` accepts (`check_base_source`, `check_adopted_stages`; each experiment's
+`check(config)` calls one, before anything is written): a directory made by `rlft run` (with
+experiment.json, run_config.json, model_config.json and tokenizer/) of one of `EXPERIMENTS`, whose
+run_config.json `tokenizer` and `model` sections equal this run's (a field the record lacks reads
+as `model_section`'s default; `model.remat` may differ: it is not a shape) and whose
+model_config.json is the model this run's `model` section builds with that tokenizer. The
+"pretrain" stage is the one stage every sentiment experiment shares; the other stages are an
+experiment's own, so `sentiment_rlhf` adopts them only from a run of the same experiment.
 """
 
 from __future__ import annotations
@@ -28,6 +37,12 @@ from rlft.sharding import make_mesh, sharded_init
 from rlft.stages import run_sft_stage, sft_stage_config
 
 PRETRAIN_SOURCES = ("movie_reviews", "amazon", "nyt", "tweets")
+# The experiment files built on this recipe (`base_config` + `pretrain_base`): a run of any of them
+# has this tokenizer, this model family and the "pretrain" stage. A new sentiment experiment adds
+# its file name here to be a source (and a target) of `init_from`.
+EXPERIMENTS = ("sentiment_classify.py", "sentiment_reward.py", "sentiment_dpo.py", "sentiment_rlhf.py")
+SHARED_STAGE = "pretrain"
+_SOURCE_FILES = ("experiment.json", "run_config.json", "model_config.json", "tokenizer")
 
 
 def base_config(preset: str, experiment: str) -> ml_collections.ConfigDict:
@@ -110,7 +125,11 @@ def pretrain_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
 
 
 def base_from_run(run_dir: str, stage: str, workdir: str, mesh_shape: dict) -> Base:
-    """The tokenizer, model config and STAGE params of an earlier run, copied into WORKDIR's metadata."""
+    """The tokenizer, model config and STAGE params of an earlier run, copied into WORKDIR's metadata.
+
+    The source is not judged here (`check_base_source` does that, before anything is written);
+    the params are read before WORKDIR gets a file, so a stage that cannot be loaded copies nothing.
+    """
     from rlft.warm_start import decoder_state
 
     stage_dir = os.path.join(run_dir, stage)
@@ -121,12 +140,121 @@ def base_from_run(run_dir: str, stage: str, workdir: str, mesh_shape: dict) -> B
                         f"(set init_stage to one of its stages)")
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     model_cfg = load_model_config(run_dir)
-    if is_primary():
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-    save_model_config(workdir, model_cfg)
     mesh = make_mesh(mesh_shape)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
-    return Base(tokenizer, model_cfg, mesh, graphdef, decoder_state(model_cfg, stage_dir, mesh), stage_dir)
+    params = decoder_state(model_cfg, stage_dir, mesh)
+    save_model_config(workdir, model_cfg)  # refuses (and writes nothing) if WORKDIR has another model
+    if is_primary():
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    return Base(tokenizer, model_cfg, mesh, graphdef, params, stage_dir)
+
+
+def _source_experiment(config: ml_collections.ConfigDict, experiment: str) -> str:
+    """The experiment file name of the run `config.init_from`, after checking that EXPERIMENT (this
+    run's file name) can start from it: a directory made by `rlft run` (`_SOURCE_FILES`), a run of
+    one of `EXPERIMENTS`, its run_config.json `tokenizer` and `model` sections equal to this run's
+    (fields the record lacks at `model_section`'s defaults; `model.remat` ignored), and its
+    model_config.json the model this run's section builds for its tokenizer. Reads files only."""
+    import json
+
+    from rlft.config import ABSENT, changed_fields, format_changes, format_override
+    from rlft.files import read_json
+
+    src = config.init_from
+    if not os.path.isdir(src):
+        raise RlftError(f"init_from={src}: no such run directory")
+    missing = [name for name in _SOURCE_FILES if not os.path.exists(os.path.join(src, name))]
+    if missing:
+        raise RlftError(f"init_from={src}: not a run directory {experiment} can start from "
+                        f"(no {', '.join(missing)})")
+    path = read_json(os.path.join(src, "experiment.json")).get("path")
+    if not isinstance(path, str):
+        raise RlftError(f"{os.path.join(src, 'experiment.json')}: no experiment path; the file is damaged")
+    theirs = os.path.basename(path)
+    if theirs not in EXPERIMENTS:
+        raise RlftError(f"init_from={src}: a run of {theirs}, not of a sentiment experiment "
+                        f"({', '.join(EXPERIMENTS)}); {experiment} cannot start from it")
+
+    recorded = read_json(os.path.join(src, "run_config.json"))
+
+    def shape(tokenizer, model) -> dict:
+        model = {**model_section().to_dict(), **(model if isinstance(model, dict) else {})}
+        model.pop("remat", None)  # how the backward is computed, not the parameters
+        return json.loads(json.dumps({"tokenizer": tokenizer if isinstance(tokenizer, dict) else {},
+                                      "model": model}))
+
+    changes = changed_fields(shape(recorded.get("tokenizer"), recorded.get("model")),
+                             shape(config.tokenizer.to_dict(), config.model.to_dict()))
+    if changes:
+        sections = [n for n in ("tokenizer", "model") if any(f.startswith(f"{n}.") for f, _, _ in changes)]
+        short = (lambda f: f.split(".", 1)[1]) if len(sections) == 1 else (lambda f: f)
+        what = " and ".join(sections)
+        its = ", ".join(f"{short(f)}={old!r}" for f, old, _ in changes)
+        ours = ", ".join(f"{short(f)}={new!r}" for f, _, new in changes)
+        hint = " ".join(format_override(f, old) for f, old, _ in changes if old is not ABSENT)
+        raise RlftError(f"init_from={src}: its {what} ({its}) differs from this run's {what} ({ours}): "
+                        f"{format_changes(changes)}; run with its values ({hint}) or start from another run")
+
+    saved = load_model_config(src)
+    as_json = lambda cfg: json.loads(json.dumps(cfg.to_dict()))
+    built = model_from_section(config.model, saved.vocab_size)
+    if other := [c for c in changed_fields(as_json(saved), as_json(built)) if c[0] != "remat"]:
+        raise RlftError(f"init_from={src}: its model_config.json describes another model than this run's "
+                        f"model section builds: {format_changes(other)}")
+    return theirs
+
+
+def check_base_source(config: ml_collections.ConfigDict, experiment: str) -> None:
+    """Refuse `config.init_from` (with `config.init_stage`) as the base of EXPERIMENT, before
+    anything is written; nothing to check without init_from.
+
+    The source must be a run of a sentiment experiment with this run's tokenizer and model
+    (`_source_experiment`), and init_stage one of its language-model stages: the base is only a
+    starting point, so any LM stage of any sentiment run will do (its "pretrain" by default).
+    """
+    from rlft.stages import read_stages
+
+    if not config.get("init_from"):
+        return
+    _source_experiment(config, experiment)
+    src, stage = config.init_from, config.init_stage
+    kinds = {s["name"]: s["kind"] for s in read_stages(src)}
+    lm_stages = [name for name, kind in kinds.items() if kind == "lm" and os.path.isdir(os.path.join(src, name))]
+    if not os.path.isdir(os.path.join(src, stage)):
+        raise RlftError(f"init_from={src}: no stage directory {stage!r} there (set init_stage to one of its "
+                        f"language-model stages: {', '.join(lm_stages) or 'none'})")
+    if kinds.get(stage, "lm") != "lm":
+        raise RlftError(f"init_stage={stage!r}: a {kinds[stage]} stage of {src}, not a language model (its "
+                        f"language-model stages: {', '.join(lm_stages) or 'none'})")
+
+
+def check_adopted_stages(config: ml_collections.ConfigDict, experiment: str,
+                         adoptable: Sequence[str]) -> None:
+    """Refuse `config.init_from` / `config.init_stages` for `adopt_stages` into a run of EXPERIMENT,
+    before anything is written; nothing to check without init_from.
+
+    init_stages must be among `adoptable`; the source a run of a sentiment experiment with this
+    run's tokenizer and model (`_source_experiment`). Its "pretrain" stage is shared by every
+    sentiment experiment; any other stage it holds is adopted only from a run of EXPERIMENT itself
+    (a sentiment_classify run's "sft" is not sentiment_rlhf's "sft").
+    """
+    from rlft.config import format_override
+
+    if not config.get("init_from"):
+        return
+    stages = list(config.init_stages)
+    unknown = set(stages) - set(adoptable)
+    if unknown:
+        raise RlftError(f"init_stages={stages}: {sorted(unknown)} cannot be copied "
+                        f"(choose from {list(adoptable)})")
+    theirs = _source_experiment(config, experiment)
+    src = config.init_from
+    if theirs != experiment:
+        foreign = [s for s in stages if s != SHARED_STAGE and os.path.isdir(os.path.join(src, s))]
+        if foreign:
+            raise RlftError(f"init_from={src}: a run of {theirs}, whose stages {foreign} were trained for that "
+                            f"experiment; {experiment} shares only its {SHARED_STAGE!r} stage "
+                            f"({format_override('init_stages', (SHARED_STAGE,))})")
 
 
 def pretrained_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
@@ -134,6 +262,23 @@ def pretrained_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
     if config.get("init_from"):
         return base_from_run(config.init_from, config.init_stage, workdir, dict(config.mesh))
     return pretrain_base(config, workdir)
+
+
+def finished_stage(workdir: str, stage: str, mesh: Mesh):
+    """`rlft.load(WORKDIR/STAGE)` with its params placed on `mesh` by the sharding rules: the
+    newest finished checkpoint of the stage (what `evaluate` reads, also while the run is still
+    training). RlftError naming the stage if it has no finished checkpoint yet."""
+    import jax
+
+    import rlft
+    from rlft.checkpoints import checkpoint_steps
+    from rlft.sharding import state_shardings
+
+    if not checkpoint_steps(os.path.join(workdir, stage)):
+        raise RlftError(f"rlft eval: {workdir} has no finished checkpoint of stage {stage!r} yet")
+    model = rlft.load(os.path.join(workdir, stage))
+    model.params = jax.device_put(model.params, state_shardings(model.params, mesh))
+    return model
 
 
 def vader_compound(texts: Sequence[str]) -> np.ndarray:
@@ -229,7 +374,11 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def adopt_stages(run_dir: str, workdir: str, stages: Sequence[str]) -> list[str]:
     """Copy the tokenizer, model config and the given stage directories of an earlier run into WORKDIR
-    (those WORKDIR lacks), so that its stages resume from them; returns the stages copied."""
+    (those WORKDIR lacks), so that its stages resume from them; returns the stages copied.
+
+    The source is not judged here: `check_adopted_stages` refuses an incompatible one before
+    anything is written (the experiment calls it first).
+    """
     import shutil
 
     from rlft.checkpoints import MODEL_CONFIG_FILE

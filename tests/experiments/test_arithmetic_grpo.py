@@ -12,7 +12,7 @@ from rlft import config as config_lib
 from rlft.cli import main
 from rlft.data.arithmetic import split_problems
 from rlft.errors import RlftError
-from tests.experiments.conftest import ROOT
+from tests.experiments.conftest import ROOT, assert_rlft_eval_reproduces_the_report
 
 EXPERIMENT = os.path.join(ROOT, "experiments", "arithmetic_grpo.py")
 
@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory) -> str:
 
 @pytest.mark.slow
 def test_tiny_run_report_and_stages(tiny_run):
-    report = json.load(open(os.path.join(tiny_run, "report.json")))
+    report = json.load(open(os.path.join(tiny_run, "eval", "report.json")))
     for key in ("accuracy_sft", "accuracy_rl", "accuracy_init", "format_sft", "format_rl", "format_init"):
         assert math.isfinite(report[key]) and 0.0 <= report[key] <= 1.0, key
     config = json.load(open(os.path.join(tiny_run, "run_config.json")))
@@ -34,7 +34,7 @@ def test_tiny_run_report_and_stages(tiny_run):
     # Training does something: the untrained model never ends a well-formed integer with EOS.
     assert report["format_sft"] > report["format_init"] + 0.5
     assert report["accuracy_sft"] >= report["accuracy_init"]
-    assert "| SFT (" in open(os.path.join(tiny_run, "report.md")).read()
+    assert "| SFT (" in open(os.path.join(tiny_run, "eval", "report.md")).read()
     for stage, steps in (("sft", config["sft"]["steps"]), ("rl", config["rl"]["steps"])):
         lines = [json.loads(line) for line in open(os.path.join(tiny_run, stage, "metrics.jsonl"))]
         assert [line["step"] for line in lines] == list(range(1, steps + 1))
@@ -54,8 +54,24 @@ def test_test_problems_never_occur_in_training(tiny_run):
                                  config["seed"])
     assert problems == {"train": [p.prompt for p in train], "test": [p.prompt for p in test]}
     assert len(test) == 64 and not set(problems["test"]) & set(problems["train"])
-    report = json.load(open(os.path.join(tiny_run, "report.json")))
+    report = json.load(open(os.path.join(tiny_run, "eval", "report.json")))
     assert report["train_problems"] == len(train) == (task["max_operand"] + 1) ** 2 - 64
+
+
+@pytest.mark.slow
+def test_rlft_eval_reproduces_the_report_and_evaluates_a_partial_run(tiny_run, tmp_path):
+    """`rlft eval` calls the experiment's evaluate(config, workdir): the same report as the run's
+    (greedy decoding), and on a run whose RL stage has no checkpoint yet, the policies it has."""
+    import shutil
+
+    assert_rlft_eval_reproduces_the_report(tiny_run)
+    written = json.load(open(os.path.join(tiny_run, "eval", "report.json")))
+    partial = str(tmp_path / "partial")
+    shutil.copytree(tiny_run, partial, ignore=shutil.ignore_patterns("rl", "eval"))
+    assert main(["eval", partial]) == 0
+    report = json.load(open(os.path.join(partial, "eval", "report.json")))
+    assert report["policies"] == ["init", "sft"] and "accuracy_rl" not in report
+    assert report["accuracy_sft"] == written["accuracy_sft"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 
 import rlft
 from rlft.cli import main
-from tests.experiments.conftest import run_tiny_preset
+from tests.experiments.conftest import assert_rlft_eval_reproduces_the_report, run_tiny_preset
 
 
 
@@ -23,7 +23,7 @@ def test_tiny_run_writes_report_metrics_and_checkpoints(tiny_run):
 
     from rlft.data.human_ratings import load_split
 
-    report = json.load(open(os.path.join(tiny_run, "report.json")))
+    report = json.load(open(os.path.join(tiny_run, "eval", "report.json")))
     assert report["test_examples"] == 128
     assert 0.0 <= report["model_accuracy"] <= 1.0
     # The VADER figure is reproducible from the data and the judge alone.
@@ -31,7 +31,7 @@ def test_tiny_run_writes_report_metrics_and_checkpoints(tiny_run):
     test = [r for r in load_split("movie_reviews", "test") if abs(r["rating"]) > 0.5][:128]
     vader = np.mean([(judge.polarity_scores(r["text"])["compound"] >= 0) == (r["rating"] > 0) for r in test])
     assert report["vader_accuracy"] == pytest.approx(vader)
-    assert "| VADER lexicon (compound >= 0) |" in open(os.path.join(tiny_run, "report.md")).read()
+    assert "| VADER lexicon (compound >= 0) |" in open(os.path.join(tiny_run, "eval", "report.md")).read()
     for stage, steps in (("pretrain", 8), ("sft", 6)):
         lines = [json.loads(l) for l in open(os.path.join(tiny_run, stage, "metrics.jsonl"))]
         assert [l["step"] for l in lines] == list(range(1, steps + 1))
@@ -68,3 +68,8 @@ def test_load_and_export_the_run(tiny_run, tmp_path):
     np.testing.assert_allclose(model.logits(ids), ref, atol=1e-4, rtol=0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.encode("a wonderful, moving film") == model.tokenizer.encode("a wonderful, moving film")
+
+
+@pytest.mark.slow
+def test_rlft_eval_reproduces_the_report(tiny_run):
+    assert_rlft_eval_reproduces_the_report(tiny_run)

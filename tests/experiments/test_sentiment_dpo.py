@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import rlft
+from tests.experiments.conftest import assert_rlft_eval_reproduces_the_report
 from rlft.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,7 +24,7 @@ def dpo_tiny_run(reward_tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_dpo_run_writes_report_and_metrics(dpo_tiny_run, reward_tiny_run):
-    report = json.load(open(os.path.join(dpo_tiny_run, "report.json")))
+    report = json.load(open(os.path.join(dpo_tiny_run, "eval", "report.json")))
     assert report["test_pairs"] == 64 and report["train_pairs"] == 64
     for key in ("implicit_reward_accuracy", "reference_likelihood_accuracy", "vader_pairwise_accuracy"):
         assert 0.0 <= report[key] <= 1.0
@@ -32,7 +33,7 @@ def test_tiny_dpo_run_writes_report_and_metrics(dpo_tiny_run, reward_tiny_run):
     # (~0.94-1.0 and margin ~0.3 over seeds 0-3; 0 and 0 with dpo.learning_rate=0).
     assert report["train_implicit_reward_accuracy"] > 0.75
     assert report["train_implicit_reward_margin"] > 0.1
-    assert "| DPO implicit reward" in open(os.path.join(dpo_tiny_run, "report.md")).read()
+    assert "| DPO implicit reward" in open(os.path.join(dpo_tiny_run, "eval", "report.md")).read()
     lines = [json.loads(l) for l in open(os.path.join(dpo_tiny_run, "dpo", "metrics.jsonl"))]
     assert [l["step"] for l in lines] == list(range(1, 9))
     # The first step sees the policy equal to its reference: the loss is log 2, every margin 0.
@@ -53,3 +54,8 @@ def test_load_the_dpo_policy(dpo_tiny_run):
     assert policy.kind == "lm"
     ids = np.array([policy.tokenizer.encode("Write a positive movie review sentence:\na fine film")])
     assert np.abs(policy.logits(ids) - reference.logits(ids)).max() > 1e-5
+
+
+@pytest.mark.slow
+def test_rlft_eval_reproduces_the_report(dpo_tiny_run):
+    assert_rlft_eval_reproduces_the_report(dpo_tiny_run)

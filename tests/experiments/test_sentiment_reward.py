@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import rlft
+from tests.experiments.conftest import assert_rlft_eval_reproduces_the_report
 from rlft.errors import RlftError
 
 
@@ -17,7 +18,7 @@ def test_tiny_run_writes_report_metrics_and_reward_stats(reward_tiny_run):
     from rlft.data.human_ratings import load_split
     from rlft.data.preferences import load_pairs, preference_data_config
 
-    report = json.load(open(os.path.join(reward_tiny_run, "report.json")))
+    report = json.load(open(os.path.join(reward_tiny_run, "eval", "report.json")))
     assert (report["train_pairs"], report["test_pairs"], report["test_sentences"]) == (512, 64, 64)
     for key in ("model_pairwise_accuracy", "vader_pairwise_accuracy", "vader_pairwise_accuracy_ties_half"):
         assert 0.0 <= report[key] <= 1.0
@@ -31,7 +32,7 @@ def test_tiny_run_writes_report_metrics_and_reward_stats(reward_tiny_run):
     test = load_split("movie_reviews", "test")[:64]
     assert report["vader_pearson"] == pytest.approx(
         np.corrcoef([compound(r["text"]) for r in test], [r["rating"] for r in test])[0, 1])
-    assert "| rlft reward model |" in open(os.path.join(reward_tiny_run, "report.md")).read()
+    assert "| rlft reward model |" in open(os.path.join(reward_tiny_run, "eval", "report.md")).read()
 
     lines = [json.loads(l) for l in open(os.path.join(reward_tiny_run, "reward", "metrics.jsonl"))]
     assert [l["step"] for l in lines] == list(range(1, 7))
@@ -62,10 +63,15 @@ def test_load_the_reward_model_and_score_texts(reward_tiny_run):
     # score() tokenises like the experiment: it reproduces the report's correlation.
     test = load_split("movie_reviews", "test")[:64]
     r = np.corrcoef(model.score([x["text"] for x in test]), [x["rating"] for x in test])[0, 1]
-    report = json.load(open(os.path.join(reward_tiny_run, "report.json")))
+    report = json.load(open(os.path.join(reward_tiny_run, "eval", "report.json")))
     assert r == pytest.approx(report["model_pearson"], abs=1e-3)
     with pytest.raises(RlftError, match="language model"):
         model.logits(np.array([[1, 2, 3]]))
     assert rlft.load(os.path.join(reward_tiny_run, "pretrain")).kind == "lm"
     with pytest.raises(RlftError, match="reward"):
         rlft.load(os.path.join(reward_tiny_run, "pretrain")).score(texts)
+
+
+@pytest.mark.slow
+def test_rlft_eval_reproduces_the_report(reward_tiny_run):
+    assert_rlft_eval_reproduces_the_report(reward_tiny_run)
