@@ -397,7 +397,9 @@ def adopt_stages(run_dir: str, workdir: str, stages: Sequence[str]) -> list[str]
     for stage in stages:
         source, target = os.path.join(run_dir, stage), os.path.join(workdir, stage)
         if os.path.isdir(source) and not os.path.exists(target):
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("tensorboard"))
+            # Not a source's unfinished (a run still writing) or set-aside damaged checkpoints.
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns(
+                "tensorboard", "*.orbax-checkpoint-tmp*", "*.damaged-*"))
             record_stage(workdir, stage, kinds.get(stage, "lm"))
             copied.append(stage)
     return copied
