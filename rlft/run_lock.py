@@ -156,7 +156,7 @@ def lock_run_dir(workdir: str, argv: Sequence[str]) -> Iterator[RunLock | None]:
     """
     import jax
 
-    from rlft.distributed import is_primary
+    from rlft.distributed import collective, is_primary
 
     lock, failure = None, None
     if is_primary():
@@ -168,7 +168,9 @@ def lock_run_dir(workdir: str, argv: Sequence[str]) -> Iterator[RunLock | None]:
         import numpy as np
         from jax.experimental import multihost_utils
 
-        if not int(multihost_utils.broadcast_one_to_all(np.int32(failure is None))) and failure is None:
+        with collective("rlft_run_lock"):  # often the run's first: names a process that never came
+            locked = int(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+        if not locked and failure is None:
             failure = RlftError(f"{workdir}: process 0 could not lock the run directory (its error says why)")
     if failure is not None:
         raise failure
