@@ -18,6 +18,14 @@ save finished) and by the read itself. Resume (`Checkpointer.restore(None, ...)`
 resume moves the damaged step directories aside to `<step>.damaged-<time>`, so nothing is lost
 and the step can be saved again. A damaged step named explicitly raises `DamagedCheckpoint`.
 
+A save that fails (a full disk, a file-size limit, an I/O error; in the blocking part or in Orbax's
+background commit) raises `CheckpointWriteError`, an RlftError naming the step, the directory and
+what to do: Orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete, and
+removes old steps (`keep`) only after that, so the previous checkpoints stay as they were; the
+failed step's temporary directory is removed (it is never taken for a step, and it holds space).
+Ctrl-C (SIGINT) cannot cut a save or commit short: `Checkpointer.save`, `wait` and `close` run under
+`SigintDeferral`, which re-raises KeyboardInterrupt once the checkpoint is on disk.
+
 Trees are stored as nested dicts with string keys built from their key paths (an nnx.Variable
 contributes its value, not a "value" level), so any optimizer state round-trips; restore puts the
 values back into the structure of the abstract target. Parameters live in their own item so a
@@ -29,7 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -43,7 +54,7 @@ from flax import nnx
 
 from rlft.config import changed_fields, format_changes
 from rlft.distributed import barrier, is_primary
-from rlft.errors import RlftError
+from rlft.errors import RlftError, log_traceback, one_line
 from rlft.files import write_text
 from rlft.models.config import ModelConfig
 
@@ -106,6 +117,54 @@ def _train_part(state: Any) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Ctrl-C inside a save
+
+
+class SigintDeferral:
+    """While active (a context manager), Ctrl-C (SIGINT) is held back until the block ends.
+
+    For critical sections such as a checkpoint save and its commit: a KeyboardInterrupt raised in
+    the middle would leave the step uncommitted (and lost when the process then exits). The first
+    SIGINT is recorded (with a note on stderr when `note` is given) and delivered to the previous
+    handler when the block ends without an exception, so Python's default raises KeyboardInterrupt
+    there and an enclosing SigintDeferral records it in turn; a second SIGINT inside the block raises
+    KeyboardInterrupt at once (abandoning the save). Python installs signal handlers from the main
+    thread only: elsewhere, or when the current handler was not set from Python, this does nothing.
+    """
+
+    def __init__(self, note: str | None = None):
+        self.note, self.pending = note, 0
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pending += 1
+        if self.pending > 1:
+            raise KeyboardInterrupt
+        if self.note:  # os.write: print() from a handler can re-enter a buffered write to stderr
+            os.write(2, f"rlft: interrupted: {self.note} first (Ctrl-C again to abandon it)\n".encode())
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._installed:
+            return
+        signal.signal(signal.SIGINT, self._previous)
+        self._installed = False
+        if self.pending and exc_type is None:  # with an exception on its way, that one goes on
+            if callable(self._previous):
+                self._previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
+            elif self._previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+# ---------------------------------------------------------------------------------------------
 # Integrity of a step directory
 
 
@@ -115,6 +174,21 @@ class DamagedCheckpoint(RlftError):
     def __init__(self, step_dir: Path, problem: str):
         self.step_dir, self.problem = Path(step_dir), problem
         super().__init__(f"checkpoint {step_dir} is damaged: {problem}")
+
+
+class CheckpointWriteError(RlftError):
+    """Writing checkpoint `step` into `directory` failed (see `Checkpointer`); `newest` is the newest
+    complete step left (None: none), `log` the file holding the original traceback (or None)."""
+
+    def __init__(self, directory: Path, step: int | None, error: BaseException, newest: int | None,
+                 log: Path | None = None):
+        self.directory, self.step, self.newest, self.log = Path(directory), step, newest, log
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        kept = (f"The newest complete checkpoint, step {newest}, is intact" if newest is not None
+                else "There is no complete checkpoint yet")
+        traced = f" (traceback in {log})" if log else ""
+        super().__init__(f"cannot write {what} in {directory}: {one_line(error)}{traced}. {kept}; free disk "
+                         f"space (or keep fewer checkpoints: STAGE.keep) and run the same command again")
 
 
 def _crc32(path: Path) -> int:
@@ -221,6 +295,19 @@ def _newest_intact(steps: list[int], read_step: Callable[[int], Any]) -> tuple[i
                     + ". Move the damaged step directories away to start the stage afresh")
 
 
+def _remove_tree(path: Path, attempts: int = 20) -> bool:
+    """Removes a directory that writes of a failed save may still be adding to (Orbax reports the
+    first failed write while the others finish); True once it is gone. Never raises."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return True
+        time.sleep(0.1)
+    print(f"rlft: warning: could not remove {path} (a failed save's partial files; it is never taken "
+          f"for a checkpoint)", file=sys.stderr)
+    return False
+
+
 class Checkpointer:
     """Saves a state dataclass every `save_every` steps into `directory`/<step>, keeping the last `keep`."""
 
@@ -248,31 +335,66 @@ class Checkpointer:
         return step % self.save_every == 0 and step not in self._manager.all_steps()
 
     def save(self, step: int, train_state: Any, extra: dict | None = None, force: bool = False) -> bool:
-        """Starts saving (async) state and JSON `extra` at `step`; force ignores save_every."""
+        """Starts saving (async) state and JSON `extra` at `step`; force ignores save_every.
+
+        Returns whether a save started (False: not a save step, or saved already). Waits for the
+        previous save first; a failure of that one, or of this one's blocking part, raises
+        CheckpointWriteError. Ctrl-C is held back until the save has started (`SigintDeferral`).
+        """
         if not (force or step % self.save_every == 0) or step in self._manager.all_steps():
             return False
         extra = json.loads(json.dumps(extra or {}))  # fail now, not in a background thread
-        self._seal_finished()  # the manager would wait for the previous save here anyway
         args = ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(to_nested(train_state.params)),
                                      TRAIN: ocp.args.StandardSave(to_nested(_train_part(train_state))),
                                      EXTRA: ocp.args.JsonSave(extra)})
-        saved = self._manager.save(step, args=args, force=True)
-        if saved:
-            self._unsealed.append(step)
-            if not self._async:
-                self._seal_finished()
+        with SigintDeferral(f"saving checkpoint step {step}"):
+            self._finish_pending()  # the manager would wait for the previous save here anyway
+            try:
+                saved = self._manager.save(step, args=args, force=True)
+            except Exception as e:
+                self._failed(step, e)
+            if saved:
+                self._unsealed.append(step)
+                if not self._async:
+                    self._finish_pending()
         return saved
 
-    def _seal_finished(self) -> None:
-        """Waits for pending saves, then records the checksums of the steps they wrote (process 0)."""
-        if not self._unsealed:
-            return
-        self._manager.wait_until_finished()
+    def _finish_pending(self) -> None:
+        """Waits for pending saves, then records the checksums of the steps they wrote (process 0).
+
+        A failed save raises CheckpointWriteError (`_failed`); a step that cannot be sealed (e.g. a
+        full disk) stays valid unsealed, checked by reading it, with a warning.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            # saves are sequential (each waits for the one before): the failed one is the newest
+            self._failed(self._unsealed[-1] if self._unsealed else None, e)
         if is_primary():
             for step in self._unsealed:
                 if (self.directory / str(step)).is_dir():
-                    seal_step(self.directory / str(step))
+                    try:
+                        seal_step(self.directory / str(step))
+                    except OSError as e:
+                        (self.directory / str(step) / f"{CHECKSUMS_FILE}.tmp").unlink(missing_ok=True)
+                        print(f"rlft: warning: could not record the checksums of checkpoint step {step} "
+                              f"({one_line(e)}); it is checked by reading it instead", file=sys.stderr)
         self._unsealed = []
+
+    def _failed(self, step: int | None, error: Exception) -> None:
+        """After a failed save of `step`: drop its temporary directory, resynchronise the manager with
+        the directory (the steps `keep` would have removed are still there), raise CheckpointWriteError."""
+        self._unsealed = [s for s in self._unsealed if s != step]
+        if is_primary() and step is not None:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                _remove_tree(tmp)
+        try:
+            self._manager.reload()
+            newest = self.latest_step()
+        except Exception:  # the directory itself may be unreadable now
+            newest = None
+        log = log_traceback(error, self.directory.parent, f"checkpoint step {step} in {self.directory}")
+        raise CheckpointWriteError(self.directory, step, error, newest, log) from error
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
         """(state, extra) at `step` (None = latest intact), placed like the abstract target's shardings.
@@ -318,20 +440,37 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk (and sealed)."""
-        self._manager.wait_until_finished()
-        self._seal_finished()
+        """Blocks until pending async saves are on disk (and sealed); Ctrl-C waits for them too.
+
+        A failed save raises CheckpointWriteError.
+        """
+        with SigintDeferral("finishing the checkpoint save"):
+            self._finish_pending()
 
     def close(self) -> None:
-        """Waits for pending saves, seals them and releases the manager."""
-        self._seal_finished()
-        self._manager.close()
+        """Waits for pending saves, seals them and releases the manager (`wait`, then close)."""
+        with SigintDeferral("finishing the checkpoint save"):
+            try:
+                self._finish_pending()
+            except BaseException:
+                try:
+                    self._manager.close()
+                except Exception:  # the first error is the one to report
+                    pass
+                raise
+            self._manager.close()
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """close(); while an exception propagates, a failure to close is a warning, not a new error."""
+        if exc_type is None:
+            return self.close()
+        try:
+            self.close()
+        except Exception as e:
+            print(f"rlft: warning: closing checkpoints of {self.directory}: {one_line(e)}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

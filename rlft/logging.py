@@ -3,6 +3,11 @@
 `metrics.jsonl` holds one JSON object per logged step ({"step": s, "train/loss": ..., ...}); it is
 deterministic (no wall-clock values), so a resumed run's lines equal an uninterrupted run's.
 Throughput goes to TensorBoard (`perf/tokens_per_second`) and the progress bar only.
+
+A file that cannot be written (a full disk, a file-size limit, an I/O error) is an RlftError naming
+it and what to do, raised by `log` or `close`: for metrics.jsonl at once; for TensorBoard, whose
+events a background thread writes, at the next `log` or at `close` after the failure (the thread
+records the error instead of dying, which would leave `add_scalar` blocked on a full queue).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
+from rlft.errors import RlftError, one_line
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -31,6 +38,13 @@ def to_python(value: Any) -> Any:
             return array.item()
         return array.tolist()
     return value
+
+
+def write_error(path: Path, error: OSError, what: str = "") -> RlftError:
+    """The RlftError for a metrics file that could not be written."""
+    reason = error.strerror or one_line(error)
+    return RlftError(f"cannot write {what}{path}: {reason}; free disk space (or raise the file-size limit) "
+                     f"and run the same command again: it resumes from the newest checkpoint")
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -65,12 +79,22 @@ class MetricsLogger:
         if not self.active:
             return
         self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / METRICS_FILE
-        _truncate_jsonl(self.path, start_step)
-        self._file = self.path.open("a")
-        self._writer = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR), purge_step=start_step + 1,
-                                     flush_secs=30)
+        self.tensorboard_dir = self.workdir / TENSORBOARD_DIR
+        self._tensorboard_error: OSError | None = None
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            _truncate_jsonl(self.path, start_step)
+            self._file = self.path.open("a")
+        except OSError as e:
+            raise write_error(self.path, e) from e
+        try:
+            self._writer = SummaryWriter(logdir=str(self.tensorboard_dir), purge_step=start_step + 1,
+                                         flush_secs=30)
+        except OSError as e:
+            self._file.close()
+            raise write_error(self.tensorboard_dir, e, "TensorBoard events in ") from e
+        self._guard_tensorboard()
         self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not progress,
                          dynamic_ncols=True)
         self._last_step, self._last_time = start_step, time.perf_counter()
@@ -80,8 +104,12 @@ class MetricsLogger:
         record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
         if not self.active:
             return record
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._check_tensorboard()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a torn line is dropped on resume (`_truncate_jsonl`)
+            raise write_error(self.path, e) from e
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)):
                 self._writer.add_scalar(name, value, step)
@@ -110,16 +138,54 @@ class MetricsLogger:
         for name, value in scalars.items():
             self._writer.add_scalar(name, float(value), step)
 
-    def close(self) -> None:
-        """Flushes and closes the file, the event writer and the bar."""
+    def _guard_tensorboard(self) -> None:
+        """Make the event writer record an OSError (read by `_check_tensorboard`) instead of raising it
+        in tensorboardX's background thread, which would die and leave the event queue to fill up."""
+        events = getattr(getattr(getattr(self._writer, "file_writer", None), "event_writer", None),
+                         "_ev_writer", None)  # tensorboardX 2.x: SummaryWriter -> FileWriter -> EventFileWriter
+        if events is None:
+            return
+        for name in ("write_event", "flush"):
+            method = getattr(events, name, None)
+            if method is None:
+                continue
+
+            def guarded(*args, _method=method, **kw):
+                if self._tensorboard_error is not None:
+                    return None  # drop events after the first failure
+                try:
+                    return _method(*args, **kw)
+                except OSError as e:
+                    self._tensorboard_error = e
+                    return None
+
+            setattr(events, name, guarded)
+
+    def _check_tensorboard(self) -> None:
+        if self._tensorboard_error is not None:
+            raise write_error(self.tensorboard_dir, self._tensorboard_error, "TensorBoard events in ") \
+                from self._tensorboard_error
+
+    def close(self, quiet: bool = False) -> None:
+        """Flushes and closes the file, the event writer and the bar; `quiet`: ignore write errors
+        (another error is already on its way)."""
         if not self.active:
             return
-        self._file.close()
-        self._writer.close()
-        self._bar.close()
+        errors = []
+        for part in (self._file, self._writer, self._bar):
+            try:
+                part.close()
+            except OSError as e:
+                errors.append((self.path if part is self._file else self.tensorboard_dir, e))
+        if quiet:
+            return
+        if errors:
+            path, error = errors[0]
+            raise write_error(path, error, "" if path == self.path else "TensorBoard events in ") from error
+        self._check_tensorboard()
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(quiet=exc_type is not None)

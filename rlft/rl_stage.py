@@ -8,7 +8,9 @@ A thin loop (rlft.train_loop.train) over one step per prompt batch:
 
 Everything resumes exactly: the PGState (policy, critic, optimizers, KL coefficient, baseline,
 RNG, step) is checkpointed whole, the prompt order is a pure function of (seed, position), and
-the sampling key of a step is derived from the state's RNG and step. SIGINT and SIGTERM save.
+the sampling key of a step is derived from the state's RNG and step. SIGINT and SIGTERM save; so
+does an error inside the stage (a reward function that raises or returns bad scores becomes an
+RlftError naming it, the stage and the step, after the last completed step is saved).
 Metrics go to WORKDIR/NAME/metrics.jsonl and TensorBoard under the names trl users know
 (objective/kl, policy/clipfrac, val/explained_variance, ...).
 """
@@ -35,7 +37,7 @@ from rlft.logging import MetricsLogger
 from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine, merged_state
 from rlft.pg_step import PGState, init_pg_state, pg_step
-from rlft.rewards import RewardFn, check_scores
+from rlft.rewards import RewardFn, score_completions
 from rlft.rl_config import PGConfig, resolve_pg_config, rl_stage_config  # noqa: F401 (re-export)
 from rlft.rollout import sample_rollout
 from rlft.sharding import MeshJit, batch_sharding, sharded_init
@@ -73,8 +75,14 @@ def prompt_batch(prompts: Sequence[dict], indices: np.ndarray, group: int, width
 def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState,
                  prompts: Sequence[dict], reward_fn: RewardFn, tokenizer, mesh: Mesh, eos_id: int,
                  pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
-                 frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None):
+                 frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None,
+                 name: str = "rl", stage_dir: str | None = None):
     """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> decode + reward (host) -> pg_step (jit).
+
+    The reward function is called through `rlft.rewards.score_completions`: an exception it raises
+    or a bad return value is an RlftError "NAME step N: reward function F ..." (its traceback appended
+    to STAGE_DIR/errors.log); the state of step N-1 is intact then (nothing was donated yet), so
+    `train` saves it before the error propagates.
 
     `shardings`: the PGState's. `frozen`: the base of a LoRA policy (the state holds its adapters;
     the reference is then the base with the adapters off). With `timings`, each phase's wall time is
@@ -105,7 +113,9 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         texts = tokenizer.batch_decode([row[:n] for row, n in zip(tokens[:, width:].tolist(), lengths)],
                                        skip_special_tokens=True)
         records = [prompts[i] for i in index]
-        scores = jax.device_put(check_scores(reward_fn(texts, records), len(texts)), scores_sharding)
+        where = lambda: f"{name} step {int(jax.device_get(state.step)) + 1}"  # read only on an error
+        scores = jax.device_put(score_completions(reward_fn, texts, records, where=where, log_dir=stage_dir),
+                                scores_sharding)
         timed("reward_s", t0)
         t0 = time.perf_counter()
         if pg is None:  # compiled once, for the shapes of the first batch
@@ -168,29 +178,28 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
     abstract = jax.eval_shape(init, params, critic_params)
     shardings = train_state_shardings(abstract, mesh)
-    checkpointer = Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep)
-    state, extra = restore_or_init(checkpointer, with_shardings(abstract, shardings),
-                                   lambda: jax.jit(init, out_shardings=shardings)(params, critic_params))
-    start = int(jax.device_get(state.step))
-    if start >= cfg.steps:
-        checkpointer.close()
-        return finish(state.params)
+    with Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep) as checkpointer:
+        state, extra = restore_or_init(checkpointer, with_shardings(abstract, shardings),
+                                       lambda: jax.jit(init, out_shardings=shardings)(params, critic_params))
+        start = int(jax.device_get(state.step))
+        if start >= cfg.steps:
+            return finish(state.params)
 
-    reference = None
-    if config.uses_reference and lora is None:
-        reference = policy_params if reference_params is None else reference_params
-    step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings,
-                        prompts=prompts, reward_fn=reward_fn, tokenizer=tokenizer, mesh=mesh,
-                        eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
-                        critic_tx=critic_tx, reference=reference, frozen=frozen)
-    rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
-    batches = ((i, jax.tree.map(lambda x: x[rows], prompt_batch(prompts, idx, config.group_size, width, pad_id)))
-               for i, idx in epoch_batches(len(prompts), cfg.prompts_per_step, seed,
-                                           start_index=extra[DATA_POSITION]))
-    with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
-        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None,
-                      stage=name, max_nonfinite=cfg.max_nonfinite_steps)
-    checkpointer.close()
+        reference = None
+        if config.uses_reference and lora is None:
+            reference = policy_params if reference_params is None else reference_params
+        step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings,
+                            prompts=prompts, reward_fn=reward_fn, tokenizer=tokenizer, mesh=mesh,
+                            eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
+                            critic_tx=critic_tx, reference=reference, frozen=frozen, name=name,
+                            stage_dir=stage_dir)
+        rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
+        batches = ((i, jax.tree.map(lambda x: x[rows], prompt_batch(prompts, idx, config.group_size, width, pad_id)))
+                   for i, idx in epoch_batches(len(prompts), cfg.prompts_per_step, seed,
+                                               start_index=extra[DATA_POSITION]))
+        with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
+            state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None,
+                          stage=name, max_nonfinite=cfg.max_nonfinite_steps)
     return finish(state.params)
 
 

@@ -124,7 +124,9 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
     (learning_rate, warmup_steps, weight_decay, clip_norm); checkpoints and metrics go to
     WORKDIR/NAME, which is recorded in WORKDIR/stages.json with `kind` ("lm" or "scalar").
     Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order);
-    a finished stage just returns its params.
+    a finished stage just returns its params. Interruptions and errors keep the last completed
+    step (`rlft.train_loop.train`); the checkpointer is closed (pending saves committed) on every
+    way out.
 
     LoRA (`cfg.lora.rank` > 0): adapters are attached to `params`, which stay frozen and are passed
     to the step as its last extra argument; only the adapters (and a scalar head) are optimised
@@ -144,27 +146,25 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
     tx = make_optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.weight_decay, cfg.clip_norm)
     abstract = abstract_train_state(graphdef, params, tx, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    checkpointer = Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep)
-    state, extra = restore_or_init(checkpointer, abstract,
-                                   lambda: init_sharded_train_state(graphdef, params, tx, seed, mesh))
-    start = int(jax.device_get(state.step))
-    if start >= cfg.steps:
-        checkpointer.close()
-        return finish(state.params)
+    with Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep) as checkpointer:
+        state, extra = restore_or_init(checkpointer, abstract,
+                                       lambda: init_sharded_train_state(graphdef, params, tx, seed, mesh))
+        start = int(jax.device_get(state.step))
+        if start >= cfg.steps:
+            return finish(state.params)
 
-    rows = local_rows(mesh, cfg.batch_size)  # each process builds only its part of a global batch
-    batches = ((i, make_batch(idx[rows])) for i, idx in
-               epoch_batches(num_examples, cfg.batch_size, seed, start_index=extra[DATA_POSITION]))
-    template = make_batch(np.arange(cfg.batch_size)[rows])
-    extra_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args)
-    jitted = jit_step(step_fn, shardings, batch_shardings(template, mesh), mesh, extra_shardings,
-                      graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps,
-                      **step_hyperparameters(step_fn, cfg))
-    step = (lambda s, b: jitted(s, b, *extra_args)) if extra_args else jitted
-    with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
-        state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, stage=name,
-                      max_nonfinite=cfg.get("max_nonfinite_steps", 3))
-    checkpointer.close()
+        rows = local_rows(mesh, cfg.batch_size)  # each process builds only its part of a global batch
+        batches = ((i, make_batch(idx[rows])) for i, idx in
+                   epoch_batches(num_examples, cfg.batch_size, seed, start_index=extra[DATA_POSITION]))
+        template = make_batch(np.arange(cfg.batch_size)[rows])
+        extra_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args)
+        jitted = jit_step(step_fn, shardings, batch_shardings(template, mesh), mesh, extra_shardings,
+                          graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps,
+                          **step_hyperparameters(step_fn, cfg))
+        step = (lambda s, b: jitted(s, b, *extra_args)) if extra_args else jitted
+        with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
+            state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, stage=name,
+                          max_nonfinite=cfg.get("max_nonfinite_steps", 3))
     return finish(state.params)
 
 

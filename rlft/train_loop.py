@@ -1,8 +1,15 @@
-"""The generic training loop: shard, step, log, checkpoint; nothing lost on interruption.
+"""The generic training loop: shard, step, log, checkpoint; nothing lost on interruption or error.
 
 Ctrl-C (KeyboardInterrupt) saves the last completed step, unless it struck inside a step whose
-input state was donated (then the newest periodic checkpoint stands). SIGTERM, what clusters send
-before they kill, finishes the current step, saves it and raises `rlft.errors.Preempted`.
+input state was donated (then the newest periodic checkpoint stands); a Ctrl-C during a checkpoint
+save or its commit, the final one included, is held back until the checkpoint is on disk
+(`rlft.checkpoints.SigintDeferral`), so the newest finished step is always committed. SIGTERM,
+what clusters send before they kill, finishes the current step, saves it and raises
+`rlft.errors.Preempted`. Any other exception inside a stage (a reward function's, a data error, a
+bug) first saves the last completed step when it can (its state finite, not donated, its metrics
+written), says so on stderr, then propagates unchanged; if that save fails too, the original error
+still propagates. A step counts as completed once its metrics are logged: saving a step whose line
+is missing from metrics.jsonl would leave a gap there that no resume fills.
 
 Data position = number of batches consumed (the index after the last batch taken from the
 iterator). It is saved in each checkpoint's `extra`; on resume, build the batch iterator from that
@@ -18,12 +25,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, Self
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rlft.checkpoints import Checkpointer
-from rlft.errors import Preempted, RlftError
+from rlft.checkpoints import Checkpointer, CheckpointWriteError, SigintDeferral
+from rlft.errors import Preempted, RlftError, one_line
 from rlft.logging import MetricsLogger
 from rlft.sharding import shard_batch
 
@@ -106,6 +114,24 @@ def _deleted(state: Any) -> bool:
     return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
 
 
+def _finite(state: Any) -> bool:
+    """True if every floating-point array of the state is finite (its local shards, per process)."""
+    leaves = [x for x in jax.tree.leaves(state)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return True
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        try:  # one program for the whole state
+            return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves))
+        except Exception:  # e.g. arrays on different device sets: check them one by one below
+            pass
+    for x in leaves:  # no collective: each process checks its own shards
+        shards = [s.data for s in x.addressable_shards] if isinstance(x, jax.Array) else [x]
+        if not all(bool(jnp.isfinite(shard).all()) for shard in shards):
+            return False
+    return True
+
+
 def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
           batches: Iterable[tuple[int, Any]], mesh: Mesh, checkpointer: Checkpointer | None,
           logger: MetricsLogger | None, total_steps: int,
@@ -114,25 +140,68 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
     """Runs `step_fn(state, sharded_batch)` until `total_steps`; returns the final state.
 
     batches: (index, host batch) pairs, index counting batches since the start of training.
-    Saves when `checkpointer.should_save(step)` and at the end; on KeyboardInterrupt saves the
-    last completed step, then re-raises. On SIGTERM (`SigtermWatch`, installed only while this
-    runs) finishes the step in progress, saves it, waits for the save and raises
+    Saves when `checkpointer.should_save(step)` and at the end, waiting for the save to commit; on
+    KeyboardInterrupt saves the last completed step, then re-raises (a Ctrl-C during a save, the
+    final one included, takes effect once it is committed). On SIGTERM (`SigtermWatch`, installed
+    only while this runs) finishes the step in progress, saves it, waits for the save and raises
     `Preempted(stage, step)`, also when the signal came during the final save of a finished
-    stage. extra_fn(step, state) adds JSON entries to each save.
-    Metric names are logged as "PREFIX/name" ("name" as it is when prefix is None). After
-    `max_nonfinite` consecutive steps with a skipped non-finite update, raises an RlftError naming
-    `stage` (`NonFiniteGuard`).
+    stage. On any other exception saves the last completed step if it can, says what it did on
+    stderr ("STAGE: saved step N before the error") and re-raises the exception unchanged; a failed
+    checkpoint write (`CheckpointWriteError`) is not retried. extra_fn(step, state) adds JSON
+    entries to each save. Metric names are logged as "PREFIX/name" ("name" as it is when prefix is
+    None). After `max_nonfinite` consecutive steps with a skipped non-finite update, raises an
+    RlftError naming `stage` (`NonFiniteGuard`).
     """
     guard = NonFiniteGuard(stage, max_nonfinite)
     step = int(jax.device_get(state.step))
     last = (state, step, None)  # (state, step, data position) of the last completed step
+    logged = step  # the newest step whose metrics were written
 
-    def save(force: bool) -> None:
+    def save(force: bool) -> bool:
         s, n, position = last
         if checkpointer is None or position is None or not (force or checkpointer.should_save(n)):
-            return
+            return False
         extra = {DATA_POSITION: position, **(extra_fn(n, s) if extra_fn else {})}
-        checkpointer.save(n, s, extra, force=force)
+        return checkpointer.save(n, s, extra, force=force)
+
+    def save_and_wait() -> bool:
+        """Force-saves the last completed step and waits for the commit; Ctrl-C waits for both."""
+        with SigintDeferral(f"saving {stage} step {last[1]}"):
+            saved = save(force=True)
+            if checkpointer is not None:
+                checkpointer.wait()
+        return saved
+
+    def save_before(error: Exception) -> None:
+        """After `error`: save the last completed step if that is possible and safe, and say so."""
+        s, n, position = last
+        if checkpointer is None or position is None:  # no step done here: the newest checkpoint stands
+            return
+        if isinstance(error, CheckpointWriteError):
+            return  # its message names the newest intact step; writing again would fail the same way
+        reason = None
+        if logger is not None and logged != n:
+            reason = f"its metrics were not written to {logger.workdir if logger.active else 'the log'}"
+        elif _deleted(s):
+            reason = f"the error struck inside step {n + 1}, whose input state was donated"
+        elif not _finite(s):
+            reason = "its state is not finite"
+        if reason is None:
+            try:
+                saved = save_and_wait()
+            except Exception as save_error:  # e.g. the disk is full: the original error matters more
+                reason = f"saving it failed too: {one_line(save_error)}"
+            else:
+                done = f"saved step {n}" if saved else f"step {n} was saved already"
+                print(f"rlft: {stage}: {done} before the error", file=sys.stderr)
+                return
+        try:
+            checkpointer.wait()  # a periodic save in flight: committed (or failed) before naming the newest
+        except Exception:
+            pass
+        newest = checkpointer.latest_step()
+        print(f"rlft: {stage}: step {n} not saved before the error ({reason}); the newest checkpoint is "
+              f"{'none' if newest is None else f'step {newest}'}", file=sys.stderr)
 
     with SigtermWatch() as sigterm:
         try:
@@ -142,33 +211,41 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any,
                 new_state, metrics = step_fn(last[0], shard_batch(host_batch, mesh))
                 last = (new_state, last[1] + 1, index + 1)  # one assignment: safe against interrupts
                 if logger is not None:
-                    logger.log(last[1], {(f"{prefix}/{k}" if prefix else k): v for k, v in metrics.items()})
+                    with SigintDeferral():  # a Ctrl-C takes effect after the metrics line is whole
+                        logger.log(last[1], {(f"{prefix}/{k}" if prefix else k): v for k, v in metrics.items()})
+                logged = last[1]
                 save(force=False)
                 guard(last[1], metrics)
                 if sigterm.requested():
                     raise Preempted(stage, last[1], saved=checkpointer is not None)
-        except RlftError:
-            if checkpointer is not None:
-                checkpointer.wait()
-            raise
+            save_and_wait()  # a Ctrl-C during it is raised here once the step is committed
+            if sigterm.requested():  # arrived after the last step: the stage is complete and saved
+                raise Preempted(stage, last[1], saved=checkpointer is not None)
         except Preempted:
-            save(force=True)
-            if checkpointer is not None:
-                checkpointer.wait()
+            save_and_wait()
             raise
         except KeyboardInterrupt:
-            if _deleted(last[0]):
+            donated = _deleted(last[0])
+            try:
+                if donated:
+                    if checkpointer is not None:
+                        checkpointer.wait()
+                else:
+                    save_and_wait()
+            except KeyboardInterrupt:  # another Ctrl-C during this save: stopping anyway
+                pass
+            if last[2] is None:
+                print(f"interrupted before step {last[1] + 1} finished: nothing new to save", file=sys.stderr)
+            elif donated:
                 print("interrupted inside a step: its input state was donated; the newest checkpoint "
                       "is the last periodic one", file=sys.stderr)
-            else:
-                save(force=True)
+            elif checkpointer is None or last[1] in checkpointer.all_steps():
                 print(f"interrupted: saved step {last[1]}", file=sys.stderr)
-            if checkpointer is not None:
-                checkpointer.wait()
+            else:
+                print(f"interrupted: the save of step {last[1]} was abandoned; the newest checkpoint is "
+                      f"{checkpointer.latest_step()}", file=sys.stderr)
             raise
-        save(force=True)
-        if checkpointer is not None:
-            checkpointer.wait()
-        if sigterm.requested():  # arrived after the last step: the stage is complete and saved
-            raise Preempted(stage, last[1], saved=checkpointer is not None)
+        except Exception as error:
+            save_before(error)
+            raise
     return last[0]
