@@ -18,6 +18,7 @@ import pytest
 
 from rlft.distributed import _timed_out_tasks, init_timeout
 from rlft.errors import RlftError
+from tests.conftest import TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.environ.get("TEST_LAUNCHER", os.path.join(ROOT, "launch/multiprocess_cpu.sh"))
@@ -27,7 +28,7 @@ RAW_FAILURES = ("DEADLINE_EXCEEDED", "Traceback", "Check failure", "Terminating 
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "RLFT_"))}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": TEST_XLA_FLAGS, **extra}
 
 
 def _free_ports(k: int) -> list[int]:

@@ -12,6 +12,7 @@ import pytest
 from rlft.checkpoints import load_params
 from rlft.distributed import resolve
 from rlft.errors import RlftError
+from tests.conftest import TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny arithmetic experiment has both an SFT and an RL (GRPO) stage and needs no dataset.
@@ -21,7 +22,7 @@ RUN = [os.path.join(ROOT, "experiments/arithmetic_grpo.py:tiny"), "--config.sft.
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "RLFT_"))}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": TEST_XLA_FLAGS, **extra}
 
 
 def _numbers(path: str) -> list[dict]:
@@ -34,7 +35,7 @@ def runs(tmp_path_factory) -> tuple[str, str, str]:
     one, two = (str(tmp_path_factory.mktemp(name)) for name in ("one_process", "two_processes"))
     logs = str(tmp_path_factory.mktemp("logs"))
     single = subprocess.Popen([sys.executable, "-m", "rlft", "run", *RUN, "--workdir", one],
-                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                              env=_env(XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     multi = subprocess.Popen(["bash", os.path.join(ROOT, "launch/multiprocess_cpu.sh"), "2", *RUN, "--workdir", two],
                              env=_env(DEVICES_PER_PROCESS="2", LOG_DIR=logs, PYTHON=sys.executable),

@@ -14,6 +14,7 @@ import pytest
 from rlft import run_lock
 from rlft.cli import main
 from rlft.errors import RlftError
+from tests.conftest import TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "tests", "fixtures", "toy_experiment.py")
@@ -146,7 +147,8 @@ def test_every_process_of_a_refused_multi_process_run_stops(holder, tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "RLFT_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, RLFT_COORDINATOR=f"localhost:{port}", RLFT_NUM_PROCESSES="2")
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, RLFT_COORDINATOR=f"localhost:{port}", RLFT_NUM_PROCESSES="2",
+               XLA_FLAGS=TEST_XLA_FLAGS)
 
     def run_both() -> list[subprocess.CompletedProcess]:
         procs = [subprocess.Popen([sys.executable, "-m", "rlft", "run", TOY, "--workdir", workdir], cwd=ROOT,
