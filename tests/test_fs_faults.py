@@ -10,7 +10,6 @@ is real (RLIMIT_FSIZE in a subprocess: `rlft` ignores SIGXFSZ so the write fails
 
 import builtins
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -21,19 +20,11 @@ from flax import nnx
 from rlft.cli import main
 from rlft.models import Decoder, ModelConfig
 from tests.pairs_util import random_params
+from tests.test_bad_inputs import cli_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "tests", "fixtures", "toy_experiment.py")
 REAL_OPEN, REAL_MKDIR, REAL_OS_OPEN = builtins.open, os.mkdir, os.open
-
-
-def cli_error(argv: list[str], capsys) -> str:
-    """The one stderr line of `rlft ARGV`, which must exit with status 2."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rlft: error: "), lines
-    return lines[0]
 
 
 def fault(code: int, filename=None) -> OSError:

@@ -15,6 +15,7 @@ from rlft import run_lock
 from rlft.cli import main
 from rlft.errors import RlftError
 from tests.conftest import TEST_XLA_FLAGS
+from tests.test_bad_inputs import cli_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "tests", "fixtures", "toy_experiment.py")
@@ -47,15 +48,6 @@ def holder():
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-
-
-def cli_error(argv: list[str], capsys) -> str:
-    """The one stderr line of `rlft ARGV`, which must exit with status 2."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rlft: error: "), lines
-    return lines[0]
 
 
 def contents(workdir) -> dict[str, bytes]:
