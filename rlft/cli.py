@@ -75,6 +75,7 @@ def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: 
     before it reads or writes anything in it.
     """
     from rlft import config as config_lib
+    from rlft.files import naming
     from rlft.run_lock import lock_run_dir
 
     if workdir is not None and not workdir.strip():
@@ -86,8 +87,8 @@ def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: 
             config_lib.write_run_metadata(workdir, config, argv, spec.partition(":")[0], preset, override,
                                           defaults=module.get_config(preset))
         except OSError as e:  # e.g. a full disk when an appended line is flushed: name the directory
-            if e.filename is None and e.errno is not None:
-                raise OSError(e.errno, e.strerror or os.strerror(e.errno), workdir) from e
+            if (named := naming(e, workdir)) is not e:
+                raise named from e
             raise
         print(f"rlft: running {spec} in {workdir}", file=sys.stderr)
         return module.run(config, workdir) or {}

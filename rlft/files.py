@@ -38,6 +38,14 @@ def read_json(path: str | os.PathLike, expect: type | None = dict) -> Any:
     return value
 
 
+def naming(error: OSError, path: str | os.PathLike, *unhelpful: str) -> OSError:
+    """`error` as an OSError naming `path` when it names no file, or only one of `unhelpful` (a
+    temporary file): a write or close on a full disk names none. Unchanged otherwise."""
+    if error.errno is None or error.filename not in (None, *unhelpful):
+        return error
+    return OSError(error.errno, error.strerror or os.strerror(error.errno), os.fspath(path))
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically (a temporary file renamed over it): a kill at any moment
     leaves the old file or the new one, never a truncated one.
@@ -55,9 +63,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
-            # write() and close() name no file, open() the temporary one: name the file being written.
-            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from e
+        if isinstance(e, OSError) and (named := naming(e, path, tmp)) is not e:
+            raise named from e  # write() and close() name no file, open() the temporary one
         raise
 
 

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from rlft.errors import RlftError
+from rlft.files import naming
 
 LOCK_FILE = ".rlft.lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -68,13 +69,6 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _with_path(error: OSError, path: str) -> OSError:
-    """`error` naming `path` if it names no file (a write or close on a full disk names none)."""
-    if error.filename is not None or error.errno is None:
-        return error
-    return OSError(error.errno, error.strerror or os.strerror(error.errno), path)
 
 
 def _try_lock(fd: int, workdir: str, path: str) -> bool:
@@ -114,7 +108,7 @@ def acquire(workdir: str, argv: Sequence[str]) -> RunLock:
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     except BaseException as e:
         os.close(fd)
-        if isinstance(e, OSError) and (named := _with_path(e, path)) is not e:
+        if isinstance(e, OSError) and (named := naming(e, path)) is not e:
             raise named from e
         raise
     return RunLock(workdir, path, fd)
