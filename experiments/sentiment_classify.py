@@ -75,7 +75,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.max_test_examples:
         test_set = test_set[:config.data.max_test_examples]
     mesh = make_mesh(dict(config.mesh))
-    model = sentiment.finished_stage(workdir, "sft", mesh)
+    model = sentiment.finished_stage(os.path.join(workdir, "sft"), mesh)
     # Classify by comparing log p(" negative" | prompt) with log p(" positive" | prompt).
     scores = [completion_logprobs(model.graphdef, model.params,
                                   [encode_example(model.tokenizer, _prompt(t), label) for t, _ in test_set],

@@ -106,9 +106,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval.max_test_pairs:
         test_pairs = test_pairs[:config.eval.max_test_pairs]
     mesh = make_mesh(dict(config.mesh))
-    reference_dir = reference_stage(config, workdir)
-    ref_model = sentiment.finished_stage(os.path.dirname(reference_dir), os.path.basename(reference_dir), mesh)
-    policy = sentiment.finished_stage(workdir, "dpo", mesh)
+    ref_model = sentiment.finished_stage(reference_stage(config, workdir), mesh)
+    policy = sentiment.finished_stage(os.path.join(workdir, "dpo"), mesh)
     tok = policy.tokenizer
     graphdef, reference, pad = policy.graphdef, ref_model.params, tok.pad_token_id
     encode = lambda pairs: encode_pairs(tok, pairs, add_eos=True, bos_id=tok.eos_token_id)

@@ -95,7 +95,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval.max_test_pairs:
         test_pairs = test_pairs[:config.eval.max_test_pairs]
     mesh = make_mesh(dict(config.mesh))
-    model = sentiment.finished_stage(workdir, STAGE, mesh)
+    model = sentiment.finished_stage(os.path.join(workdir, STAGE), mesh)
     tok = model.tokenizer
     encode = lambda pairs: encode_pairs(tok, pairs, add_eos=True, bos_id=tok.eos_token_id)
 

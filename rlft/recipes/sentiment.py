@@ -264,19 +264,19 @@ def pretrained_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
     return pretrain_base(config, workdir)
 
 
-def finished_stage(workdir: str, stage: str, mesh: Mesh):
-    """`rlft.load(WORKDIR/STAGE)` with its params placed on `mesh` by the sharding rules: the
-    newest finished checkpoint of the stage (what `evaluate` reads, also while the run is still
-    training). RlftError naming the stage if it has no finished checkpoint yet."""
+def finished_stage(stage_dir: str, mesh: Mesh):
+    """`rlft.load(STAGE_DIR)` with its params placed on `mesh` by the sharding rules: the newest
+    finished checkpoint of the stage (what `evaluate` reads, also while the run is still training).
+    RlftError naming the stage directory if it has no finished checkpoint yet."""
     import jax
 
     import rlft
     from rlft.checkpoints import checkpoint_steps
     from rlft.sharding import state_shardings
 
-    if not checkpoint_steps(os.path.join(workdir, stage)):
-        raise RlftError(f"rlft eval: {workdir} has no finished checkpoint of stage {stage!r} yet")
-    model = rlft.load(os.path.join(workdir, stage))
+    if not checkpoint_steps(stage_dir):
+        raise RlftError(f"rlft eval: {stage_dir} has no finished checkpoint yet")
+    model = rlft.load(stage_dir)
     model.params = jax.device_put(model.params, state_shardings(model.params, mesh))
     return model
 
