@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from rlft.errors import RlftError
@@ -46,19 +47,19 @@ def naming(error: OSError, path: str | os.PathLike, *unhelpful: str) -> OSError:
     return OSError(error.errno, error.strerror or os.strerror(error.errno), os.fspath(path))
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file renamed over it): a kill at any moment
-    leaves the old file or the new one, never a truncated one.
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside `path` (same extension) to write to; renamed over `path` when the
+    block ends, so a kill at any moment leaves the old file or the new one, never a truncated one.
 
-    A failed write (a full disk, the file-size limit, a read-only file system) removes the temporary
-    file, leaves `path` as it was, and raises an OSError naming `path`.
+    On any error the temporary file is removed, `path` stays as it was, and an OSError that names
+    no file or only the temporary one is raised naming `path`.
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"  # the extension kept (matplotlib reads it)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -66,6 +67,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         if isinstance(e, OSError) and (named := naming(e, path, tmp)) is not e:
             raise named from e  # write() and close() name no file, open() the temporary one
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (`replaced_atomically`); a failed write (a full disk, the
+    file-size limit, a read-only file system) leaves `path` as it was and raises an OSError naming it."""
+    with replaced_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:

@@ -35,7 +35,7 @@ from rlft.errors import RlftError
 from rlft.eval import metrics, plots
 from rlft.eval.policies import PolicySamples, logprobs_under, sample_policy, text_perplexity
 from rlft.eval.report import write_report
-from rlft.files import write_text
+from rlft.files import replaced_atomically, write_text
 from rlft.logprobs import SamplingParams
 from rlft.models import Decoder
 from rlft.rewards import RewardFn, check_scores
@@ -257,12 +257,7 @@ def _write(run_dir: str, task: EvalTask, report: dict, rows: dict, samples: dict
         figures["gao"] = plots.gao_figure(gao, task.reference)
     for name, fig in figures.items():
         writer.add_figure(f"eval/{name}", fig, 0, close=False)
-        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}.png")
-        try:
+        with replaced_atomically(os.path.join(out, f"{name}.png")) as tmp:
             plots.save_figure(fig, tmp)
-            os.replace(tmp, os.path.join(out, f"{name}.png"))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     writer.close()
     _log(f"wrote {out}/report.md")
