@@ -1,6 +1,6 @@
 """Compile time of one SFT train step against depth, with and without `ModelConfig.scan_layers`.
 
-The step is `rlft.steps.sft_step` (forward, backward, AdamW from `make_optimizer`) under `jax.jit`,
+The step is `rlft.train.steps.sft_step` (forward, backward, AdamW from `make_optimizer`) under `jax.jit`,
 lowered from abstract shapes (no parameter is ever initialised) and compiled for this machine's
 default backend. Model: Llama layout, d_model 64, 4 heads (2 kv), d_ff 172, vocab 512, float32;
 batch 8 x 128. Columns: trace + lower seconds, XLA compile seconds, for the unrolled layers, the
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from host_load import LoadMeter  # noqa: E402  (benchmarks/, this script's directory)
 
 from rlft.models import Decoder, ModelConfig  # noqa: E402
-from rlft.steps import init_train_state, make_optimizer, sft_step  # noqa: E402
+from rlft.train.steps import init_train_state, make_optimizer, sft_step  # noqa: E402
 
 BATCH, LENGTH = 8, 128
 
@@ -35,7 +35,7 @@ def compile_seconds(cfg: ModelConfig, meter: LoadMeter) -> tuple[float, float, f
     """(trace + lower seconds, compile seconds, other processes' cores) of one SFT step for `cfg`."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     tx = make_optimizer(1e-3, warmup_steps=10, total_steps=100, weight_decay=0.01)
-    state = jax.eval_shape(lambda p: init_train_state(graphdef, p, tx, seed=0), abstract)
+    state = jax.eval_shape(lambda p: init_train_state(p, tx, seed=0), abstract)
     tokens = jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
     batch = dict(tokens=tokens, positions=tokens, segment_ids=tokens,
                  loss_mask=jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.float32))

@@ -122,7 +122,7 @@ def rlft_workload() -> dict:
 def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
     """Run ``steps`` RL optimizer steps of rlft on the workload and time them.
 
-    The step is the RL stage's own (`rlft.rl_stage.make_rl_step`: jitted rollout -> host decode and
+    The step is the RL stage's own (`rlft.rl.stage.make_rl_step`: jitted rollout -> host decode and
     reward -> jitted `pg_step`), on a mesh over this process's CPU devices (``--host-devices``).
     Settings follow the peer's row: GRPO with KL ``beta`` as a k3 loss term and token-mean
     aggregation (trl's "dapo"); RLOO with trl's beta 0.05 in the reward; PPO as trl 1.12 runs it
@@ -138,12 +138,12 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
 
     from rlft.data.loader import epoch_batches
     from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
-    from rlft.pg_step import init_pg_state
-    from rlft.rl_config import resolve_pg_config, rl_stage_config
-    from rlft.rl_stage import make_rl_step, prompt_batch
-    from rlft.sharding import make_mesh, shard_batch, sharded_init
-    from rlft.steps import make_optimizer, train_state_shardings
-    from rlft.warm_start import scalar_model_from_lm
+    from rlft.rl.pg_step import init_pg_state
+    from rlft.rl.config import resolve_pg_config, rl_stage_config
+    from rlft.rl.stage import make_rl_step, prompt_batch
+    from rlft.parallel.sharding import make_mesh, shard_batch, sharded_init
+    from rlft.train.steps import make_optimizer, train_state_shardings
+    from rlft.train.warm_start import scalar_model_from_lm
 
     w = rlft_workload()
     tok = w["tokenizer"]

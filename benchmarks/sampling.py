@@ -1,4 +1,4 @@
-"""New tokens per second of `rlft.sampling.sample` beside transformers' PyTorch `generate`.
+"""New tokens per second of `rlft.generate.sampling.sample` beside transformers' PyTorch `generate`.
 
 Both sides run the same GPT-2-layout weights (random, built with transformers and imported with
 `load_hf_checkpoint`) on the same batch of prompts, produce exactly `--new-tokens` tokens (no EOS),
@@ -42,8 +42,8 @@ from flax import nnx  # noqa: E402
 
 from rlft.models.decoder import Decoder  # noqa: E402
 from rlft.models.hf import load_hf_checkpoint  # noqa: E402
-from rlft.sampling import SamplingParams, _sample_jit, sample  # noqa: E402
-from rlft.sharding import make_mesh, replicated  # noqa: E402
+from rlft.generate.sampling import SamplingParams, _sample_jit, sample  # noqa: E402
+from rlft.parallel.sharding import make_mesh, replicated  # noqa: E402
 
 SHAPES = {
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 256, "vocab_size": 512, "n_positions": 256},
@@ -61,7 +61,7 @@ def build(shape: str, tmp: str):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPES[shape])).eval()
     hf.save_pretrained(tmp)
-    cfg, params, _ = load_hf_checkpoint(tmp)
+    cfg, params = load_hf_checkpoint(tmp)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     return hf, graphdef, params
 

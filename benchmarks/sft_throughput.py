@@ -1,7 +1,7 @@
 """Training tokens per second of the rlft SFT step beside PyTorch / transformers, same shape, same run.
 
-rlft: `rlft.steps.sft_step` compiled with `rlft.steps.jit_step` on a 1-device mesh
-(`make_mesh((1, 1, 1))`), AdamW from `rlft.steps.make_optimizer` (global-norm clipping 1.0, weight
+rlft: `rlft.train.steps.sft_step` compiled with `rlft.train.steps.jit_step` on a 1-device mesh
+(`make_mesh((1, 1, 1))`), AdamW from `rlft.train.steps.make_optimizer` (global-norm clipping 1.0, weight
 decay 0.01), full-sequence loss (every token after the first of each row is a target), float32.
 PyTorch: `transformers.GPT2LMHeadModel` in train mode with dropout 0 (resid/embd/attn_pdrop=0,
 default attention implementation), `loss = model(input_ids, labels=input_ids).loss`, backward,
@@ -54,10 +54,10 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from host_load import QUIET_CORES, LoadMeter  # noqa: E402  (benchmarks/, this script's directory)
-from rlft import steps  # noqa: E402
+from rlft.train import steps  # noqa: E402
 from rlft.models.decoder import Decoder  # noqa: E402
 from rlft.models.hf import load_hf_checkpoint  # noqa: E402
-from rlft.sharding import batch_sharding, make_mesh, shard_batch  # noqa: E402
+from rlft.parallel.sharding import batch_sharding, make_mesh, shard_batch  # noqa: E402
 
 SHAPES = {
     # name: (GPT-2 config, batch, length, default repeats, optimizer steps per repeat)
@@ -125,7 +125,7 @@ def bench_shape(name: str, repeats: int, steps_per_rep: int, batch: int, length:
     model = transformers.GPT2LMHeadModel(config)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        cfg, host_params, _ = load_hf_checkpoint(tmp)
+        cfg, host_params = load_hf_checkpoint(tmp)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     host_batches = full_sequence_batches(4, batch, length, hf_cfg["vocab_size"])

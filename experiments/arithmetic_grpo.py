@@ -7,7 +7,7 @@ f"{a}{op}{b}=" (one token per character, no leading token), the target the decim
 EOS, in SFT, RL and evaluation alike.
 
 Stage "sft" trains a GPT-2-layout decoder from scratch on (prompt, answer + EOS) for a budget that
-stops it half way; stage "rl" continues from it with `rlft.rl_stage` (GRPO by default,
+stops it half way; stage "rl" continues from it with `rlft.rl.stage` (GRPO by default,
 --config.rl.algorithm=ppo|rloo|reinforce) on the training prompts with the exact-match reward.
 The report (`evaluate`, also `rlft eval WORKDIR`; WORKDIR/eval/report.{json,md}) gives the greedy
 exact-match accuracy (and the rate of well-formed "integer + EOS" answers) of the untrained, SFT
@@ -35,20 +35,21 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlft.checkpoints import checkpoint_steps, load_model_config, save_model_config
+from rlft.train.checkpoints import checkpoint_steps, load_model_config, save_model_config
 from rlft.data import arithmetic
 from rlft.data.batching import pad_left
-from rlft.distributed import is_primary, to_host
+from rlft.parallel.distributed import is_primary, to_host
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
 from rlft.files import write_json
 from rlft.models import Decoder, model_from_section, model_section
-from rlft.rewards import exact_match
-from rlft.rl_stage import rl_stage_config, run_rl_stage
-from rlft.sampling import SamplingParams, sample
-from rlft.sharding import batch_axes, make_mesh, sharded_init
-from rlft.stages import run_sft_stage, sft_stage_config
-from rlft.warm_start import decoder_state
+from rlft.rl.rewards import exact_match
+from rlft.rl.config import rl_stage_config
+from rlft.rl.stage import run_rl_stage
+from rlft.generate.sampling import SamplingParams, sample
+from rlft.parallel.sharding import batch_axes, make_mesh, sharded_init
+from rlft.train.stages import run_sft_stage, sft_stage_config
+from rlft.train.warm_start import decoder_state
 
 INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 

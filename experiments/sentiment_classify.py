@@ -22,9 +22,9 @@ from rlft.data.batching import encode_example
 from rlft.data.human_ratings import load_split
 from rlft.eval.report import write_report
 from rlft.recipes import sentiment
-from rlft.scoring import completion_logprobs
-from rlft.sharding import make_mesh
-from rlft.stages import run_sft_stage, sft_stage_config
+from rlft.generate.scoring import completion_logprobs
+from rlft.parallel.sharding import make_mesh
+from rlft.train.stages import run_sft_stage, sft_stage_config
 
 LABELS = (" negative", " positive")
 

@@ -34,9 +34,9 @@ from rlft.data.preferences import encode_pairs, load_pairs, preference_data_conf
 from rlft.objectives.dpo import check_dpo_args
 from rlft.eval.report import write_report
 from rlft.recipes import sentiment
-from rlft.scoring import completion_logprobs
-from rlft.sharding import make_mesh
-from rlft.stages import dpo_stage_config, run_dpo_stage, run_sft_stage, sft_stage_config
+from rlft.generate.scoring import completion_logprobs
+from rlft.parallel.sharding import make_mesh
+from rlft.train.stages import dpo_stage_config, run_dpo_stage, run_sft_stage, sft_stage_config
 
 PROMPT = "Write a positive movie review sentence:\n"
 

@@ -30,10 +30,10 @@ from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, load_pairs, preference_data_config
 from rlft.eval.report import write_report
 from rlft.recipes import sentiment
-from rlft.scoring import read_reward_stats, sequence_scores, write_reward_stats
-from rlft.sharding import make_mesh
-from rlft.stages import reward_stage_config, run_reward_stage
-from rlft.warm_start import scalar_model_from_lm
+from rlft.generate.scoring import read_reward_stats, sequence_scores, write_reward_stats
+from rlft.parallel.sharding import make_mesh
+from rlft.train.stages import reward_stage_config, run_reward_stage
+from rlft.train.warm_start import scalar_model_from_lm
 
 STAGE = "reward"
 

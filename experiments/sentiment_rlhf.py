@@ -66,17 +66,18 @@ import ml_collections
 
 from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, preference_data_config
-from rlft.distributed import is_primary
+from rlft.parallel.distributed import is_primary
 from rlft.errors import RlftError
 from rlft.files import read_json, write_json
 from rlft.eval.compare import EvalTask, evaluate_run
-from rlft.logprobs import SamplingParams
+from rlft.generate.logprobs import SamplingParams
 from rlft.recipes import sentiment
-from rlft.rewards import build_reward, vader
-from rlft.rl_stage import rl_stage_config, run_rl_stage
-from rlft.scoring import sequence_scores, write_reward_stats
-from rlft.stages import reward_stage_config, run_reward_stage, run_sft_stage, sft_stage_config
-from rlft.warm_start import scalar_model_from_lm
+from rlft.rl.rewards import build_reward, vader
+from rlft.rl.config import rl_stage_config
+from rlft.rl.stage import run_rl_stage
+from rlft.generate.scoring import sequence_scores, write_reward_stats
+from rlft.train.stages import reward_stage_config, run_reward_stage, run_sft_stage, sft_stage_config
+from rlft.train.warm_start import scalar_model_from_lm
 
 ADOPTABLE_STAGES = ("pretrain", "sft", "reward")
 
@@ -209,7 +210,7 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str, base: se
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`rlft eval WORKDIR`: base, SFT and RL on held-out prompts; writes WORKDIR/eval/."""
     from rlft.data.tokenizer import load_tokenizer
-    from rlft.sharding import make_mesh
+    from rlft.parallel.sharding import make_mesh
 
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
     data_dir = config.data.data_dir or None

@@ -2,6 +2,6 @@
 
 import sys
 
-from rlft.cli import main
+from rlft.cli.main import main
 
 sys.exit(main())

@@ -16,7 +16,6 @@ from flax import nnx
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
 from rlft.models import hf
-from rlft.models.lora import merge_adapters
 
 
 def _shown(value: Any) -> str:
@@ -178,12 +177,12 @@ class Model:
         Returns {"text": [str] (when prompts are strings), "tokens": int32 [batch, max_new_tokens]
         (pad after EOS), "mask": [batch, max_new_tokens], "logprobs": float32 [batch,
         max_new_tokens] under the distribution sampled from}. With `mesh` (from
-        `rlft.sharding.make_mesh`), the prompts are split over its data axes and the parameters
+        `rlft.parallel.sharding.make_mesh`), the prompts are split over its data axes and the parameters
         replicated; the number of prompts must divide evenly. Same results as without.
         """
         from rlft.data.batching import pad_left
-        from rlft.sampling import SamplingParams, sample
-        from rlft.sharding import replicated
+        from rlft.generate.sampling import SamplingParams, sample
+        from rlft.parallel.sharding import replicated
 
         if self.kind != "lm":
             raise RlftError("generate() needs a language model; this is a scalar (reward/value) model")
@@ -228,6 +227,8 @@ class Model:
         `normalize` maps scores to (s - mean) / std of the recorded reference set.
         """
         from rlft.data.batching import truncate
+        from rlft.generate.scoring import sequence_scores
+        from rlft.parallel.sharding import make_mesh
 
         if self.kind != "scalar":
             raise RlftError("score() needs a reward (scalar) model; this is a language model")
@@ -243,25 +244,18 @@ class Model:
         bos = [tok.eos_token_id] if stats.get("add_bos", False) else []
         eos = [tok.eos_token_id] if stats.get("add_eos", True) else []
         max_length = min(stats.get("max_length") or self.config.max_positions, self.config.max_positions)
-        rows = []
-        for i, text in enumerate(texts):
-            prompt = bos + (tok.encode(prompts[i], add_special_tokens=False) if prompts is not None else [])
-            prompt, completion = truncate(prompt, tok.encode(text, add_special_tokens=False) + eos, max_length)
-            rows.append(prompt + completion)
-        out = []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            longest = max(max(len(r) for r in chunk), 1)
-            length = min(1 << (longest - 1).bit_length(), self.config.max_positions)  # few shapes
-            tokens = np.full((len(chunk), length), tok.pad_token_id, np.int32)
-            mask = np.zeros((len(chunk), length), np.int32)
-            for i, r in enumerate(chunk):
-                tokens[i, :len(r)], mask[i, :len(r)] = r, 1
-            scores = np.asarray(self._forward(self.params, jnp.asarray(tokens), jnp.asarray(mask)))
-            out.append(scores[np.arange(len(chunk)), np.maximum(mask.sum(1) - 1, 0)])
-        scores = np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+        examples = [truncate(bos + (tok.encode(prompts[i], add_special_tokens=False) if prompts is not None else []),
+                             tok.encode(text, add_special_tokens=False) + eos, max_length)
+                    for i, text in enumerate(texts)]
+        if not examples:
+            return np.zeros((0,), np.float32)
+        longest = max(max(len(p) + len(c) for p, c in examples), 1)
+        length = min(1 << (longest - 1).bit_length(), self.config.max_positions)  # few shapes
+        mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+        scores = sequence_scores(self.graphdef, self.params, examples, length, tok.pad_token_id, mesh,
+                                 min(batch_size, len(examples)))
         if normalize:
-            from rlft.scoring import normalize_scores
+            from rlft.generate.scoring import normalize_scores
 
             scores = normalize_scores(scores, stats)
         return scores
@@ -272,24 +266,13 @@ class Model:
         return self.tokenizer
 
 
-def run_dir_of(path: str) -> str | None:
-    """The rlft run directory holding `path` (the first ancestor with model_config.json)."""
-    from rlft.checkpoints import MODEL_CONFIG_FILE
-
-    current = os.path.abspath(path)
-    for _ in range(5):
-        if os.path.isfile(os.path.join(current, MODEL_CONFIG_FILE)):
-            return current
-        current = os.path.dirname(current)
-    return None
-
-
 def _load_run(run_dir: str, path: str) -> Model:
     """A model from an rlft run dir (its last stage), a stage dir, a checkpoints dir or a step dir."""
-    from rlft.checkpoints import load_model_config
+    from rlft.train.checkpoints import load_model_config
+    from rlft.train.warm_start import load_values
     from rlft.data.tokenizer import load_tokenizer
-    from rlft.scoring import read_reward_stats
-    from rlft.stages import STAGES_FILE, read_stages
+    from rlft.generate.scoring import read_reward_stats
+    from rlft.train.stages import STAGES_FILE, read_stages
 
     stages = read_stages(run_dir)
     if os.path.abspath(path) == run_dir:
@@ -309,47 +292,13 @@ def _load_run(run_dir: str, path: str) -> Model:
     return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind, reward_stats=stats)
 
 
-def load_values(path: str) -> dict:
-    """The params saved at `path` (a stage, checkpoints or step dir) as a nested dict of arrays.
+def _hf_tokenizer(path: str):
+    """The tokenizer saved beside a Hugging Face checkpoint, or None when it has none."""
+    from rlft.data.tokenizer import read_pretrained_tokenizer
 
-    The `nnx.to_pure_dict` layout of the stage's plain model: a LoRA stage's adapters (its
-    checkpoints hold nothing else, plus a reward model's head) are merged into the base recorded
-    in its lora.json, which is loaded the same way (so LoRA stages on LoRA stages work too).
-    """
-    from rlft.checkpoints import load_params
-    from rlft.models.lora import read_lora_record
-    from rlft.stages import read_stages
-
-    values, _ = load_params(path)
-    run_dir = run_dir_of(path)
-    if run_dir is None:
-        return values
-    stage = os.path.relpath(os.path.abspath(path), run_dir).split(os.sep)[0]
-    lora = read_lora_record(os.path.join(run_dir, stage))
-    if lora is None:
-        return values
-    kind = next((s["kind"] for s in read_stages(run_dir) if s["name"] == stage), "lm")
-    return _merged_lora_values(values, *lora, stage=stage, kind=kind)
-
-
-def _merged_lora_values(adapters: dict, lora, base: str | None, *, stage: str, kind: str) -> dict:
-    """A LoRA stage's checkpoint (adapters, + head) joined with its recorded base, adapters merged."""
-    if base is None:
-        raise RlftError(f"stage {stage} was trained with LoRA without a recorded base model, so only its "
-                        f"adapters are saved; it cannot be loaded as a merged model")
-    if not os.path.exists(base):
-        raise RlftError(f"stage {stage} is a LoRA stage on the base {base}, which no longer exists")
-    base_values = nnx.to_pure_dict(load(base).params)
-    full = _deep_merge(base_values if kind == "lm" else {"backbone": base_values}, adapters)
-    return merge_adapters(full, lora)
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    """Nested dicts: b's entries added to (or replacing) a's."""
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        return read_pretrained_tokenizer(path)
+    return None
 
 
 def load(path: str) -> Model:
@@ -361,8 +310,10 @@ def load(path: str) -> Model:
     if not os.path.exists(path):
         raise RlftError(f"no such file or directory: {path}")
     if hf.is_hf_checkpoint(path):
-        cfg, params, tokenizer = hf.load_hf_checkpoint(path)
-        return Model(config=cfg, params=params, tokenizer=tokenizer)
+        cfg, params = hf.load_hf_checkpoint(path)
+        return Model(config=cfg, params=params, tokenizer=_hf_tokenizer(path))
+    from rlft.train.warm_start import run_dir_of
+
     run_dir = run_dir_of(path)
     if run_dir is None:
         raise RlftError(f"{path}: not a Hugging Face checkpoint directory (no config.json) "

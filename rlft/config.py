@@ -364,7 +364,7 @@ def write_run_metadata(workdir: str, config: ml_collections.ConfigDict, argv: Se
     code are visible. Returns the changes recorded. With several processes every one checks, before
     any writes, and process 0 writes.
     """
-    from rlft.distributed import barrier, is_primary  # imports JAX: not for --print-config
+    from rlft.parallel.distributed import barrier, is_primary  # imports JAX: not for --print-config
 
     changes, added = config_changes(workdir, config, experiment_path, override, defaults)
     barrier("rlft_run_metadata_checked")

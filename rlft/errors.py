@@ -27,7 +27,7 @@ class RlftError(Exception):
 
 
 class Preempted(Exception):
-    """SIGTERM stopped a stage after its completed step `step`, saved when `saved` (see train_loop.train).
+    """SIGTERM stopped a stage after its completed step `step`, saved when `saved` (see rlft.train.loop.train).
 
     Not an RlftError: nothing is wrong, and running the same command again resumes from `step`.
     """

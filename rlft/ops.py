@@ -1,7 +1,8 @@
 """Small array operations shared by the objectives, the sampler and the reward code.
 
 `batch_field` reads a field of any batch pytree (mapping or NamedTuple/dataclass); `first_argmax`
-is a faster argmax for XLA:CPU; `flatten_pairs` turns a preference-pair batch into rows.
+is a faster argmax for XLA:CPU; `flatten_pairs` turns a preference-pair batch into rows;
+`masked_mean` averages over a mask (losses, advantages, step metrics).
 """
 
 from __future__ import annotations
@@ -66,3 +67,10 @@ def flatten_pairs(batch: Any) -> dict[str, Array]:
         x = batch_field(batch, name)
         out[name] = jnp.concatenate([x[:, 0], x[:, 1]], axis=0)
     return out
+
+
+def masked_mean(x: Array, mask: Array) -> Array:
+    """Mean of x over entries where mask > 0 (0 when the mask is empty); padding is never read."""
+    mask = mask > 0
+    total = jnp.sum(jnp.where(mask, x.astype(jnp.float32), 0.0))
+    return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)

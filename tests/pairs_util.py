@@ -48,7 +48,7 @@ def random_pair_batch(pairs: int, length: int, seed: int = 0) -> dict:
 def interrupt_pair_stage(run, workdir, monkeypatch) -> None:
     """Run `run(workdir)` (a pair stage) until KeyboardInterrupt at its third training batch.
 
-    Batches come from `rlft.stages.pad_pairs`: the template batch, then batches 0 and 1; the
+    Batches come from `rlft.train.stages.pad_pairs`: the template batch, then batches 0 and 1; the
     fourth call raises, as Ctrl-C would there. The patch is undone before returning.
     """
     calls = {"n": 0}
@@ -59,7 +59,7 @@ def interrupt_pair_stage(run, workdir, monkeypatch) -> None:
             raise KeyboardInterrupt
         return pad_pairs(*args, **kw)
 
-    monkeypatch.setattr("rlft.stages.pad_pairs", interrupting)
+    monkeypatch.setattr("rlft.train.stages.pad_pairs", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run(workdir)
     monkeypatch.undo()

@@ -1,6 +1,6 @@
 """Bad inputs at every boundary: config values, damaged files, Python API arguments, export targets.
 
-Each case is one clean error that names the culprit: `rlft.cli.main` returns 2 and prints exactly
+Each case is one clean error that names the culprit: `rlft.cli.main.main` returns 2 and prints exactly
 one `rlft: error: ...` line, or the Python API raises an RlftError. Config mistakes fail before
 the run directory is written, so these cases are fast.
 """
@@ -16,10 +16,10 @@ from flax import nnx
 
 import rlft
 from rlft import config as config_lib
-from rlft.cli import main
+from rlft.cli.main import main
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
-from rlft.validate import validate_config
+from rlft.cli.validate import validate_config
 from tests.pairs_util import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,9 +154,9 @@ def hf_dir(tiny_lm, tiny_tokenizer, tmp_path_factory) -> str:
 def run_dir(tiny_lm, tiny_tokenizer, tmp_path_factory) -> str:
     """The metadata of an rlft run dir (no checkpoints): experiment.json, run_config.json,
     model_config.json, stages.json (pretrain, then a reward stage), tokenizer/, reward_stats.json."""
-    from rlft.checkpoints import save_model_config
-    from rlft.scoring import write_reward_stats
-    from rlft.stages import record_stage
+    from rlft.train.checkpoints import save_model_config
+    from rlft.generate.scoring import write_reward_stats
+    from rlft.train.stages import record_stage
 
     path = str(tmp_path_factory.mktemp("run"))
     with open(os.path.join(path, "experiment.json"), "w") as f:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft import steps
-from rlft.checkpoints import (
+from rlft.train import steps
+from rlft.train.checkpoints import (
     Checkpointer,
     from_nested,
     load_model_config,
@@ -22,7 +22,7 @@ from rlft.checkpoints import (
 )
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
-from rlft.sharding import make_mesh, state_shardings
+from rlft.parallel.sharding import make_mesh, state_shardings
 
 CFG = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64)
 
@@ -35,7 +35,7 @@ def random_state(mesh, seed: int = 0):
     """(graphdef, tx, a TrainState of random values placed on `mesh` by its rules); nothing compiled."""
     graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
     tx = steps.make_optimizer(1e-3, warmup_steps=2, total_steps=10, weight_decay=0.1)
-    abstract = jax.eval_shape(lambda p: steps.init_train_state(graphdef, p, tx, 0), abstract_params)
+    abstract = jax.eval_shape(lambda p: steps.init_train_state(p, tx, 0), abstract_params)
     rng = np.random.default_rng(seed)
 
     def value(a):

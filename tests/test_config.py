@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from rlft import config as config_lib
-from rlft.cli import main
+from rlft.cli.main import main
 from rlft.errors import RlftError
 
 TOY = os.path.join(os.path.dirname(__file__), "fixtures", "toy_experiment.py")
@@ -205,7 +205,7 @@ RL_SPECS = [f"{path}:tiny" for path in EXPERIMENT_FILES if any(f.startswith("rl.
 def test_boolean_flags_reach_the_step_as_set(spec, algorithm):
     """`--config.rl.clip=false` turns PPO's clipping off (it once became the string 'false', which
     is truthy); `=true` turns REINFORCE's on; both spellings, every boolean rl field."""
-    from rlft.rl_config import resolve_pg_config
+    from rlft.rl.config import resolve_pg_config
 
     for field in ("clip", "whiten_advantages"):
         for text, value in BOOL_SPELLINGS:
@@ -218,7 +218,7 @@ def test_boolean_flags_reach_the_step_as_set(spec, algorithm):
 
 
 def test_numeric_flags_reach_the_step_as_set():
-    from rlft.rl_config import resolve_pg_config
+    from rlft.rl.config import resolve_pg_config
 
     _, _, config = config_lib.load_experiment(RL_SPECS[0])
     for field, text in (("rl.kl.coef", "0"), ("rl.epochs", "3")):
@@ -238,7 +238,7 @@ def test_untyped_none_field_is_refused_by_name():
 def test_non_boolean_in_a_boolean_rl_field_is_refused():
     """The Python API path: a section built without type safety, a string in a boolean field."""
     import ml_collections
-    from rlft.rl_config import resolve_pg_config, rl_stage_config
+    from rlft.rl.config import resolve_pg_config, rl_stage_config
 
     section = rl_stage_config(steps=1, prompts_per_step=2, group_size=2, learning_rate=1e-3, max_new_tokens=4)
     section = ml_collections.ConfigDict(section.to_dict(), type_safe=False)

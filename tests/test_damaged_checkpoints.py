@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import struct
 
-from rlft.checkpoints import CHECKSUMS_FILE, Checkpointer, DamagedCheckpoint, load_params
+from rlft.train.checkpoints import CHECKSUMS_FILE, Checkpointer, DamagedCheckpoint, load_params
 from rlft.errors import RlftError
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft import steps
+from rlft.train import steps
 from rlft.errors import RlftError
 from rlft.models import Decoder
 from rlft.objectives.dpo import dpo_loss, pair_logprobs
-from rlft.sharding import make_mesh, shard_batch, state_shardings
-from rlft.stages import dpo_stage_config, run_dpo_stage
+from rlft.parallel.sharding import make_mesh, shard_batch, state_shardings
+from rlft.train.stages import dpo_stage_config, run_dpo_stage
 from tests.pairs_util import CFG, interrupt_pair_stage, random_pair_batch, random_params
 
 POLICY = np.array([[-10.0, -12.0], [-8.0, -7.5], [-20.0, -20.0], [-3.0, -9.0]], np.float32)
@@ -74,7 +74,7 @@ def unsharded_dpo_run():
     graphdef, host = decoder_params()
     _, ref_host = decoder_params(seed=1)
     tx = make_tx()
-    state = steps.init_train_state(graphdef, jax.tree.map(jnp.asarray, host), tx, 0)
+    state = steps.init_train_state(jax.tree.map(jnp.asarray, host), tx, 0)
     fn = jax.jit(functools.partial(steps.dpo_step, graphdef=graphdef, tx=tx, beta=0.5, label_smoothing=0.1))
     reference = jax.tree.map(jnp.asarray, ref_host)
     states, metrics = [], []
@@ -89,7 +89,7 @@ def test_loss_at_initialisation_is_log_2(unsharded_dpo_run):
     fn, _, _ = unsharded_dpo_run
     graphdef, host = decoder_params()
     params = jax.tree.map(jnp.asarray, host)
-    state = steps.init_train_state(graphdef, params, make_tx(), 0)
+    state = steps.init_train_state(params, make_tx(), 0)
     _, m = fn(state, random_pair_batch(8, 16, seed=1), params)  # the policy is its own reference
     # Policy and reference log-probs are the same computation on the same values: every margin is
     # 0 and the loss is log 2 (with label smoothing 0.1 too), up to float32 rounding of log σ(0).
@@ -119,7 +119,7 @@ def test_precomputed_reference_logps_give_the_same_step(unsharded_dpo_run):
         np.testing.assert_allclose(ref_logps[:, j], (picked * mask[:, 1:]).sum(-1), rtol=1e-5)
     tx = make_tx()
     fn = jax.jit(functools.partial(steps.dpo_step, graphdef=graphdef, tx=tx, beta=0.5, label_smoothing=0.1))
-    state, m = fn(steps.init_train_state(graphdef, jax.tree.map(jnp.asarray, host), tx, 0),
+    state, m = fn(steps.init_train_state(jax.tree.map(jnp.asarray, host), tx, 0),
                   dict(batch, ref_logps=ref_logps))
     for k, v in m.items():
         np.testing.assert_allclose(float(v), want_metrics[0][k], rtol=1e-5, err_msg=k)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft import run_lock
-from rlft.checkpoints import Checkpointer, checkpoint_steps, save_model_config
-from rlft.cli import main
+from rlft.cli import run_lock
+from rlft.train.checkpoints import Checkpointer, checkpoint_steps, save_model_config
+from rlft.cli.main import main
 from rlft.models import Decoder, ModelConfig
 from tests.pairs_util import random_params
 

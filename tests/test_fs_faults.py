@@ -17,7 +17,7 @@ import sys
 import pytest
 from flax import nnx
 
-from rlft.cli import main
+from rlft.cli.main import main
 from rlft.models import Decoder, ModelConfig
 from tests.pairs_util import random_params
 from tests.test_bad_inputs import cli_error
@@ -193,7 +193,7 @@ def test_export_to_a_read_only_file_system(hf_dir, tmp_path, monkeypatch, capsys
 # Sets a file-size limit below the weights' size, then runs `rlft export` (argv[1:]) in this process.
 LIMITED = """
 import resource, sys
-from rlft.cli import main
+from rlft.cli.main import main
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 sys.exit(main(sys.argv[1:]))
 """

@@ -44,9 +44,9 @@ def test_tuned_allocator_reuses_pages_and_opt_out_leaves_glibc_alone():
 
 
 def test_rlft_command_tunes_before_running(monkeypatch):
-    import rlft.cli
+    import rlft.cli.main
 
     calls = []
-    monkeypatch.setattr(rlft.cli, "tune_host_malloc", lambda: calls.append(True))
-    assert rlft.cli.main(["export", "/nonexistent/checkpoint", "--out", "/tmp/x"]) == 2
+    monkeypatch.setattr(rlft.cli.main, "tune_host_malloc", lambda: calls.append(True))
+    assert rlft.cli.main.main(["export", "/nonexistent/checkpoint", "--out", "/tmp/x"]) == 2
     assert calls == [True]

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from rlft import config as config_lib
-from rlft.cli import main
+from rlft.cli.main import main
 from rlft.errors import RlftError
 from rlft.models import model_from_section
 
@@ -35,8 +35,8 @@ def bpe(tmp_path_factory):
 
 def fake_run(path, name: str, tokenizer, overrides=(), stages=(("pretrain", "lm"),)) -> str:
     """The metadata of a run of experiments/NAME.py:tiny with `overrides` (no checkpoints)."""
-    from rlft.checkpoints import save_model_config
-    from rlft.stages import record_stage
+    from rlft.train.checkpoints import save_model_config
+    from rlft.train.stages import record_stage
 
     path = str(path)
     _, _, config = config_lib.load_experiment(spec(name))

@@ -1,6 +1,6 @@
 """launch/multiprocess_cpu.sh stops every process of its run on every way out (a process killed,
 SIGTERM or SIGINT to the launcher), and a process that fails at start-up is named, by the launcher
-and by `rlft.distributed` (RLFT_INIT_TIMEOUT), instead of leaving the others with a JAX abort or a
+and by `rlft.parallel.distributed` (RLFT_INIT_TIMEOUT), instead of leaving the others with a JAX abort or a
 gloo DEADLINE_EXCEEDED traceback.
 
 Real processes (like tests/test_multiprocess.py). TEST_LAUNCHER=PATH runs the launcher tests
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from rlft.distributed import _timed_out_tasks, init_timeout
+from rlft.parallel.distributed import _timed_out_tasks, init_timeout
 from rlft.errors import RlftError
 from tests.conftest import TEST_XLA_FLAGS
 

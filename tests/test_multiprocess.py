@@ -1,5 +1,5 @@
 """Multi-process runs: 2 processes × 2 CPU devices (launch/multiprocess_cpu.sh, gloo collectives)
-reproduce 1 process × 4 devices, and the start-up rules (`rlft.distributed.resolve`)."""
+reproduce 1 process × 4 devices, and the start-up rules (`rlft.parallel.distributed.resolve`)."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from rlft.checkpoints import load_params
-from rlft.distributed import resolve
+from rlft.train.checkpoints import load_params
+from rlft.parallel.distributed import resolve
 from rlft.errors import RlftError
 from tests.conftest import TEST_XLA_FLAGS
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft.checkpoints import checkpoint_steps, load_params
+from rlft.train.checkpoints import checkpoint_steps, load_params
 from rlft.errors import RlftError
 from rlft.data.batching import pad_right
 from rlft.models import Decoder
-from rlft.sharding import make_mesh, state_shardings
-from rlft.stages import run_sft_stage, sft_stage_config
-from rlft.steps import apply_update, make_optimizer
+from rlft.parallel.sharding import make_mesh, state_shardings
+from rlft.train.stages import run_sft_stage, sft_stage_config
+from rlft.train.steps import apply_update, make_optimizer
 from tests.pairs_util import CFG, random_params
 
 
@@ -71,7 +71,7 @@ def test_a_poisoned_batch_is_skipped_and_the_stage_goes_on(tmp_path, monkeypatch
             batch.loss_mask[0, -1] = np.nan
         return batch, dropped
 
-    monkeypatch.setattr("rlft.stages.pad_right", poisoning)
+    monkeypatch.setattr("rlft.train.stages.pad_right", poisoning)
     cfg = sft_stage_config(steps=6, batch_size=8, learning_rate=1e-3, max_length=12, save_every=3, keep=5)
     params = jax.device_put(host, state_shardings(host, mesh))
     run_sft_stage("sft", str(tmp_path), graphdef, params, examples, cfg, mesh, seed=0, pad_id=1)

@@ -12,11 +12,11 @@ from flax import nnx
 
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel
-from rlft.pg_step import init_pg_state, pg_step, pg_updates
-from rlft.rl_config import resolve_pg_config, rl_stage_config
-from rlft.rollout import make_experience, sample_rollout
-from rlft.sharding import make_mesh, shard_batch, state_shardings
-from rlft.steps import batch_shardings, jit_step, make_optimizer, train_state_shardings
+from rlft.rl.pg_step import init_pg_state, pg_step, pg_updates
+from rlft.rl.config import resolve_pg_config, rl_stage_config
+from rlft.rl.rollout import make_experience, sample_rollout
+from rlft.parallel.sharding import make_mesh, shard_batch, state_shardings
+from rlft.train.steps import batch_shardings, jit_step, make_optimizer, train_state_shardings
 from tests.pairs_util import random_params
 
 CFG = ModelConfig.gpt2(vocab_size=16, d_model=32, n_layers=1, n_heads=2, max_positions=32)

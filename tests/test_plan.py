@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft.cli import main
+from rlft.cli.main import main
 from rlft.data.batching import TokenBatch
 from rlft.models import Decoder, ModelConfig
 from rlft.models.lora import LoraConfig
-from rlft.plan import memory_plan, parse_mesh, plan_optimizer, rl_inputs, sft_inputs
-from rlft.sharding import make_mesh, shard_batch, sharded_init
-from rlft.steps import batch_shardings, init_sharded_train_state, jit_step, sft_step, train_state_shardings
+from rlft.cli.plan import memory_plan, parse_mesh, plan_optimizer, rl_inputs, sft_inputs
+from rlft.parallel.sharding import make_mesh, shard_batch, sharded_init
+from rlft.train.steps import batch_shardings, init_sharded_train_state, jit_step, sft_step, train_state_shardings
 
 CFG = ModelConfig.llama(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                         max_positions=64)

@@ -1,7 +1,7 @@
 """Preemption: SIGTERM saves and exits 143; SIGKILL anywhere (also inside an async save) loses
 nothing that a resume cannot redo; the resumed run equals an uninterrupted one bit for bit.
 
-The runs are the real `rlft run` entry point (`rlft.cli.main`) on tests/fixtures/preempt_experiment.py
+The runs are the real `rlft run` entry point (`rlft.cli.main.main`) on tests/fixtures/preempt_experiment.py
 (an SFT stage then an RL stage), each in its own process forked from a forkserver that imported
 everything once, with a shared persistent compilation cache: imports and compiles are paid once.
 """
@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlft.checkpoints import Checkpointer, checkpoint_steps, load_params
+from rlft.train.checkpoints import Checkpointer, checkpoint_steps, load_params
 from rlft.errors import Preempted
-from rlft.sharding import make_mesh
-from rlft.train_loop import train
+from rlft.parallel.sharding import make_mesh
+from rlft.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = str(ROOT / "tests" / "fixtures" / "preempt_experiment.py")
@@ -115,7 +115,7 @@ def _command(argv: list[str], log: str, cache: str, env: dict[str, str]) -> None
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from rlft.cli import main
+    from rlft.cli.main import main
 
     sys.exit(main(argv))
 
@@ -126,7 +126,7 @@ class Runs:
     def __init__(self, tmp: Path):
         self.tmp, self.count = tmp, 0
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["rlft.cli", "tests.fixtures.preempt_experiment", __name__])
+        self.ctx.set_forkserver_preload(["rlft.cli.main", "tests.fixtures.preempt_experiment", __name__])
         cwd = os.getcwd()
         os.chdir(ROOT)  # Python 3.11's forkserver imports the preloads with its cwd on sys.path, not ours
         try:

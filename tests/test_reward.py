@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft import steps
+from rlft.train import steps
 from rlft.data.preferences import pad_pairs
 from rlft.errors import RlftError
 from rlft.models import Decoder, ScalarModel
-from rlft.objectives.reward import bradley_terry_loss, last_token_index, last_token_scores
-from rlft.sharding import make_mesh, shard_batch, state_shardings
-from rlft.stages import reward_stage_config, run_reward_stage
-from rlft.warm_start import decoder_state, scalar_model_from_lm
+from rlft.models.heads import last_token_index, last_token_scores
+from rlft.objectives.reward import bradley_terry_loss
+from rlft.parallel.sharding import make_mesh, shard_batch, state_shardings
+from rlft.train.stages import reward_stage_config, run_reward_stage
+from rlft.train.warm_start import decoder_state, scalar_model_from_lm
 from tests.pairs_util import CFG, interrupt_pair_stage, random_pair_batch, random_params
 
 
@@ -85,7 +86,7 @@ def unsharded_reward_run():
     graphdef, host = scalar_params()
     params = jax.tree.map(jnp.asarray, host)
     tx = make_tx()
-    state = steps.init_train_state(graphdef, params, tx, 0)
+    state = steps.init_train_state(params, tx, 0)
     fn = jax.jit(functools.partial(steps.reward_step, graphdef=graphdef, tx=tx, margin=0.25,
                                    center_weight=0.01))
     states, metrics = [], []
@@ -143,7 +144,7 @@ def test_scalar_model_backbone_from_an_lm():
         np.testing.assert_array_equal(np.asarray(a), b)
     assert 0.02 < np.std(np.asarray(params["head"]["kernel"].get_value())) < 0.3
     assert params["backbone"]["embed"].get_value().sharding == lm["embed"].get_value().sharding
-    # from a pure dict (what rlft.checkpoints.load_params gives), checked against the config
+    # from a pure dict (what rlft.train.checkpoints.load_params gives), checked against the config
     from_dict = decoder_state(CFG, nnx.to_pure_dict(lm_host), mesh)
     np.testing.assert_array_equal(np.asarray(from_dict["layers"][1]["mlp"]["up"].get_value()),
                                   lm_host["layers"][1]["mlp"]["up"].get_value())

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft.checkpoints import Checkpointer, load_params
+from rlft.train.checkpoints import Checkpointer, load_params
 from rlft.data.arithmetic import build_tokenizer
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
-from rlft.rewards import build_reward, exact_match
-from rlft.rl_stage import rl_stage_config, run_rl_stage
-from rlft.sharding import make_mesh, state_shardings
+from rlft.rl.rewards import build_reward, exact_match
+from rlft.rl.config import rl_stage_config
+from rlft.rl.stage import run_rl_stage
+from rlft.parallel.sharding import make_mesh, state_shardings
 from tests.pairs_util import random_params
 
 TOK = build_tokenizer()
@@ -97,7 +98,7 @@ def test_rl_stage_resume_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_holds_the_whole_rl_state(tmp_path):
     run(tmp_path, cfg=stage_config(steps=2))
-    from rlft.checkpoints import save_model_config
+    from rlft.train.checkpoints import save_model_config
 
     save_model_config(tmp_path, CFG)  # what an experiment writes beside its stages
     TOK.save_pretrained(str(tmp_path / "tokenizer"))

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from rlft.checkpoints import save_model_config
-from rlft.cli import main
+from rlft.train.checkpoints import save_model_config
+from rlft.cli.main import main
 from rlft.errors import RlftError
 from rlft.models import ModelConfig, model_config, model_from_section, model_section
 

@@ -1,4 +1,4 @@
-"""One `rlft run` per work directory (rlft/run_lock.py).
+"""One `rlft run` per work directory (rlft/cli/run_lock.py).
 
 A second run of a directory another run holds is refused with one line naming the holder's pid,
 before it reads or writes run_config.json or anything else there; the lock goes with its holder,
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from rlft import run_lock
-from rlft.cli import main
+from rlft.cli import run_lock
+from rlft.cli.main import main
 from rlft.errors import RlftError
 from tests.conftest import TEST_XLA_FLAGS
 from tests.test_bad_inputs import cli_error
@@ -23,7 +23,7 @@ TOY = os.path.join(ROOT, "tests", "fixtures", "toy_experiment.py")
 # Takes the lock of argv[1] as `rlft run` does, says so, and sleeps until killed.
 HOLDER = """
 import sys, time
-from rlft.run_lock import acquire
+from rlft.cli.run_lock import acquire
 lock = acquire(sys.argv[1], ["rlft", "run", "toy.py", "--workdir", sys.argv[1]])
 print("locked", flush=True)
 time.sleep(300)
@@ -119,11 +119,11 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsy
 
 def test_only_process_0_of_a_multi_process_run_takes_the_lock(tmp_path, monkeypatch):
     """The other processes share process 0's directory: they neither take nor check the lock."""
-    import rlft.distributed
+    import rlft.parallel.distributed
 
     workdir = str(tmp_path / "run")
     with run_lock.acquire(workdir, ["rlft", "run", "toy.py"]):  # as if process 0 held it
-        monkeypatch.setattr(rlft.distributed, "is_primary", lambda: False)
+        monkeypatch.setattr(rlft.parallel.distributed, "is_primary", lambda: False)
         assert main(["run", TOY, "--workdir", workdir]) == 0
     assert os.path.isfile(os.path.join(workdir, "result.json"))  # it ran
     assert not os.path.exists(os.path.join(workdir, "run_config.json"))  # process 0 writes the metadata

@@ -1,4 +1,4 @@
-"""rlft.sampling: greedy parity with transformers' generate, logprobs, distributions, seeds, sharding."""
+"""rlft.generate.sampling: greedy parity with transformers' generate, logprobs, distributions, seeds, sharding."""
 
 import re
 
@@ -14,9 +14,9 @@ from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
 from rlft.models.decoder import positions_from_mask
 from rlft.models.hf import load_hf_checkpoint
-from rlft.sharding import make_mesh, state_shardings
-from rlft.logprobs import SamplingParams, _top_p_keep, sampling_log_probs, sequence_logprobs
-from rlft.sampling import Sequences, _sample_jit, completion_mask, sample, sample_sequences
+from rlft.parallel.sharding import make_mesh, state_shardings
+from rlft.generate.logprobs import SamplingParams, _top_p_keep, sampling_log_probs, sequence_logprobs
+from rlft.generate.sampling import Sequences, _sample_jit, completion_mask, sample, sample_sequences
 
 PAD = 3
 
@@ -76,7 +76,7 @@ def _until_eos(row, eos_id):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_greedy_matches_transformers_generate(hf_checkpoints, name):
     path, torch_model = hf_checkpoints[name]
-    cfg, params, _ = load_hf_checkpoint(path)
+    cfg, params = load_hf_checkpoint(path)
     graphdef = _graphdef(cfg)
     new_tokens, width = 12, 9
     tokens, mask = _left_padded([1, 9, 5, 3], width, cfg.vocab_size)  # shortest and longest prompts
@@ -255,7 +255,7 @@ def test_loop_stops_once_every_row_is_done(vocab8_model):
 # --- seeds and sharding -----------------------------------------------------------------------
 
 def _mesh(shape, axes):
-    """A mesh with Auto axes (as rlft.sharding.make_mesh builds them) over 8 CPU devices."""
+    """A mesh with Auto axes (as rlft.parallel.sharding.make_mesh builds them) over 8 CPU devices."""
     return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=jax.devices()[:8])
 
 
@@ -362,7 +362,7 @@ def checkpoint_with_tokenizer(tmp_path_factory):
 
 
 def test_sample_command_prints_completions(checkpoint_with_tokenizer, capsys):
-    from rlft.cli_sample import sample_command
+    from rlft.cli.sample import sample_command
 
     args = [checkpoint_with_tokenizer, "--prompt", "the film was", "--prompt", "bad",
             "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "20", "--seed", "3"]
@@ -389,8 +389,8 @@ def test_model_generate_on_a_mesh_equals_one_device(checkpoint_with_tokenizer):
 
 
 def test_sample_command_errors(checkpoint_with_tokenizer, tmp_path):
-    from rlft.cli import main
-    from rlft.cli_sample import sample_command
+    from rlft.cli.main import main
+    from rlft.cli.sample import sample_command
 
     path = checkpoint_with_tokenizer
     cases = [([str(tmp_path / "nowhere"), "--prompt", "a"], "nowhere"),

@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rlft import steps
+from rlft.train import steps
 from rlft.models import Decoder, ModelConfig
-from rlft.logprobs import token_logprobs
+from rlft.generate.logprobs import token_logprobs
 from rlft.objectives import sft_loss
-from rlft.sharding import make_mesh, shard_batch, state_shardings
+from rlft.parallel.sharding import make_mesh, shard_batch, state_shardings
 from tests.pairs_util import random_params
 
 CFG = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64)
@@ -163,7 +163,7 @@ def unsharded_run():
     """Reference on one device, no accumulation: (initial params, states and metrics after 1 and 2 steps)."""
     graphdef, params = split_model()
     tx = make_tx()
-    state = steps.init_train_state(graphdef, params, tx, 0)
+    state = steps.init_train_state(params, tx, 0)
     fn = jax.jit(functools.partial(steps.sft_step, graphdef=graphdef, tx=tx, accum_steps=1))
     states, metrics = [], []
     for i in range(2):
@@ -179,7 +179,7 @@ def test_gradient_accumulation_equals_one_big_batch(unsharded_run):
     tx = make_tx()
     batch = random_batch(8, 16, seed=10)
     fn = jax.jit(functools.partial(steps.sft_step, graphdef=graphdef, tx=tx, accum_steps=4))
-    state, metrics = fn(steps.init_train_state(graphdef, jax.tree.map(jnp.asarray, params), tx, 0), batch)
+    state, metrics = fn(steps.init_train_state(jax.tree.map(jnp.asarray, params), tx, 0), batch)
     for k, v in metrics.items():  # loss, tokens, accuracy, grad_norm, learning_rate, param_norm
         np.testing.assert_allclose(float(v), want_metrics[0][k], rtol=1e-6, err_msg=k)
     assert want_metrics[0]["tokens"] == batch["loss_mask"].sum()

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
 from rlft.models.params import flatten_params
-from rlft.sharding import make_mesh, shard_batch, sharded_init, state_shardings, RULES, logical_to_spec
+from rlft.parallel.sharding import make_mesh, shard_batch, sharded_init, state_shardings, RULES, logical_to_spec
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 CONFIGS = {

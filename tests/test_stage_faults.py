@@ -4,7 +4,7 @@ functions that raise or return bad scores end as one RlftError naming the functi
 (exit 2 through the command); a full disk or a file-size limit during a checkpoint, metrics.jsonl or
 TensorBoard write is an RlftError naming the path, and the previous checkpoints stay intact.
 
-Most cases drive `train_loop.train` with a counter state (no compilation: milliseconds a step);
+Most cases drive `rlft.train.loop.train` with a counter state (no compilation: milliseconds a step);
 the reward-function cases also run the real command on tests/fixtures/fault_experiment.py.
 """
 
@@ -27,12 +27,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rlft.checkpoints import Checkpointer, CheckpointWriteError, SigintDeferral, checkpoint_steps
+from rlft.train.checkpoints import Checkpointer, CheckpointWriteError, SigintDeferral, checkpoint_steps
 from rlft.errors import RlftError
-from rlft.logging import MetricsLogger
-from rlft.rewards import score_completions
-from rlft.sharding import make_mesh
-from rlft.train_loop import train
+from rlft.train.logging import MetricsLogger
+from rlft.rl.rewards import score_completions
+from rlft.parallel.sharding import make_mesh
+from rlft.train.loop import train
 from tests.fixtures import bad_rewards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,7 +278,7 @@ def test_a_raising_reward_names_itself_and_keeps_the_traceback(tmp_path, monkeyp
 
 
 def _fault_run(workdir: Path, reward: str, capsys) -> tuple[int, str]:
-    from rlft.cli import main
+    from rlft.cli.main import main
 
     bad_rewards.reset()
     status = main(["run", FAULT_EXPERIMENT, "--workdir", str(workdir), f"--config.reward={reward}"])
@@ -308,7 +308,7 @@ def test_a_faulty_reward_function_through_the_command(tmp_path, capsys, function
         log = (rl / "errors.log").read_text()
         assert "ValueError: boom" in log and "bad_rewards.py" in log
         bad_rewards.CALLS[function] = 3  # past the faulty call: the same command now finishes
-        from rlft.cli import main
+        from rlft.cli.main import main
 
         assert main(["run", FAULT_EXPERIMENT, "--workdir", str(tmp_path), f"--config.reward={spec}"]) == 0
         assert checkpoint_steps(rl) == [2, 5] and _steps_logged(rl) == [1, 2, 3, 4, 5]

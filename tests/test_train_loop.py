@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlft import steps
-from rlft.checkpoints import Checkpointer
+from rlft.train import steps
+from rlft.train.checkpoints import Checkpointer
 from rlft.data.loader import epoch_batches, epoch_permutation
-from rlft.logging import MetricsLogger
+from rlft.train.logging import MetricsLogger
 from rlft.models import Decoder, ModelConfig
-from rlft.sharding import make_mesh, state_shardings
-from rlft.train_loop import restore_or_init, train
+from rlft.parallel.sharding import make_mesh, state_shardings
+from rlft.train.loop import restore_or_init, train
 
 CFG = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64)
 NUM_EXAMPLES, BATCH, LENGTH, TOTAL, SAVE_EVERY = 20, 8, 16, 6, 3  # 2 batches per epoch: 3 epochs

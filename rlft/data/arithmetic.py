@@ -28,7 +28,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rlft.data.tokenizer import EOS_TOKEN, PAD_TOKEN
-from rlft.distributed import is_primary
+from rlft.parallel.distributed import is_primary
 from rlft.errors import RlftError
 
 OPS = "+-*"

@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from rlft.distributed import is_primary
+from rlft.parallel.distributed import is_primary
 from rlft.errors import RlftError
 from rlft.files import read_json
 

@@ -29,17 +29,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.checkpoints import checkpoint_steps, load_model_config
+from rlft.train.checkpoints import checkpoint_steps, load_model_config
 from rlft.data.batching import Example
 from rlft.errors import RlftError
 from rlft.eval import metrics, plots
 from rlft.eval.policies import PolicySamples, logprobs_under, sample_policy, text_perplexity
 from rlft.eval.report import write_report
 from rlft.files import replaced_atomically, write_text
-from rlft.logprobs import SamplingParams
+from rlft.generate.logprobs import SamplingParams
 from rlft.models import Decoder
-from rlft.rewards import RewardFn, check_scores
-from rlft.warm_start import decoder_state
+from rlft.rl.rewards import RewardFn, check_scores
+from rlft.train.warm_start import decoder_state
 
 POLICY_STAGES = ("pretrain", "sft", "dpo", "rl")
 EVAL_DIR = "eval"
@@ -50,7 +50,7 @@ class EvalTask:
     """What an experiment's evaluation compares its policies on.
 
     prompts: records {"ids": prompt token ids, "text": prompt text, ...} (held out from training);
-    proxy / gold: reward functions (completions, records) -> float32 [n] (`rlft.rewards`); proxy may
+    proxy / gold: reward functions (completions, records) -> float32 [n] (`rlft.rl.rewards`); proxy may
     be None when the run has no reward model yet; heldout: (prompt ids, text ids) examples of human
     text for perplexity, `heldout_length` tokens long at most; gao_prompts: how many of the prompts
     each RL checkpoint is sampled on for the over-optimisation curve.

@@ -103,7 +103,7 @@ def perplexity(token_logprobs: ArrayLike, mask: ArrayLike) -> float:
     """Corpus-level perplexity: exp(−Σ logp·mask / Σ mask).
 
     `token_logprobs` [batch, length] are the model's natural-log probabilities of each target token
-    (e.g. `rlft.logprobs.sequence_logprobs` at temperature 1 on held-out human text); `mask`
+    (e.g. `rlft.generate.logprobs.sequence_logprobs` at temperature 1 on held-out human text); `mask`
     [batch, length] is 1 (True) where a token counts and 0 elsewhere (prompt, padding). Values at
     masked-out positions are ignored, even inf or NaN.
 

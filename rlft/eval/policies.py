@@ -21,14 +21,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rlft.data.batching import Example, pad_left
-from rlft.distributed import to_host
+from rlft.parallel.distributed import to_host
 from rlft.errors import RlftError
 from rlft.eval.metrics import perplexity
-from rlft.logprobs import SamplingParams
-from rlft.rollout import ended_with_eos, reference_logprobs
-from rlft.sampling import Sequences, sample
-from rlft.scoring import completion_token_logprobs
-from rlft.sharding import batch_axes
+from rlft.generate.logprobs import SamplingParams
+from rlft.rl.rollout import ended_with_eos, reference_logprobs
+from rlft.generate.sampling import Sequences, sample
+from rlft.generate.scoring import completion_token_logprobs
+from rlft.parallel.sharding import batch_axes
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from rlft.distributed import is_primary
+from rlft.parallel.distributed import is_primary
 from rlft.files import write_text
 
 

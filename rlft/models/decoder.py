@@ -1,6 +1,6 @@
 """The Flax NNX decoder: GPT-2, Llama and Qwen2 blocks from one ModelConfig.
 
-Every parameter is an `nnx.Param` carrying `logical_axes` metadata (see rlft/sharding.py for the
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (see rlft/parallel/sharding.py for the
 rules that map them to mesh axes). The forward is a pure function of (params, inputs) once the
 module is split with `nnx.split`; dense layers run on 2-D [tokens, features] activations, which is
 about 2x faster for the backward on XLA:CPU than 3-D ones and no slower elsewhere.
@@ -27,7 +27,7 @@ from flax import nnx, struct
 
 from rlft.models.config import REMAT_POLICIES, ModelConfig
 from rlft.models.lora import Adapter, LoraConfig
-from rlft.sharding import constrain_activation
+from rlft.parallel.sharding import constrain_activation
 
 Array = jax.Array
 
@@ -154,7 +154,7 @@ class KVCache:
     segment_ids: Array
     index: Array
 
-    K_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes (rlft.sharding.RULES)
+    K_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes (rlft.parallel.sharding.RULES)
     V_AXES = ("batch", "kv_heads", "head_dim", "length")
 
     @classmethod

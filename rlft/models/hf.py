@@ -325,16 +325,10 @@ def _write_dir(out_dir: str, overwrite: bool, fill: Callable[[str], None]) -> No
         raise error from e
 
 
-def load_hf_checkpoint(path: str):
-    """(ModelConfig, params nnx.State, tokenizer or None) from a Hugging Face checkpoint dir."""
+def load_hf_checkpoint(path: str) -> tuple[ModelConfig, nnx.State]:
+    """(ModelConfig, params nnx.State) from a Hugging Face checkpoint dir (its tokenizer: `rlft.load`)."""
     cfg = model_config_from_hf(path)
-    params = params_from_hf_tensors(cfg, read_safetensors(path), path)
-    tokenizer = None
-    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        from rlft.data.tokenizer import read_pretrained_tokenizer
-
-        tokenizer = read_pretrained_tokenizer(path)
-    return cfg, params, tokenizer
+    return cfg, params_from_hf_tensors(cfg, read_safetensors(path), path)
 
 
 # Our adapter targets -> the Llama/Qwen2 module names PEFT targets (torch Linear layers).

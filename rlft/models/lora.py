@@ -29,7 +29,7 @@ from flax import nnx
 
 from rlft.errors import RlftError
 from rlft.files import read_json, write_json
-from rlft.sharding import state_shardings
+from rlft.parallel.sharding import state_shardings
 
 # Weights an adapter can target, by the attribute name of the weight in Attention / MLP.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -98,10 +98,6 @@ class Adapter(nnx.LoRA):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.scale * super().__call__(x)
-
-
-def _is_adapter(path: tuple) -> bool:
-    return any(str(k).endswith("_lora") for k in path)
 
 
 def split_trainable(state: nnx.State) -> tuple[nnx.State, nnx.State]:

@@ -5,20 +5,20 @@ REINFORCE, masked whitening), KL estimators, placements and coefficient controll
 the clipped surrogate, value loss, entropy and loss aggregations (pg.py).
 """
 
-from rlft.objectives.advantages import (ESTIMATORS, SEQUENCE_LEVEL, check_estimator, gae, grpo,
-                                        reinforce, rloo, update_baseline, whiten)
+from rlft.objectives.advantages import (ESTIMATORS, check_estimator, gae, grpo, reinforce, rloo,
+                                        update_baseline, whiten)
 from rlft.objectives.dpo import DPO_LOSSES, dpo_loss, pair_logprobs
 from rlft.objectives.kl import (KL_CONTROLLERS, KL_ESTIMATORS, KL_PLACEMENTS, adaptive_kl_coef,
                                 check_kl_coef, check_kl_controller, check_kl_estimator,
                                 check_kl_placement, fixed_kl_coef, kl_estimate)
 from rlft.objectives.pg import (AGGREGATIONS, aggregate, check_aggregation, check_pg_args,
                                 clipped_surrogate, entropy_from_log_probs, value_loss)
-from rlft.objectives.reward import bradley_terry_loss, last_token_scores, pair_rewards, reward_loss
+from rlft.objectives.reward import bradley_terry_loss, pair_rewards, reward_loss
 from rlft.objectives.sft import sft_loss
 
-__all__ = ["sft_loss", "bradley_terry_loss", "last_token_scores",
+__all__ = ["sft_loss", "bradley_terry_loss",
            "pair_rewards", "reward_loss", "DPO_LOSSES", "dpo_loss", "pair_logprobs",
-           "ESTIMATORS", "SEQUENCE_LEVEL", "check_estimator", "gae", "grpo", "reinforce", "rloo",
+           "ESTIMATORS", "check_estimator", "gae", "grpo", "reinforce", "rloo",
            "update_baseline", "whiten",
            "KL_CONTROLLERS", "KL_ESTIMATORS", "KL_PLACEMENTS", "adaptive_kl_coef", "check_kl_coef",
            "check_kl_controller", "check_kl_estimator", "check_kl_placement", "fixed_kl_coef",

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rlft.errors import RlftError
+from rlft.ops import masked_mean
 
 Array = jax.Array
 
@@ -124,13 +125,6 @@ def update_baseline(baseline: Array | float, scores: Array, decay: float | Array
     return decay * _f32(baseline) + (1.0 - decay) * jnp.mean(_f32(scores))
 
 
-def masked_mean(x: Array, mask: Array) -> Array:
-    """Mean of x over entries where mask > 0 (0 when the mask is empty); padding is never read."""
-    mask = mask > 0
-    total = jnp.sum(jnp.where(mask, _f32(x), 0.0))
-    return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-
-
 def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) -> Array:
     """Masked whitening of x [...] (e.g. advantages [batch, length]).
 
@@ -156,9 +150,6 @@ ESTIMATORS: dict[str, Callable[..., Array | tuple[Array, Array]]] = {
     "reinforce": reinforce,
 }
 
-# Estimators whose advantage is one scalar per sequence [prompts, group]; the caller broadcasts it
-# over the completion's tokens. "gae" is per token.
-SEQUENCE_LEVEL: frozenset[str] = frozenset({"grpo", "rloo", "reinforce"})
 
 
 def check_estimator(name: str, field: str = "rl.advantage") -> None:

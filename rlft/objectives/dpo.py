@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlft.errors import RlftError
-from rlft.logprobs import sequence_logprobs
+from rlft.generate.logprobs import sequence_logprobs
 from rlft.ops import flatten_pairs
 
 Array = jax.Array

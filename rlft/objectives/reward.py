@@ -1,4 +1,4 @@
-"""Reward modelling: the score at the last real token and the Bradley–Terry loss as (sum, count).
+"""Reward modelling: the Bradley–Terry loss on pair rewards read at the last real token, as (sum, count).
 
 Preference batches hold pairs: every field is [batch, 2, length] with row 0 the chosen and row 1
 the rejected sequence of a pair (`rlft.data.preferences.pad_pairs`), so a pair never straddles
@@ -13,26 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlft.models.heads import last_token_scores
 from rlft.ops import flatten_pairs
 
 Array = jax.Array
-
-
-def last_token_index(segment_ids: Array) -> Array:
-    """int32 [batch]: the slot of the last non-padding token of each row (0 for an empty row).
-
-    Works for right padding, left padding and packing alike (the last slot with segment_ids > 0).
-    """
-    real = segment_ids > 0
-    length = segment_ids.shape[-1]
-    from_end = jnp.argmax(real[..., ::-1], axis=-1)
-    return jnp.where(jnp.any(real, axis=-1), length - 1 - from_end, 0).astype(jnp.int32)
-
-
-def last_token_scores(scores: Array, segment_ids: Array) -> Array:
-    """float32 [batch]: scores [batch, length] read at the last real token of each row."""
-    index = last_token_index(segment_ids)
-    return jnp.take_along_axis(scores, index[:, None], axis=-1)[:, 0].astype(jnp.float32)
 
 
 def bradley_terry_loss(chosen: Array, rejected: Array, margin: float | Array = 0.0,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlft.logprobs import next_tokens, token_logprobs
+from rlft.generate.logprobs import next_tokens, token_logprobs
 from rlft.ops import batch_field, first_argmax
 
 Array = jax.Array

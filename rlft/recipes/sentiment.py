@@ -27,14 +27,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.checkpoints import load_model_config, save_model_config
+from rlft.train.checkpoints import load_model_config, save_model_config
 from rlft.data.human_ratings import load_split
 from rlft.data.tokenizer import load_tokenizer, train_tokenizer
-from rlft.distributed import barrier, is_primary
+from rlft.parallel.distributed import barrier, is_primary
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, model_from_section, model_section
-from rlft.sharding import make_mesh, sharded_init
-from rlft.stages import run_sft_stage, sft_stage_config
+from rlft.parallel.sharding import make_mesh, sharded_init
+from rlft.train.stages import run_sft_stage, sft_stage_config
 
 PRETRAIN_SOURCES = ("movie_reviews", "amazon", "nyt", "tweets")
 # The experiment files built on this recipe (`base_config` + `pretrain_base`): a run of any of them
@@ -130,7 +130,7 @@ def base_from_run(run_dir: str, stage: str, workdir: str, mesh_shape: dict) -> B
     The source is not judged here (`check_base_source` does that, before anything is written);
     the params are read before WORKDIR gets a file, so a stage that cannot be loaded copies nothing.
     """
-    from rlft.warm_start import decoder_state
+    from rlft.train.warm_start import decoder_state
 
     stage_dir = os.path.join(run_dir, stage)
     if not os.path.isdir(run_dir):
@@ -212,7 +212,7 @@ def check_base_source(config: ml_collections.ConfigDict, experiment: str) -> Non
     (`_source_experiment`), and init_stage one of its language-model stages: the base is only a
     starting point, so any LM stage of any sentiment run will do (its "pretrain" by default).
     """
-    from rlft.stages import read_stages
+    from rlft.train.stages import read_stages
 
     if not config.get("init_from"):
         return
@@ -271,8 +271,8 @@ def finished_stage(stage_dir: str, mesh: Mesh):
     import jax
 
     import rlft
-    from rlft.checkpoints import checkpoint_steps
-    from rlft.sharding import state_shardings
+    from rlft.train.checkpoints import checkpoint_steps
+    from rlft.parallel.sharding import state_shardings
 
     if not checkpoint_steps(stage_dir):
         raise RlftError(f"rlft eval: {stage_dir} has no finished checkpoint yet")
@@ -381,8 +381,8 @@ def adopt_stages(run_dir: str, workdir: str, stages: Sequence[str]) -> list[str]
     """
     import shutil
 
-    from rlft.checkpoints import MODEL_CONFIG_FILE
-    from rlft.stages import read_stages, record_stage
+    from rlft.train.checkpoints import MODEL_CONFIG_FILE
+    from rlft.train.stages import read_stages, record_stage
 
     if not os.path.isfile(os.path.join(run_dir, MODEL_CONFIG_FILE)):
         raise RlftError(f"init_from={run_dir}: not an rlft run directory (no {MODEL_CONFIG_FILE})")

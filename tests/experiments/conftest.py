@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from rlft.cli import main
+from rlft.cli.main import main
 from rlft.errors import RlftError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,7 +9,7 @@ import pytest
 
 import rlft
 from rlft import config as config_lib
-from rlft.cli import main
+from rlft.cli.main import main
 from rlft.data.arithmetic import split_problems
 from rlft.errors import RlftError
 from tests.experiments.conftest import ROOT, assert_rlft_eval_reproduces_the_report

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import rlft
-from rlft.cli import main
+from rlft.cli.main import main
 from tests.experiments.conftest import assert_rlft_eval_reproduces_the_report, run_tiny_preset
 
 

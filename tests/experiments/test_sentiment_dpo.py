@@ -8,7 +8,7 @@ import pytest
 
 import rlft
 from tests.experiments.conftest import assert_rlft_eval_reproduces_the_report
-from rlft.cli import main
+from rlft.cli.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

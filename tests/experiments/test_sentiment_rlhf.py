@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import rlft
-from rlft.checkpoints import load_params
-from rlft.cli import main
+from rlft.train.checkpoints import load_params
+from rlft.cli.main import main
 from rlft.eval.metrics import win_rate
-from rlft.rewards import vader
+from rlft.rl.rewards import vader
 
 from .conftest import ROOT, run_tiny_preset
 

@@ -58,7 +58,7 @@ def test_left_padding_does_not_change_logits(hf_checkpoints, name):
 def test_export_roundtrip_loads_in_transformers(hf_checkpoints, name, tmp_path):
     import transformers
 
-    from rlft.cli import main
+    from rlft.cli.main import main
 
     path, _ = hf_checkpoints[name]
     assert main(["export", path, "--out", str(tmp_path / "out")]) == 0

@@ -13,16 +13,16 @@ import pytest
 from flax import nnx
 
 import rlft
-from rlft.checkpoints import load_params, save_model_config
-from rlft.cli import main
+from rlft.train.checkpoints import load_params, save_model_config
+from rlft.cli.main import main
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, model_config
 from rlft.models.lora import (LoraConfig, adapters_off, attach_adapters, combine, lora_section,
                               merged_state, split_trainable)
 from rlft.objectives.dpo import pair_logprobs
-from rlft.sharding import make_mesh, shard_batch
-from rlft.stages import run_sft_stage, sft_stage_config
-from rlft.steps import init_train_state, jit_step, make_optimizer, sft_step, train_state_shardings, batch_shardings
+from rlft.parallel.sharding import make_mesh, shard_batch
+from rlft.train.stages import run_sft_stage, sft_stage_config
+from rlft.train.steps import init_train_state, jit_step, make_optimizer, sft_step, train_state_shardings, batch_shardings
 
 CFG = ModelConfig.llama(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                         max_positions=64)
@@ -99,7 +99,7 @@ def test_a_step_changes_only_adapters_and_the_base_is_not_donated():
     graphdef, params, lora_graphdef, trainable, frozen = _lora_model(CFG)
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
     tx = make_optimizer(1e-2, 0, 10)
-    state = init_train_state(lora_graphdef, _perturbed(trainable, 0.01), tx, seed=0)
+    state = init_train_state(_perturbed(trainable, 0.01), tx, seed=0)
     tokens, positions, segments = (np.asarray(a) for a in _inputs(rows=4))
     batch = shard_batch({"tokens": tokens, "positions": positions, "segment_ids": segments,
                          "loss_mask": np.ones(tokens.shape, np.float32)}, mesh)
@@ -303,8 +303,8 @@ def _lora_cfg(section):
 
 
 def test_lora_reward_stage_trains_adapters_and_head_and_loads_merged(pair_run):
-    from rlft.stages import reward_stage_config, run_reward_stage
-    from rlft.warm_start import scalar_model_from_lm
+    from rlft.train.stages import reward_stage_config, run_reward_stage
+    from rlft.train.warm_start import scalar_model_from_lm
 
     workdir, mesh, cfg, _, base = pair_run
     graphdef, params = scalar_model_from_lm(cfg, base, mesh)
@@ -326,7 +326,7 @@ def test_lora_reward_stage_trains_adapters_and_head_and_loads_merged(pair_run):
 
 def test_lora_dpo_starts_at_log2_and_moves_the_margin(pair_run):
     """Step 1 of LoRA DPO has policy == reference (B = 0, reference = adapters off): loss log 2."""
-    from rlft.stages import dpo_stage_config, run_dpo_stage
+    from rlft.train.stages import dpo_stage_config, run_dpo_stage
 
     workdir, mesh, _, graphdef, base = pair_run
     section = _lora_cfg(dpo_stage_config(steps=12, batch_size=8, learning_rate=1e-2, max_length=16))

@@ -17,16 +17,16 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import rlft
-from rlft.checkpoints import save_model_config
+from rlft.train.checkpoints import save_model_config
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig
 from rlft.models.hf import hf_tensors_from_params, params_from_hf_tensors, read_safetensors, save_hf_checkpoint
 from rlft.models.params import fill_params, flatten_params, stack_layers, unstack_layers
 from rlft.objectives.sft import sft_loss
-from rlft.sampling import _sample_jit, sample
-from rlft.logprobs import SamplingParams
-from rlft.sharding import make_mesh, state_shardings
-from rlft.steps import decay_mask
+from rlft.generate.sampling import _sample_jit, sample
+from rlft.generate.logprobs import SamplingParams
+from rlft.parallel.sharding import make_mesh, state_shardings
+from rlft.train.steps import decay_mask
 from tests.conftest import tiny_hf_configs
 
 CONFIGS = {
@@ -156,7 +156,7 @@ def test_scanned_equals_unrolled(family):
 
 
 def test_warm_start_converts_an_in_memory_state_between_layouts():
-    from rlft.warm_start import decoder_state
+    from rlft.train.warm_start import decoder_state
 
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2])
     cfg = CONFIGS["llama"]

@@ -9,7 +9,7 @@
 
 User mistakes (bad flags, unknown fields, missing files, malformed data) end with one line
 `rlft: error: ...` and exit status 2, never a traceback. Ctrl-C saves and exits 130; SIGTERM finishes
-the current step, saves it and exits 143 (`rlft.train_loop.train`).
+the current step, saves it and exits 143 (`rlft.train.loop.train`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Sequence
 
 from rlft.errors import Preempted, RlftError
 from rlft.host import tune_host_malloc
-from rlft.plan import add_plan_parser, plan_command, request_host_devices
+from rlft.cli.plan import add_plan_parser, plan_command, request_host_devices
 
 
 def _default_workdir(spec: str, preset: str) -> str:
@@ -36,11 +36,11 @@ def _default_workdir(spec: str, preset: str) -> str:
 
 def _resolved_experiment(spec: str, overrides: Sequence[str]):
     """(module, preset, config): the experiment's preset config with the overrides applied, locked,
-    and checked: every field's range (`rlft.validate`), then what only the experiment knows (its
+    and checked: every field's range (`rlft.cli.validate`), then what only the experiment knows (its
     optional `check(config)`, e.g. that prompts fit the model). Runs before anything is written,
     so a refused command leaves no run directory behind and its corrected form is a new run."""
     from rlft import config as config_lib
-    from rlft.validate import validate_config
+    from rlft.cli.validate import validate_config
 
     module, preset, config = config_lib.load_experiment(spec)
     for field, value in config_lib.parse_overrides(overrides):
@@ -71,12 +71,12 @@ def run_command(spec: str, overrides: Sequence[str], workdir: str | None, argv: 
 
     An existing WORKDIR keeps the config it was made with: a different one is refused before any
     work, unless `override` and every change is safe on resume (`rlft.config.config_changes`).
-    WORKDIR is locked for the whole run (`rlft.run_lock`): a second `rlft run` there is refused
+    WORKDIR is locked for the whole run (`rlft.cli.run_lock`): a second `rlft run` there is refused
     before it reads or writes anything in it.
     """
     from rlft import config as config_lib
     from rlft.files import naming
-    from rlft.run_lock import lock_run_dir
+    from rlft.cli.run_lock import lock_run_dir
 
     if workdir is not None and not workdir.strip():
         raise RlftError(f"--workdir={workdir!r}: must be a directory path (omit it for runs/NAME[-PRESET])")
@@ -133,8 +133,8 @@ def export_command(checkpoint: str, out: str, overwrite: bool = False, adapters_
 
 def _export_adapters(checkpoint: str, out: str, overwrite: bool) -> None:
     """`rlft export --adapters-only`: a LoRA stage's adapters as a PEFT adapter directory."""
-    from rlft.api import run_dir_of
-    from rlft.checkpoints import load_model_config, load_params
+    from rlft.train.warm_start import run_dir_of
+    from rlft.train.checkpoints import load_model_config, load_params
     from rlft.models.hf import save_peft_adapters
     from rlft.models.lora import read_lora_record
 
@@ -222,14 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         if argv and argv[0] == "sample":
-            from rlft.cli_sample import sample_command
+            from rlft.cli.sample import sample_command
 
             return sample_command(argv[1:])
         args, rest = parser.parse_known_args(argv)
         if args.command == "run" and args.print_config:
             print_config_command(args.experiment, rest)
         elif args.command == "run":
-            from rlft import distributed
+            from rlft.parallel import distributed
 
             distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
             result = run_command(args.experiment, rest, args.workdir, ["rlft", *argv], args.override)

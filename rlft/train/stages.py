@@ -17,19 +17,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.checkpoints import Checkpointer
+from rlft.train.checkpoints import Checkpointer
 from rlft.data.batching import Example, TokenBatch, pad_right
 from rlft.data.loader import epoch_batches
-from rlft.distributed import barrier, is_primary, local_rows
+from rlft.parallel.distributed import barrier, is_primary, local_rows
 from rlft.errors import RlftError
 from rlft.files import read_json, write_json
 from rlft.data.preferences import EncodedPair, pad_pairs
-from rlft.logging import MetricsLogger
+from rlft.train.logging import MetricsLogger
 from rlft.models.lora import LoraConfig, attach_adapters, lora_section, merged_state, write_lora_record
 from rlft.objectives.dpo import check_dpo_args
-from rlft.steps import (TrainState, abstract_train_state, batch_shardings, jit_step, dpo_step,
+from rlft.train.steps import (TrainState, abstract_train_state, batch_shardings, jit_step, dpo_step,
                         init_sharded_train_state, make_optimizer, reward_step, sft_step)
-from rlft.train_loop import DATA_POSITION, restore_or_init, train
+from rlft.train.loop import DATA_POSITION, restore_or_init, train
 
 
 def sft_stage_config(steps: int, batch_size: int, learning_rate: float, **overrides) -> ml_collections.ConfigDict:
@@ -125,7 +125,7 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
     WORKDIR/NAME, which is recorded in WORKDIR/stages.json with `kind` ("lm" or "scalar").
     Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order);
     a finished stage just returns its params. Interruptions and errors keep the last completed
-    step (`rlft.train_loop.train`); the checkpointer is closed (pending saves committed) on every
+    step (`rlft.train.loop.train`); the checkpointer is closed (pending saves committed) on every
     way out.
 
     LoRA (`cfg.lora.rank` > 0): adapters are attached to `params`, which stay frozen and are passed

@@ -131,11 +131,6 @@ def sharded_init(make_module: Callable[[], nnx.Module], mesh: Mesh,
     return graphdef, state
 
 
-def put_state(state: Any, shardings: Any) -> Any:
-    """Place an existing (host or differently sharded) state onto the given shardings."""
-    return jax.device_put(state, shardings)
-
-
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes a batch is split over: those of ('data', 'fsdp') the mesh has."""
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)

@@ -1,6 +1,6 @@
 """The RL stage: prompts + a reward function -> a policy trained by PPO / GRPO / RLOO / REINFORCE.
 
-A thin loop (rlft.train_loop.train) over one step per prompt batch:
+A thin loop (rlft.train.loop.train) over one step per prompt batch:
 
     rollout (jit: sample prompts_per_step × group_size completions with the current policy)
     -> decode on the host, score with the reward function
@@ -28,24 +28,24 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.checkpoints import Checkpointer
+from rlft.train.checkpoints import Checkpointer
 from rlft.data.batching import pad_left
 from rlft.data.loader import epoch_batches
-from rlft.distributed import local_rows, to_host
+from rlft.parallel.distributed import local_rows, to_host
 from rlft.errors import RlftError
-from rlft.logging import MetricsLogger
+from rlft.train.logging import MetricsLogger
 from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine, merged_state
-from rlft.pg_step import PGState, init_pg_state, pg_step
-from rlft.rewards import RewardFn, score_completions
-from rlft.rl_config import PGConfig, resolve_pg_config, rl_stage_config  # noqa: F401 (re-export)
-from rlft.rollout import sample_rollout
-from rlft.sharding import MeshJit, batch_sharding, sharded_init
-from rlft.stages import lora_setup, record_stage
-from rlft.steps import (batch_shardings, jit_step, make_optimizer, step_key, train_state_shardings,
+from rlft.rl.pg_step import PGState, init_pg_state, pg_step
+from rlft.rl.rewards import RewardFn, score_completions
+from rlft.rl.config import PGConfig, resolve_pg_config
+from rlft.rl.rollout import sample_rollout
+from rlft.parallel.sharding import MeshJit, batch_sharding, sharded_init
+from rlft.train.stages import lora_setup, record_stage
+from rlft.train.steps import (batch_shardings, jit_step, make_optimizer, step_key, train_state_shardings,
                         with_shardings)
-from rlft.train_loop import DATA_POSITION, restore_or_init, train
-from rlft.warm_start import scalar_model_from_lm
+from rlft.train.loop import DATA_POSITION, restore_or_init, train
+from rlft.train.warm_start import scalar_model_from_lm
 
 SAMPLE_SALT = 1  # the sampling key of a step: step_key(state, salt=SAMPLE_SALT)
 
@@ -79,7 +79,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                  name: str = "rl", stage_dir: str | None = None):
     """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> decode + reward (host) -> pg_step (jit).
 
-    The reward function is called through `rlft.rewards.score_completions`: an exception it raises
+    The reward function is called through `rlft.rl.rewards.score_completions`: an exception it raises
     or a bad return value is an RlftError "NAME step N: reward function F ..." (its traceback appended
     to STAGE_DIR/errors.log); the state of step N-1 is intact then (nothing was donated yet), so
     `train` saves it before the error propagates.
@@ -142,14 +142,14 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     """Train the policy `params` with RL on `prompts` for cfg.steps steps; returns its final params.
 
     prompts: records {"ids": prompt token ids, "text": ..., any fields the reward reads};
-    reward_fn(completions, records) -> float32 [n] (`rlft.rewards`); cfg: an `rl_stage_config`
+    reward_fn(completions, records) -> float32 [n] (`rlft.rl.rewards`); cfg: an `rl_stage_config`
     section (validated before any work); reference_params: the frozen KL reference (default: the
     starting policy); critic_init: (graphdef, params) of a ScalarModel to start a separate critic
     from (e.g. the reward model; default: the policy with a zero value head). Checkpoints and
     metrics go to WORKDIR/NAME, recorded in stages.json as a language model. LoRA
     (`cfg.lora.rank` > 0): only adapters are trained and checkpointed, the reference is the
     starting policy with the adapters off, the returned params have them merged, and `base` (where
-    `params` come from) is recorded for `rlft.load` (`rlft.stages.run_stage`).
+    `params` come from) is recorded for `rlft.load` (`rlft.train.stages.run_stage`).
     """
     config = resolve_pg_config(cfg, eos_id, prefix=name)
     if not prompts:

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 def sample_command(args: list[str]) -> int:
     """Run `rlft sample` with the arguments after `sample`; returns the exit status (0)."""
     import rlft
-    from rlft.sampling import SamplingParams
+    from rlft.generate.sampling import SamplingParams
 
     opts = _parser().parse_args(args)
     for flag, ok, rule in (("--max-new-tokens", opts.max_new_tokens >= 1, ">= 1"),

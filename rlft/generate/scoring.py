@@ -22,10 +22,10 @@ from jax.sharding import Mesh
 from rlft.data.batching import Example, TokenBatch, pad_right
 from rlft.errors import RlftError
 from rlft.files import read_json, write_json
-from rlft.objectives.reward import last_token_scores
-from rlft.logprobs import sequence_logprobs
-from rlft.distributed import barrier, is_primary, local_rows, to_host
-from rlft.sharding import shard_batch
+from rlft.models.heads import last_token_scores
+from rlft.generate.logprobs import sequence_logprobs
+from rlft.parallel.distributed import barrier, is_primary, local_rows, to_host
+from rlft.parallel.sharding import shard_batch
 
 REWARD_STATS_FILE = "reward_stats.json"
 

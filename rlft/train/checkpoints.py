@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rlft.config import changed_fields, format_changes
-from rlft.distributed import barrier, is_primary
+from rlft.parallel.distributed import barrier, is_primary
 from rlft.errors import RlftError, log_traceback, one_line
 from rlft.files import write_text
 from rlft.models.config import ModelConfig
@@ -400,7 +400,7 @@ class Checkpointer:
         """(state, extra) at `step` (None = latest intact), placed like the abstract target's shardings.
 
         `abstract_state`: a state dataclass of jax.ShapeDtypeStruct(shape, dtype, sharding=...), e.g.
-        `rlft.steps.abstract_train_state(...)`; any mesh works, whatever mesh saved it. A damaged
+        `rlft.train.steps.abstract_train_state(...)`; any mesh works, whatever mesh saved it. A damaged
         `step` raises DamagedCheckpoint. With step None (resume), damaged newer steps are skipped
         with a warning and moved aside to `<step>.damaged-<time>` once an older one restored.
         """

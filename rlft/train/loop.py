@@ -3,7 +3,7 @@
 Ctrl-C (KeyboardInterrupt) saves the last completed step, unless it struck inside a step whose
 input state was donated (then the newest periodic checkpoint stands); a Ctrl-C during a checkpoint
 save or its commit, the final one included, is held back until the checkpoint is on disk
-(`rlft.checkpoints.SigintDeferral`), so the newest finished step is always committed. SIGTERM,
+(`rlft.train.checkpoints.SigintDeferral`), so the newest finished step is always committed. SIGTERM,
 what clusters send before they kill, finishes the current step, saves it and raises
 `rlft.errors.Preempted`. Any other exception inside a stage (a reward function's, a data error, a
 bug) first saves the last completed step when it can (its state finite, not donated, its metrics
@@ -30,10 +30,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rlft.checkpoints import Checkpointer, CheckpointWriteError, SigintDeferral
+from rlft.train.checkpoints import Checkpointer, CheckpointWriteError, SigintDeferral
 from rlft.errors import Preempted, RlftError, one_line
-from rlft.logging import MetricsLogger
-from rlft.sharding import shard_batch
+from rlft.train.logging import MetricsLogger
+from rlft.parallel.sharding import shard_batch
 
 DATA_POSITION = "data_position"
 
@@ -49,7 +49,7 @@ def restore_or_init(checkpointer: Checkpointer, abstract_state: Any,
 class NonFiniteGuard:
     """Stops a run after `limit` consecutive steps whose update was skipped for NaN / inf.
 
-    Steps report `nonfinite` > 0 when `rlft.steps.apply_update` refused a non-finite loss or
+    Steps report `nonfinite` > 0 when `rlft.train.steps.apply_update` refused a non-finite loss or
     gradient (the parameters stayed finite). A few isolated ones are tolerated and visible in the
     metrics; `limit` in a row means the run is broken (learning rate, data), and continuing would
     only burn compute.

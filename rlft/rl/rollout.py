@@ -2,7 +2,7 @@
 
     sample_rollout    prompts [prompts·group, prompt_len] -> Sequences (jittable; tokens, positions,
                       segment ids, completion mask, the sampler's logprobs), on device
-    (scores)          a reward function of the decoded texts, `rlft.rewards` (host side)
+    (scores)          a reward function of the decoded texts, `rlft.rl.rewards` (host side)
     make_experience   reference logprobs (frozen copy), old logprobs and values (critic),
                       per-token rewards (KL penalty + score at the last real token, optional
                       no-EOS penalty), advantages and returns -> Experience (pure, jittable)
@@ -22,12 +22,12 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from rlft.logprobs import SamplingParams, logprobs_of, sampling_log_probs
+from rlft.generate.logprobs import SamplingParams, logprobs_of, sampling_log_probs
 from rlft.objectives import advantages as adv
 from rlft.objectives.kl import kl_estimate
 from rlft.objectives.pg import entropy_from_log_probs
-from rlft.rl_config import PGConfig
-from rlft.sampling import Sequences, sample_sequences
+from rlft.rl.config import PGConfig
+from rlft.generate.sampling import Sequences, sample_sequences
 
 Array = jax.Array
 

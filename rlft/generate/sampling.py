@@ -5,7 +5,7 @@ Conventions (DESIGN.md section 6):
   row sits at position `prompt_length + s`, whatever the row's padding.
 - A fixed number of tokens is sampled; everything after a row's first EOS is `pad_id` with mask 0
   and logprob 0. The loop exits early once every row has produced EOS.
-- Logprobs are those of the distribution actually sampled from (`rlft.logprobs`, the one path the
+- Logprobs are those of the distribution actually sampled from (`rlft.generate.logprobs`, the one path the
   losses use too): logits / temperature, then top-k, then top-p. Greedy decoding (temperature 0)
   reports the temperature-1 logprob of the argmax under the untruncated distribution.
 - `sample_sequences` is the pure, jittable sampler (call it inside a jitted rollout);
@@ -25,12 +25,12 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import AxisType, Mesh
 
-from rlft.distributed import put_global
+from rlft.parallel.distributed import put_global
 from rlft.errors import RlftError
 from rlft.models.decoder import KVCache, positions_from_mask
-from rlft.logprobs import SamplingParams, sampling_logits
+from rlft.generate.logprobs import SamplingParams, sampling_logits
 from rlft.ops import first_argmax
-from rlft.sharding import batch_axes, batch_sharding, checked_sharding, mesh_rules, replicated
+from rlft.parallel.sharding import batch_axes, batch_sharding, checked_sharding, mesh_rules, replicated
 
 Array = jax.Array
 
@@ -232,7 +232,7 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     if mesh is not None:
         if any(t != AxisType.Auto for t in mesh.axis_types):  # with_sharding_constraint needs Auto
             raise RlftError(f"sampling: mesh axis types {mesh.axis_types} must all be Auto, as "
-                            "rlft.sharding.make_mesh makes them (jax.make_mesh(..., axis_types=...))")
+                            "rlft.parallel.sharding.make_mesh makes them (jax.make_mesh(..., axis_types=...))")
         axes = batch_axes(mesh)
         if prompt_tokens.shape[0] % math.prod(mesh.shape[a] for a in axes):
             raise RlftError(f"sampling: batch size {prompt_tokens.shape[0]} is not divisible by the "

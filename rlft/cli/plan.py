@@ -3,9 +3,9 @@
     rlft plan --model llama2_7b --devices 8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 \\
               --batch 8 --length 2048 [--remat none|full|dots] [--scan] [--step sft|rl|grpo|ppo] [--lora 16]
 
-The step is the one training runs: `rlft.steps.sft_step` through `jit_step` with the shardings of
-`abstract_train_state` (as `rlft.stages.run_stage` compiles it), or `rlft.pg_step.pg_step` with a
-PGState, the frozen reference and (PPO) a separate critic (as `rlft.rl_stage.make_rl_step` does).
+The step is the one training runs: `rlft.train.steps.sft_step` through `jit_step` with the shardings of
+`abstract_train_state` (as `rlft.train.stages.run_stage` compiles it), or `rlft.rl.pg_step.pg_step` with a
+PGState, the frozen reference and (PPO) a separate critic (as `rlft.rl.stage.make_rl_step` does).
 Every input is a `jax.ShapeDtypeStruct` carrying its sharding, so no parameter is ever
 materialised: a 7B model plans on a laptop, on N simulated CPU devices
 (`--xla_force_host_platform_device_count`). The sizes are those of XLA:CPU's buffer assignment for
@@ -30,7 +30,6 @@ from typing import Any, Sequence
 from rlft.errors import RlftError
 
 GIB = 1024 ** 3
-STEPS = ("sft", "grpo", "ppo")  # "rl" is accepted for grpo
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -80,7 +79,7 @@ def host_devices(count: int) -> list:
 
 def parse_mesh(spec: str, devices: int) -> dict[str, int]:
     """'fsdp=4,tensor=2' -> {'data': 1, 'fsdp': 4, 'tensor': 2}; the sizes must multiply to `devices`."""
-    from rlft.sharding import MESH_AXES
+    from rlft.parallel.sharding import MESH_AXES
 
     shape = {axis: 1 for axis in MESH_AXES}
     for part in filter(None, spec.replace(" ", "").split(",")):
@@ -143,8 +142,8 @@ def abstract_module(make_module, mesh) -> tuple[Any, Any]:
     """(graphdef, state of ShapeDtypeStructs with their shardings on `mesh`); nothing is allocated."""
     from flax import nnx
 
-    from rlft.sharding import state_shardings
-    from rlft.steps import with_shardings
+    from rlft.parallel.sharding import state_shardings
+    from rlft.train.steps import with_shardings
 
     graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
     return graphdef, with_shardings(abstract, state_shardings(abstract, mesh))
@@ -159,14 +158,14 @@ def shardings_of(tree: Any) -> Any:
 
 def abstract_batch(shapes: Any, mesh) -> Any:
     """ShapeDtypeStructs of a host batch (`shapes`: a tree of ShapeDtypeStructs) with batch shardings."""
-    from rlft.steps import batch_shardings, with_shardings
+    from rlft.train.steps import batch_shardings, with_shardings
 
     return with_shardings(shapes, batch_shardings(shapes, mesh))
 
 
 def plan_optimizer():
     """The stages' optimizer (AdamW, warm-up + cosine, clipping, weight decay); values don't matter."""
-    from rlft.steps import make_optimizer
+    from rlft.train.steps import make_optimizer
 
     return make_optimizer(1e-5, warmup_steps=10, total_steps=1000, weight_decay=0.01, clip_norm=1.0)
 
@@ -192,7 +191,7 @@ def sft_inputs(cfg, mesh, batch: int, length: int, accum_steps: int = 1, lora=No
     import jax.numpy as jnp
 
     from rlft.data.batching import TokenBatch
-    from rlft.steps import abstract_train_state, jit_step, sft_step
+    from rlft.train.steps import abstract_train_state, jit_step, sft_step
 
     graphdef, params, frozen = policy_inputs(cfg, mesh, lora)
     tx = plan_optimizer()
@@ -221,10 +220,10 @@ def rl_inputs(cfg, mesh, batch: int, length: int, *, algorithm: str = "grpo", ne
     from flax import nnx
 
     from rlft.models.heads import ScalarModel
-    from rlft.pg_step import init_pg_state, pg_step
-    from rlft.rl_config import resolve_pg_config, rl_stage_config
-    from rlft.sampling import Sequences
-    from rlft.steps import jit_step, train_state_shardings, with_shardings
+    from rlft.rl.pg_step import init_pg_state, pg_step
+    from rlft.rl.config import resolve_pg_config, rl_stage_config
+    from rlft.generate.sampling import Sequences
+    from rlft.train.steps import jit_step, train_state_shardings, with_shardings
 
     new_tokens = new_tokens or length // 2
     group_size = group_size or min(8, batch)
@@ -287,7 +286,7 @@ def plan(model: str | Any, mesh_shape: dict[str, int], *, step: str = "sft", bat
     """
     from rlft.models.config import model_config
     from rlft.models.lora import LoraConfig
-    from rlft.sharding import make_mesh
+    from rlft.parallel.sharding import make_mesh
 
     if batch < 1 or length < 2:
         raise RlftError(f"--batch={batch} --length={length}: need a batch >= 1 and a length >= 2")
@@ -366,7 +365,7 @@ def plan_command(args) -> list[MemoryPlan]:
 
 
 def add_plan_parser(sub) -> None:
-    """The `plan` subcommand's flags (`rlft.cli.build_parser`); imports nothing that starts JAX."""
+    """The `plan` subcommand's flags (`rlft.cli.main.build_parser`); imports nothing that starts JAX."""
     p = sub.add_parser("plan", help="per-device memory of a compiled training step on a simulated mesh",
                        description="Compile the SFT or RL step of a named model for abstract inputs on N "
                                    "simulated CPU devices and print XLA's per-device memory. " + NOTE)

@@ -158,7 +158,7 @@ def _check_relations(path: str, s: ml_collections.ConfigDict, max_positions: int
 def _check_section(path: str, s: ml_collections.ConfigDict) -> None:
     """The validators an RL or DPO section already has."""
     if "algorithm" in s and "prompts_per_step" in s:
-        from rlft.rl_config import resolve_pg_config
+        from rlft.rl.config import resolve_pg_config
 
         resolve_pg_config(s, eos_id=0, prefix=path.rstrip("."))
     if path.endswith("lora."):

@@ -13,7 +13,7 @@ the same program on one global mesh. The rules that make that work, each in one 
   process as Orbax intends; `barrier` lets the others wait for a file process 0 writes (other
   steps all processes take together go inside `with collective(name):`);
 - each process feeds its own rows of a global batch (`local_rows`, then
-  `jax.make_array_from_process_local_data` in `rlft.sharding.shard_batch`);
+  `jax.make_array_from_process_local_data` in `rlft.parallel.sharding.shard_batch`);
 - host code that needs every row of a global array (decoding completions, scores, reports) reads it
   with `to_host`, which gathers across processes.
 """
@@ -285,10 +285,10 @@ def _timed_out_tasks(text: str) -> list[int]:
 def local_rows(mesh: Mesh, global_rows: int) -> slice:
     """The rows [start, stop) of a global batch that this process's devices hold.
 
-    A batch shards its leading dimension over the mesh's batch axes (`rlft.sharding.batch_sharding`);
+    A batch shards its leading dimension over the mesh's batch axes (`rlft.parallel.sharding.batch_sharding`);
     the process feeds exactly these rows to `jax.make_array_from_process_local_data`.
     """
-    from rlft.sharding import batch_sharding
+    from rlft.parallel.sharding import batch_sharding
 
     if jax.process_count() == 1:
         return slice(0, global_rows)

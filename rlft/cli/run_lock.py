@@ -150,7 +150,7 @@ def lock_run_dir(workdir: str, argv: Sequence[str]) -> Iterator[RunLock | None]:
     """
     import jax
 
-    from rlft.distributed import collective, is_primary
+    from rlft.parallel.distributed import collective, is_primary
 
     lock, failure = None, None
     if is_primary():

@@ -5,7 +5,7 @@ once by `jit_step` with explicit in/out shardings and the state donated. Losses 
 (sum, count): the gradient of one step is sum over micro-batches of grad(loss_sum) divided by the
 total token count (pair count for reward and DPO steps), so micro-batching and the device count
 never change it. Every step ends with the one epilogue `gradient_update` (accumulate -> divide by
-the count -> apply); the policy-gradient step (rlft/pg_step.py) uses the same pieces.
+the count -> apply); the policy-gradient step (rlft/rl/pg_step.py) uses the same pieces.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from rlft.objectives.dpo import check_dpo_args, dpo_loss, pair_logprobs
 from rlft.objectives.reward import reward_loss
 from rlft.objectives.sft import sft_loss
 from rlft.ops import batch_field
-from rlft.sharding import MeshJit, batch_sharding, checked_sharding, replicated
+from rlft.parallel.sharding import MeshJit, batch_sharding, checked_sharding, replicated
 
 Array = jax.Array
 LossFn = Callable[[nnx.State, Any], tuple[Array, Array, dict]]
@@ -111,10 +111,8 @@ def current_learning_rate(opt_state: Any) -> Array:
 # State, shardings
 
 
-def init_train_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation,
-                     seed: int) -> TrainState:
-    """Step 0, the optimizer initialised on params, rng = key data of `seed` (graphdef unused)."""
-    del graphdef  # the state holds no module structure; kept for a uniform signature
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0, the optimizer initialised on params, rng = key data of `seed`."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
@@ -161,16 +159,16 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def abstract_train_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation,
                          mesh: Mesh) -> TrainState:
     """Abstract TrainState (ShapeDtypeStructs with their shardings on `mesh`); no arrays are made."""
-    abstract = jax.eval_shape(lambda p: init_train_state(graphdef, p, tx, 0), params)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx, 0), params)
     return with_shardings(abstract, train_state_shardings(abstract, mesh))
 
 
 def init_sharded_train_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation,
                              seed: int, mesh: Mesh) -> TrainState:
     """`init_train_state` compiled straight into the shardings of `train_state_shardings`."""
-    abstract = jax.eval_shape(lambda p: init_train_state(graphdef, p, tx, seed), params)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx, seed), params)
     shardings = train_state_shardings(abstract, mesh)
-    init = jax.jit(lambda p: init_train_state(graphdef, p, tx, seed),
+    init = jax.jit(lambda p: init_train_state(p, tx, seed),
                    in_shardings=(shardings.params,), out_shardings=shardings)
     return init(params)
 

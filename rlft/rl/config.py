@@ -31,7 +31,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from rlft.errors import RlftError
-from rlft.logprobs import SamplingParams
+from rlft.generate.logprobs import SamplingParams
 from rlft.models.lora import lora_section
 from rlft.objectives.advantages import check_estimator
 from rlft.objectives.kl import (check_kl_coef, check_kl_controller, check_kl_estimator,

@@ -3,7 +3,7 @@
     pg_step(state, batch, reference_params) -> (state, metrics)
 
 batch = {"sequences": Sequences (sampled rows, prompt-major [prompts·group, ...]), "scores": [rows]}.
-The step builds the experience (`rlft.rollout.make_experience`: reference and old logprobs,
+The step builds the experience (`rlft.rl.rollout.make_experience`: reference and old logprobs,
 values, per-token rewards, advantages), then runs `epochs` × `minibatches` updates in one
 `lax.scan` (rows shuffled per epoch, each minibatch through the shared epilogue pieces
 `mean_gradients` / `apply_update`, so micro-batching and the device count never change a
@@ -23,19 +23,19 @@ import optax
 from flax import nnx, struct
 
 from rlft.models.lora import adapters_off, combine
-from rlft.objectives.advantages import masked_mean
+from rlft.ops import masked_mean
 from rlft.objectives.kl import KL_CONTROLLERS, kl_estimate
 from rlft.objectives.pg import aggregate, clipped_surrogate, value_loss
-from rlft.rl_config import PGConfig
-from rlft.rollout import Experience, make_experience, policy_outputs
-from rlft.steps import apply_update, mean_gradients, step_key
+from rlft.rl.config import PGConfig
+from rlft.rl.rollout import Experience, make_experience, policy_outputs
+from rlft.train.steps import apply_update, mean_gradients, step_key
 
 Array = jax.Array
 
 
 @struct.dataclass
 class PGState:
-    """Everything an RL step updates (saved and restored whole by `rlft.checkpoints`).
+    """Everything an RL step updates (saved and restored whole by `rlft.train.checkpoints`).
 
     params/opt_state: the policy; critic_params/critic_opt_state: a ScalarModel ("separate") or a
     ScalarHead on the policy's trunk ("shared"), None without a critic; kl_coef: float32 [], the
