@@ -170,6 +170,11 @@ def test_mean_reward_rises_on_a_toy_task(algorithm):
     (dict(advantage="gae", critic="none"), "rl.critic"),
     (dict(advantage="grpo", critic="separate"), "rl.critic"),
     (dict(old_logprobs="cached"), "rl.old_logprobs"),
+    (dict(experience_chunk=3), "rl.experience_chunk"),
+    (dict(experience_chunk=-1), "rl.experience_chunk"),
+    (dict(vocab_chunk=-8), "rl.vocab_chunk"),
+    (dict(vocab_chunk=64, top_k=5), "rl.vocab_chunk"),
+    (dict(vocab_chunk=64, top_p=0.9), "rl.vocab_chunk"),
 ])
 def test_bad_configuration_names_the_field(override, field):
     kl = override.pop("kl", {})

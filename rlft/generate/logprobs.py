@@ -11,6 +11,7 @@ cut-off is kept. Truncation cut-offs are constants for the gradient.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,51 @@ def logprobs_of(logits: Array, targets: Array, sampling: SamplingParams = Sampli
     z = sampling_logits(logits, sampling)
     picked = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(z, axis=-1)
+
+
+def vocab_chunked_logprobs(logits_block: Callable[[Array, int], Array], vocab: int, chunk: int,
+                           targets: Array, sampling: SamplingParams,
+                           entropy: bool = False) -> tuple[Array, Array | None]:
+    """(log-prob of `targets` [...], entropy [...] or None) under softmax(logits / temperature),
+    reading the logits `chunk` vocabulary columns at a time: no [..., vocab] array is made.
+
+    logits_block(start, size) -> float32 [..., size]: the logits of columns [start, start + size)
+    (`Decoder.logits_block`; start is traced). An online logsumexp (running max and rescaled sums)
+    over ceil(vocab / chunk) blocks in a `lax.scan` whose body is rematerialised, so the backward
+    keeps one block at a time too; the last block is shifted left to end at `vocab` and its
+    columns already seen are masked. Equal to `logprobs_of` (and `entropy_from_log_probs`) up to
+    float32 rounding. Truncated sampling (top-k / top-p) needs the whole vocabulary: refused.
+    """
+    if sampling.top_k or sampling.top_p < 1:
+        raise RlftError("vocabulary chunks need untruncated sampling (top_k=0, top_p=1): top-k and "
+                        "top-p read the whole vocabulary")
+    if not 0 < chunk < vocab:
+        raise RlftError(f"vocabulary chunk {chunk}: must be in [1, {vocab})")
+    temperature = 1.0 if sampling.greedy else sampling.temperature
+    blocks = -(-vocab // chunk)
+    targets = targets.astype(jnp.int32)
+
+    @jax.checkpoint
+    def body(carry, i):
+        top, total, weighted, picked = carry
+        start = jnp.minimum(i * chunk, vocab - chunk)
+        columns = start + jnp.arange(chunk)
+        fresh = columns >= i * chunk  # the shifted last block: columns of earlier blocks are masked
+        z = logits_block(start, chunk) / temperature  # finite; columns seen before are <= top
+        new_top = jnp.maximum(top, jax.lax.stop_gradient(jnp.max(jnp.where(fresh, z, -jnp.inf), axis=-1)))
+        scale = jnp.exp(top - new_top)
+        e = jnp.where(fresh, jnp.exp(z - new_top[..., None]), 0.0)
+        total = total * scale + jnp.sum(e, axis=-1)
+        if entropy:
+            weighted = weighted * scale + jnp.sum(e * z, axis=-1)
+        picked = picked + jnp.sum(jnp.where((columns == targets[..., None]) & fresh, z, 0.0), axis=-1)
+        return (new_top, total, weighted, picked), None
+
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), zeros, zeros, zeros)
+    (top, total, weighted, picked), _ = jax.lax.scan(body, init, jnp.arange(blocks))
+    lse = top + jnp.log(total)
+    return picked - lse, (lse - weighted / total) if entropy else None
 
 
 def next_tokens(tokens: Array) -> Array:

@@ -449,6 +449,16 @@ class Decoder(nnx.Module):
         w = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
         return dense(x, w, None, 1, dtype, ("embed", "vocab")).astype(jnp.float32)
 
+    def logits_block(self, x: Array, start: Array | int, size: int) -> Array:
+        """float32 [batch, length, size]: the logits of vocabulary columns [start, start + size) of
+        hidden x [batch, length, d_model] (start may be traced), for `vocab_chunked_logprobs`."""
+        dtype = jnp.dtype(self.config.dtype)
+        if self.config.tie_embeddings:
+            w = jax.lax.dynamic_slice_in_dim(self.embed[...], start, size, axis=0).T
+        else:
+            w = jax.lax.dynamic_slice_in_dim(self.lm_head[...], start, size, axis=1)
+        return dense(x, w, None, 1, dtype, ("embed", "vocab")).astype(jnp.float32)
+
     def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
         """Logits float32 [batch, length, vocab] for int [batch, length] inputs (no cache)."""
         return self.logits_from_hidden(self.hidden(tokens, positions, segment_ids)[0])

@@ -64,12 +64,15 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
     Fields at None take the algorithm's defaults (module table); each is declared with its type
     (`placeholder(bool)` etc.), so `--config.rl.clip=false` parses to False, never to the string
     'false'. Sampling: temperature, top_k, top_p (logprobs everywhere are those of this distribution).
+    Memory at scale: `experience_chunk` rows per forward of the experience (0 = all rows at once),
+    `accum_steps` micro-batches per minibatch update, `vocab_chunk` vocabulary columns per block of
+    the log-probs (0 = the whole vocabulary; needs untruncated sampling).
     """
     section = dict(
         algorithm=algorithm, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
         max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         learning_rate=learning_rate, critic_learning_rate=placeholder(float), warmup_steps=0,
-        weight_decay=0.0, clip_norm=1.0, accum_steps=1,
+        weight_decay=0.0, clip_norm=1.0, accum_steps=1, experience_chunk=0, vocab_chunk=0,
         advantage=placeholder(str), critic=placeholder(str), gamma=1.0, lam=0.95,
         whiten_advantages=placeholder(bool),
         grpo_scale_by_std=True, grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
@@ -116,6 +119,8 @@ class PGConfig:
     minibatches: int
     old_logprobs: str  # "recompute" (a forward before the updates) or "sampler" (the sampler's)
     accum_steps: int
+    experience_chunk: int  # rows per forward of the experience (0 = all)
+    vocab_chunk: int  # vocabulary columns per log-prob block (0 = all)
     group_size: int
     max_new_tokens: int
     no_eos_penalty: float
@@ -146,6 +151,12 @@ def _pick(section: ml_collections.ConfigDict, defaults: dict, field: str, key: s
 def _positive_int(value, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RlftError(f"{field}={value!r}: must be an integer >= 1")
+    return value
+
+
+def _non_negative_int(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RlftError(f"{field}={value!r}: must be an integer >= 0 (0 = off)")
     return value
 
 
@@ -207,6 +218,11 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
     if (rows // section.minibatches) % section.accum_steps:
         raise RlftError(f"{prefix}.accum_steps={section.accum_steps} does not divide a minibatch of "
                         f"{rows // section.minibatches} completions")
+    chunk = _non_negative_int(section.experience_chunk, f"{prefix}.experience_chunk")
+    if chunk and rows % chunk:
+        raise RlftError(f"{prefix}.experience_chunk={chunk} does not divide the rollout of {rows} completions "
+                        f"(prompts_per_step × group_size)")
+    vocab_chunk = _non_negative_int(section.vocab_chunk, f"{prefix}.vocab_chunk")
     if section.old_logprobs not in ("recompute", "sampler"):
         raise RlftError(f"{prefix}.old_logprobs={section.old_logprobs!r}: expected 'recompute' or 'sampler'")
     _in_range(section.learning_rate, f"{prefix}.learning_rate", 0.0, low_open=True)
@@ -215,6 +231,9 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
     sampling = SamplingParams(temperature=section.temperature, top_k=section.top_k, top_p=section.top_p)
     if sampling.greedy:
         raise RlftError(f"{prefix}.temperature=0: RL needs sampled completions (temperature > 0)")
+    if vocab_chunk and (sampling.top_k or sampling.top_p < 1):
+        raise RlftError(f"{prefix}.vocab_chunk={vocab_chunk}: vocabulary blocks need untruncated sampling "
+                        f"({prefix}.top_k=0, {prefix}.top_p=1): top-k and top-p read the whole vocabulary")
     return PGConfig(
         advantage=advantage, critic=critic,
         gamma=_in_range(section.gamma, f"{prefix}.gamma", 0.0, 1.0),
@@ -234,6 +253,6 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
         entropy_coef=_in_range(section.entropy_coef, f"{prefix}.entropy_coef", 0.0),
         loss_aggregation=aggregation, epochs=epochs, minibatches=section.minibatches,
         old_logprobs=section.old_logprobs,
-        accum_steps=section.accum_steps, group_size=group, max_new_tokens=section.max_new_tokens,
+        accum_steps=section.accum_steps, experience_chunk=chunk, vocab_chunk=vocab_chunk, group_size=group, max_new_tokens=section.max_new_tokens,
         no_eos_penalty=_in_range(section.no_eos_penalty, f"{prefix}.no_eos_penalty", 0.0),
         eos_id=int(eos_id), sampling=sampling)

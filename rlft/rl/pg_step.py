@@ -5,7 +5,7 @@
 batch = {"sequences": Sequences (sampled rows, prompt-major [prompts·group, ...]), "scores": [rows]}.
 The step builds the experience (`rlft.rl.rollout.make_experience`: reference and old logprobs,
 values, per-token rewards, advantages), then runs `epochs` × `minibatches` updates in one
-`lax.scan` (rows shuffled per epoch, each minibatch through the shared epilogue pieces
+`lax.scan` (each epoch's minibatches drawn by `minibatch_picks`, each through the shared epilogue pieces
 `mean_gradients` / `apply_update`, so micro-batching and the device count never change a
 gradient), then moves the KL controller. Everything the step changes lives in `PGState`: policy
 and critic params and optimizer states, the KL coefficient, the REINFORCE baseline, the step
@@ -79,7 +79,7 @@ def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.G
     params, critic_params = trainable
     out = policy_outputs(graphdef, params, mb, config.sampling, critic_graphdef=critic_graphdef,
                          critic_params=critic_params, critic=config.critic,
-                         entropy=config.entropy_coef > 0)
+                         entropy=config.entropy_coef > 0, vocab_chunk=config.vocab_chunk)
     logp = out["logprobs"]
     keep = mb.mask > 0
     old = jax.lax.stop_gradient(logp) if config.single_update else mb.old_logprobs
@@ -109,16 +109,29 @@ def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.G
     return loss_sum, count, aux
 
 
-def _epoch_minibatches(experience: Experience, key: Array, epochs: int, minibatches: int) -> Experience:
-    """[epochs · minibatches, rows / minibatches, ...]: rows shuffled afresh each epoch."""
-    rows = experience.mask.shape[0]
-    orders = [jax.random.permutation(jax.random.fold_in(key, e), rows) for e in range(epochs)]
-    order = jnp.concatenate(orders)
+def minibatch_picks(key: Array, rows: int, epochs: int, minibatches: int) -> Array:
+    """int32 [epochs · minibatches, rows / minibatches]: which row of each block of `minibatches`
+    consecutive rows every update's minibatch takes (block b of minibatch u is row b·minibatches + picks[u, b]).
 
-    def split(x):
-        return x[order].reshape(epochs * minibatches, rows // minibatches, *x.shape[1:])
+    Each epoch draws a fresh permutation inside every block, so an epoch visits every row once and a
+    minibatch holds one row of each block. Blocks never straddle devices (a batch is sharded in
+    contiguous blocks of rows), so a minibatch is read where its rows live: no gather across devices,
+    no copy of the experience per epoch, and the same picks on any number of devices.
+    """
+    blocks = rows // minibatches
+    epoch = lambda e: jnp.argsort(jax.random.uniform(jax.random.fold_in(key, e), (blocks, minibatches)), axis=1).T
+    return jnp.concatenate([epoch(e) for e in range(epochs)]).astype(jnp.int32)
 
-    return jax.tree.map(split, experience)
+
+def take_minibatch(experience: Experience, picks: Array, minibatches: int) -> Experience:
+    """The rows `picks` [rows / minibatches] (one per block, `minibatch_picks`) of every field."""
+
+    def take(x):
+        blocks = x.reshape(x.shape[0] // minibatches, minibatches, *x.shape[1:])
+        index = picks.reshape(-1, 1, *([1] * (x.ndim - 1)))
+        return jnp.take_along_axis(blocks, index, axis=1)[:, 0]
+
+    return jax.tree.map(take, experience)
 
 
 def pg_updates(state: PGState, experience: Experience, key: Array, *, graphdef: nnx.GraphDef,
@@ -133,8 +146,9 @@ def pg_updates(state: PGState, experience: Experience, key: Array, *, graphdef: 
                              config=config, kl_coef=state.kl_coef)
     loss_fn = lambda trainable, mb: loss((combine(frozen, trainable[0]), trainable[1]), mb)
 
-    def update(carry, mb):
+    def update(carry, picks):
         params, opt_state, critic_params, critic_opt_state = carry
+        mb = take_minibatch(experience, picks, config.minibatches)
         grads, loss, count, aux = mean_gradients(loss_fn, (params, critic_params), mb, config.accum_steps)
         params, opt_state, metrics = apply_update(params, opt_state, grads[0], tx, loss)
         if critic_params is not None:
@@ -146,8 +160,8 @@ def pg_updates(state: PGState, experience: Experience, key: Array, *, graphdef: 
                                                                      **aux, **metrics}
 
     carry = (state.params, state.opt_state, state.critic_params, state.critic_opt_state)
-    minibatches = _epoch_minibatches(experience, key, config.epochs, config.minibatches)
-    (params, opt_state, critic_params, critic_opt_state), stacked = jax.lax.scan(update, carry, minibatches)
+    picks = minibatch_picks(key, experience.mask.shape[0], config.epochs, config.minibatches)
+    (params, opt_state, critic_params, critic_opt_state), stacked = jax.lax.scan(update, carry, picks)
     return state.replace(params=params, opt_state=opt_state, critic_params=critic_params,
                          critic_opt_state=critic_opt_state), stacked
 

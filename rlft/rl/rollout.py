@@ -22,12 +22,13 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from rlft.generate.logprobs import SamplingParams, logprobs_of, sampling_log_probs
+from rlft.generate.logprobs import SamplingParams, logprobs_of, sampling_log_probs, vocab_chunked_logprobs
 from rlft.objectives import advantages as adv
 from rlft.objectives.kl import kl_estimate
 from rlft.objectives.pg import entropy_from_log_probs
 from rlft.rl.config import PGConfig
 from rlft.generate.sampling import Sequences, sample_sequences
+from rlft.train.steps import map_row_chunks
 
 Array = jax.Array
 
@@ -72,9 +73,12 @@ class Experience:
 
 def policy_outputs(graphdef: nnx.GraphDef, params: nnx.State, rows: Any, sampling: SamplingParams, *,
                    critic_graphdef: nnx.GraphDef | None = None, critic_params: nnx.State | None = None,
-                   critic: str = "none", entropy: bool = False) -> dict[str, Array]:
+                   critic: str = "none", entropy: bool = False, vocab_chunk: int = 0) -> dict[str, Array]:
     """One policy forward over prompt + completion rows: completion logprobs [rows, n], and
     optionally entropy [rows, n] and values [rows, n] (V of the state before each completion token).
+
+    vocab_chunk > 0 (below the vocabulary size): log-probs and entropy read the LM head that many
+    vocabulary columns at a time (`vocab_chunked_logprobs`), so no [rows, n, vocab] logits exist.
 
     `rows`: Sequences or Experience (tokens, positions, segment_ids and the prompt_length).
     critic "shared": a ScalarHead (`critic_graphdef`/`critic_params`) on the policy's own hidden
@@ -85,10 +89,16 @@ def policy_outputs(graphdef: nnx.GraphDef, params: nnx.State, rows: Any, samplin
     model = nnx.merge(graphdef, params)
     hidden, _ = model.hidden(tokens, positions, segment_ids)
     hidden = hidden[:, start - 1:-1]  # the states that predict completion tokens
-    logits = model.logits_from_hidden(hidden)
-    out = {"logprobs": logprobs_of(logits, tokens[:, start:], sampling)}
-    if entropy:
-        out["entropy"] = entropy_from_log_probs(sampling_log_probs(logits, sampling))
+    targets, vocab = tokens[:, start:], model.config.vocab_size
+    if 0 < vocab_chunk < vocab:
+        block = lambda first, size: model.logits_block(hidden, first, size)
+        logprobs, entropies = vocab_chunked_logprobs(block, vocab, vocab_chunk, targets, sampling, entropy)
+        out = {"logprobs": logprobs, **({"entropy": entropies} if entropy else {})}
+    else:
+        logits = model.logits_from_hidden(hidden)
+        out = {"logprobs": logprobs_of(logits, targets, sampling)}
+        if entropy:
+            out["entropy"] = entropy_from_log_probs(sampling_log_probs(logits, sampling))
     if critic == "shared":
         out["values"] = nnx.merge(critic_graphdef, critic_params)(hidden)
     elif critic == "separate":
@@ -97,9 +107,10 @@ def policy_outputs(graphdef: nnx.GraphDef, params: nnx.State, rows: Any, samplin
 
 
 def reference_logprobs(graphdef: nnx.GraphDef, reference_params: nnx.State, rows: Any,
-                       sampling: SamplingParams) -> Array:
+                       sampling: SamplingParams, vocab_chunk: int = 0) -> Array:
     """The frozen reference's completion logprobs [rows, n] under the same sampling distribution."""
-    return jax.lax.stop_gradient(policy_outputs(graphdef, reference_params, rows, sampling)["logprobs"])
+    out = policy_outputs(graphdef, reference_params, rows, sampling, vocab_chunk=vocab_chunk)
+    return jax.lax.stop_gradient(out["logprobs"])
 
 
 def ended_with_eos(tokens: Array, mask: Array, eos_id: int) -> Array:
@@ -123,6 +134,10 @@ def make_experience(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State,
                     critic_params: nnx.State | None = None) -> tuple[Experience, dict[str, Array]]:
     """Experience from sampled rows (Sequences) and their scores [rows]; pure, no gradient.
 
+    The forwards (old logprobs and values, reference logprobs) run over `config.experience_chunk`
+    rows at a time (`map_row_chunks`; 0 = all rows at once) and read the vocabulary in
+    `config.vocab_chunk` blocks, so memory follows the chunk, not the rollout.
+
     Returns (experience, stats): stats["kl"] is the per-sequence summed k1 KL [rows] (what the
     adaptive controller and `objective/kl` read), stats["kl_reward"] the summed penalty estimator,
     stats["ended"] whether each row produced EOS, stats["baseline"] the updated moving average.
@@ -130,19 +145,22 @@ def make_experience(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State,
     mask = batch.completion_mask.astype(jnp.float32)
     keep = mask > 0
     rows = mask.shape[0]
+    chunks = rows // config.experience_chunk if config.experience_chunk else 1
     ended = ended_with_eos(batch.tokens[:, -mask.shape[1]:], mask, config.eos_id)
     scores = scores.astype(jnp.float32) - config.no_eos_penalty * (~ended).astype(jnp.float32)
     if config.recompute_old_logprobs or config.critic != "none":
-        current = policy_outputs(graphdef, params, batch, config.sampling, critic=config.critic,
-                                 critic_graphdef=critic_graphdef, critic_params=critic_params)
-        current = jax.lax.stop_gradient(current)
+        forward = lambda rows_: policy_outputs(graphdef, params, rows_, config.sampling, critic=config.critic,
+                                               critic_graphdef=critic_graphdef, critic_params=critic_params,
+                                               vocab_chunk=config.vocab_chunk)
+        current = jax.lax.stop_gradient(map_row_chunks(forward, batch, chunks))
     else:
         current = {}
     old_logprobs = current["logprobs"] if config.recompute_old_logprobs else batch.logprobs
     old_logprobs = jnp.where(keep, old_logprobs, 0.0)
     values = jnp.where(keep, current["values"], 0.0) if config.critic != "none" else jnp.zeros_like(mask)
     if reference_params is not None and config.uses_reference:
-        ref_logprobs = reference_logprobs(graphdef, reference_params, batch, config.sampling)
+        ref_logprobs = map_row_chunks(lambda rows_: reference_logprobs(
+            graphdef, reference_params, rows_, config.sampling, config.vocab_chunk), batch, chunks)
     else:
         ref_logprobs = old_logprobs
     ref_logprobs = jnp.where(keep, ref_logprobs, 0.0)

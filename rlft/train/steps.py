@@ -194,6 +194,19 @@ def split_micro_batches(batch: Any, accum_steps: int) -> Any:
     return jax.tree.map(one, batch)
 
 
+def map_row_chunks(fn: Callable[[Any], Any], batch: Any, chunks: int) -> Any:
+    """fn over `chunks` row chunks of batch leaves [rows, ...] one after another (`lax.map`), its
+    outputs [rows, ...] joined back in row order: what fn holds in memory is one chunk's.
+
+    Chunk j takes rows j, j + chunks, ... (`split_micro_batches`), so on a batch sharded over
+    devices every chunk is spread over all of them.
+    """
+    if chunks == 1:
+        return fn(batch)
+    out = jax.lax.map(fn, split_micro_batches(batch, chunks))
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), out)
+
+
 def accumulate_gradients(loss_fn: LossFn, params: nnx.State, batch: Any,
                          accum_steps: int) -> tuple[nnx.State, Array, Array, dict]:
     """Sums over micro-batches (lax.scan) of (grad of loss_sum, loss_sum, count, aux sums).
