@@ -88,6 +88,7 @@ LONGEST_FIRST = (  # measured on 2 cores (docs/testing.md); the rest keep their 
     "tests/test_multiprocess.py",
     "tests/test_pg_step.py",
     "tests/test_rl_stage.py",
+    "tests/test_rl_scale.py",
     "tests/test_preemption.py",
     "tests/experiments/test_arithmetic_grpo.py",
     "tests/experiments/test_sentiment_classify.py",
