@@ -163,8 +163,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     clock = time.perf_counter()
     examples = [(arithmetic.encode(tokenizer, p.prompt), arithmetic.encode(tokenizer, p.answer) + [eos])
                 for p in train]
-    sft_params = run_sft_stage("sft", workdir, graphdef, init_params, examples, config.sft, mesh,
-                               config.seed + 1, pad)
+    sft_params = run_sft_stage(name="sft", workdir=workdir, graphdef=graphdef, params=init_params,
+                               examples=examples, cfg=config.sft, mesh=mesh, seed=config.seed + 1, pad_id=pad)
     seconds["sft"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

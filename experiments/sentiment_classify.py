@@ -61,8 +61,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     base = sentiment.pretrain_base(config, workdir)
     train_set = _labelled(load_split(config.data.source, "train", data_dir), config.data.min_abs_rating)
     sft_examples = [encode_example(base.tokenizer, _prompt(t), LABELS[y]) for t, y in train_set]
-    run_sft_stage("sft", workdir, base.graphdef, base.params, sft_examples, config.sft, base.mesh,
-                  config.seed + 1, base.pad_id, base=base.source)
+    run_sft_stage(name="sft", workdir=workdir, graphdef=base.graphdef, params=base.params,
+                  examples=sft_examples, cfg=config.sft, mesh=base.mesh, seed=config.seed + 1,
+                  pad_id=base.pad_id, base=base.source)
     return evaluate(config, workdir)
 
 

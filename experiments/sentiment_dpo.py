@@ -77,13 +77,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prompt_ids = [eos] + tok.encode(config.data.prompt, add_special_tokens=False)
     sentences = load_split(config.data.source, "train", config.data.data_dir or None)
     sft_examples = [(prompt_ids, tok.encode(r["text"], add_special_tokens=False) + [eos]) for r in sentences]
-    reference = run_sft_stage("sft", workdir, base.graphdef, base.params, sft_examples, config.sft,
-                              base.mesh, config.seed + 1, pad, base=base.source)
+    reference = run_sft_stage(name="sft", workdir=workdir, graphdef=base.graphdef, params=base.params,
+                              examples=sft_examples, cfg=config.sft, mesh=base.mesh, seed=config.seed + 1,
+                              pad_id=pad, base=base.source)
 
     encode = lambda pairs: encode_pairs(tok, pairs, add_eos=True, bos_id=eos)
-    run_dpo_stage("dpo", workdir, base.graphdef, reference, encode(train_pairs), config.dpo,
-                  base.mesh, config.seed + 2, pad, reference_params=reference,
-                  base=os.path.join(workdir, "sft"))
+    run_dpo_stage(name="dpo", workdir=workdir, graphdef=base.graphdef, params=reference,
+                  pairs=encode(train_pairs), cfg=config.dpo, mesh=base.mesh, seed=config.seed + 2, pad_id=pad,
+                  reference_params=reference, base=os.path.join(workdir, "sft"))
     return evaluate(config, workdir)
 
 

@@ -74,8 +74,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     encode = lambda pairs: encode_pairs(base.tokenizer, pairs, add_eos=True, bos_id=base.eos_id)
     graphdef, params = scalar_model_from_lm(base.model_config, base.params, base.mesh,
                                             config.reward_model.head_init_std, config.seed)
-    params = run_reward_stage(STAGE, workdir, graphdef, params, encode(train_pairs), config.reward,
-                              base.mesh, config.seed + 2, base.pad_id, base=base.source)
+    params = run_reward_stage(name=STAGE, workdir=workdir, graphdef=graphdef, params=params,
+                              pairs=encode(train_pairs), cfg=config.reward, mesh=base.mesh,
+                              seed=config.seed + 2, pad_id=base.pad_id, base=base.source)
     validation = load_split(config.data.source, "validation", config.data.data_dir or None)
     if config.eval.max_reference_sentences:
         validation = validation[:config.eval.max_reference_sentences]

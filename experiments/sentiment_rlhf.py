@@ -150,8 +150,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     clock = time.perf_counter()
     examples = [(p["ids"], tok.encode(p["completion"], add_special_tokens=False) + [base.eos_id])
                 for p in prompts]
-    sft = run_sft_stage("sft", workdir, base.graphdef, base.params, examples, config.sft, base.mesh,
-                        config.seed + 1, base.pad_id, base=base.source)
+    sft = run_sft_stage(name="sft", workdir=workdir, graphdef=base.graphdef, params=base.params,
+                        examples=examples, cfg=config.sft, mesh=base.mesh, seed=config.seed + 1,
+                        pad_id=base.pad_id, base=base.source)
     seconds["sft"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -187,8 +188,9 @@ def train_reward_model(config: ml_collections.ConfigDict, workdir: str, base: se
         raise RlftError(f"data.reward_sources={list(sources)}: choose from {list(sentiment.PRETRAIN_SOURCES)}")
     encode = lambda pairs: encode_pairs(base.tokenizer, pairs, add_eos=True, bos_id=base.eos_id)
     pairs = sentiment.pairs_of_sources(config.data, sources, "train")
-    params = run_reward_stage("reward", workdir, graphdef, params, encode(pairs), config.reward, base.mesh,
-                              config.seed + 2, base.pad_id, base=base.source)
+    params = run_reward_stage(name="reward", workdir=workdir, graphdef=graphdef, params=params,
+                              pairs=encode(pairs), cfg=config.reward, mesh=base.mesh, seed=config.seed + 2,
+                              pad_id=base.pad_id, base=base.source)
     stage_dir = os.path.join(workdir, "reward")
     if not os.path.isfile(os.path.join(stage_dir, "generalization.json")):
         def score_texts(texts):

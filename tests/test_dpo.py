@@ -166,8 +166,9 @@ def test_dpo_stage_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
     def run(workdir):
         params = jax.device_put(host, state_shardings(host, mesh))
-        return jax.tree.map(np.asarray, run_dpo_stage("dpo", str(workdir), graphdef, params, pairs, cfg,
-                                                      mesh, seed=2, pad_id=1))
+        return jax.tree.map(np.asarray, run_dpo_stage(name="dpo", workdir=str(workdir), graphdef=graphdef,
+                                                      params=params, pairs=pairs, cfg=cfg, mesh=mesh, seed=2,
+                                                      pad_id=1))
 
     straight = run(tmp_path / "straight")
     interrupt_pair_stage(run, tmp_path / "resumed", monkeypatch)

@@ -50,7 +50,8 @@ def test_a_diverging_stage_stops_with_finite_checkpoints(tmp_path):
                            keep=50, clip_norm=0.0, warmup_steps=1)
     params = jax.device_put(host, state_shardings(host, mesh))
     with pytest.raises(RlftError, match=r"sft: 3 steps in a row, up to step \d+, had a non-finite loss"):
-        run_sft_stage("sft", str(tmp_path), graphdef, params, examples, cfg, mesh, seed=0, pad_id=1)
+        run_sft_stage(name="sft", workdir=str(tmp_path), graphdef=graphdef, params=params, examples=examples,
+                      cfg=cfg, mesh=mesh, seed=0, pad_id=1)
     lines = (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) < 40 and '"train/nonfinite": 1.0' in lines[-1]
     for step in sorted(int(p.name) for p in (tmp_path / "sft" / "checkpoints").iterdir() if p.name.isdigit()):
@@ -74,7 +75,8 @@ def test_a_poisoned_batch_is_skipped_and_the_stage_goes_on(tmp_path, monkeypatch
     monkeypatch.setattr("rlft.train.stages.pad_right", poisoning)
     cfg = sft_stage_config(steps=6, batch_size=8, learning_rate=1e-3, max_length=12, save_every=3, keep=5)
     params = jax.device_put(host, state_shardings(host, mesh))
-    run_sft_stage("sft", str(tmp_path), graphdef, params, examples, cfg, mesh, seed=0, pad_id=1)
+    run_sft_stage(name="sft", workdir=str(tmp_path), graphdef=graphdef, params=params, examples=examples,
+                  cfg=cfg, mesh=mesh, seed=0, pad_id=1)
     logged = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["train/nonfinite"] for r in logged] == [0, 0, 1, 0, 0, 0]

@@ -119,8 +119,9 @@ def pretrain_base(config: ml_collections.ConfigDict, workdir: str) -> Base:
     graphdef, params = sharded_init(lambda: Decoder(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
     base = Base(tokenizer, model_cfg, mesh, graphdef, params, os.path.join(workdir, "pretrain"))
     corpus = [base.encode_sentence(r["text"]) for r in rows]
-    base.params = run_sft_stage("pretrain", workdir, graphdef, params, corpus, config.pretrain, mesh,
-                                config.seed, base.pad_id)
+    base.params = run_sft_stage(name="pretrain", workdir=workdir, graphdef=graphdef, params=params,
+                                examples=corpus, cfg=config.pretrain, mesh=mesh, seed=config.seed,
+                                pad_id=base.pad_id)
     return base
 
 

@@ -1,6 +1,6 @@
 """The RL stage: prompts + a reward function -> a policy trained by PPO / GRPO / RLOO / REINFORCE.
 
-A thin loop (rlft.train.loop.train) over one step per prompt batch:
+One stage on the skeleton every stage shares (`rlft.train.stages.train_stage`), one step per prompt batch:
 
     rollout (jit: sample prompts_per_step × group_size completions with the current policy)
     -> decode on the host, score with the reward function
@@ -28,23 +28,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.train.checkpoints import Checkpointer
 from rlft.data.batching import pad_left
-from rlft.data.loader import epoch_batches
-from rlft.parallel.distributed import local_rows, to_host
 from rlft.errors import RlftError
-from rlft.train.logging import MetricsLogger
+from rlft.generate.sampling import Sequences
 from rlft.models.heads import ScalarHead
-from rlft.models.lora import LoraConfig, combine, merged_state
+from rlft.models.lora import LoraConfig, combine
+from rlft.parallel.distributed import local_rows, to_host
+from rlft.parallel.sharding import MeshJit, batch_sharding, sharded_init
+from rlft.rl.config import PGConfig, resolve_pg_config
 from rlft.rl.pg_step import PGState, init_pg_state, pg_step
 from rlft.rl.rewards import RewardFn, score_completions
-from rlft.rl.config import PGConfig, resolve_pg_config
 from rlft.rl.rollout import sample_rollout
-from rlft.parallel.sharding import MeshJit, batch_sharding, sharded_init
-from rlft.train.stages import lora_setup, record_stage
-from rlft.train.steps import (batch_shardings, jit_step, make_optimizer, step_key, train_state_shardings,
-                        with_shardings)
-from rlft.train.loop import DATA_POSITION, restore_or_init, train
+from rlft.train.stages import StageProgram, train_stage
+from rlft.train.steps import jit_step, make_optimizer, step_key, train_state_shardings, with_shardings
 from rlft.train.warm_start import scalar_model_from_lm
 
 SAMPLE_SALT = 1  # the sampling key of a step: step_key(state, salt=SAMPLE_SALT)
@@ -72,6 +68,14 @@ def prompt_batch(prompts: Sequence[dict], indices: np.ndarray, group: int, width
     return {"prompt_tokens": tokens, "prompt_mask": mask, "index": rows.astype(np.int32)}
 
 
+def rollout_shardings(mesh: Mesh) -> dict:
+    """The shardings of pg_step's batch: Sequences fields [rows, columns] and scores [rows], rows
+    over the mesh's batch axes (what `jit_step` needs to compile the step before any rollout)."""
+    rows, columns = batch_sharding(mesh, 1), batch_sharding(mesh, 2)
+    return {"sequences": Sequences(tokens=columns, positions=columns, segment_ids=columns,
+                                   completion_mask=columns, logprobs=columns), "scores": rows}
+
+
 def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState,
                  prompts: Sequence[dict], reward_fn: RewardFn, tokenizer, mesh: Mesh, eos_id: int,
                  pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
@@ -94,7 +98,9 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                                                 max_new_tokens=config.max_new_tokens,
                                                 sampling=config.sampling, mesh=mesh)), mesh)
     extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
-    pg = None
+    pg = jit_step(pg_step, shardings, rollout_shardings(mesh), mesh,
+                  tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
+                  graphdef=graphdef, critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx, config=config)
     scores_sharding = batch_sharding(mesh, 1)
 
     def timed(name, start):
@@ -102,7 +108,6 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
             timings.setdefault(name, []).append(time.perf_counter() - start)
 
     def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
-        nonlocal pg
         t0 = time.perf_counter()
         seqs = rollout(state, frozen, batch["prompt_tokens"], batch["prompt_mask"])
         # Every process decodes and scores every row (a reward model is a collective computation).
@@ -118,12 +123,6 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                                 scores_sharding)
         timed("reward_s", t0)
         t0 = time.perf_counter()
-        if pg is None:  # compiled once, for the shapes of the first batch
-            tree = {"sequences": seqs, "scores": scores}
-            pg = jit_step(pg_step, shardings, batch_shardings(tree, mesh), mesh,
-                          tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
-                          graphdef=graphdef, critic_graphdef=critic_graphdef, tx=tx,
-                          critic_tx=critic_tx, config=config)
         state, metrics = pg(state, {"sequences": seqs, "scores": scores}, *extra_args)
         if timings is not None:
             jax.block_until_ready(metrics)
@@ -145,11 +144,12 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     reward_fn(completions, records) -> float32 [n] (`rlft.rl.rewards`); cfg: an `rl_stage_config`
     section (validated before any work); reference_params: the frozen KL reference (default: the
     starting policy); critic_init: (graphdef, params) of a ScalarModel to start a separate critic
-    from (e.g. the reward model; default: the policy with a zero value head). Checkpoints and
-    metrics go to WORKDIR/NAME, recorded in stages.json as a language model. LoRA
-    (`cfg.lora.rank` > 0): only adapters are trained and checkpointed, the reference is the
-    starting policy with the adapters off, the returned params have them merged, and `base` (where
-    `params` come from) is recorded for `rlft.load` (`rlft.train.stages.run_stage`).
+    from (e.g. the reward model; default: the policy with a zero value head). The stage runs on
+    `rlft.train.stages.train_stage` (checkpoints and metrics in WORKDIR/NAME, recorded in
+    stages.json as a language model, resume, LoRA). LoRA (`cfg.lora.rank` > 0): only adapters are
+    trained and checkpointed, the reference is the starting policy with the adapters off, the
+    returned params have them merged, and `base` (where `params` come from) is recorded for
+    `rlft.load`.
     """
     config = resolve_pg_config(cfg, eos_id, prefix=name)
     if not prompts:
@@ -160,47 +160,35 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     width = max(len(p["ids"]) for p in prompts)
     if min(len(p["ids"]) for p in prompts) < 1:
         raise RlftError(f"{name}: every prompt needs at least one token")
-    stage_dir = os.path.join(workdir, name)
-    record_stage(workdir, name, "lm")
-
-    updates = cfg.steps * config.epochs * config.minibatches  # optimizer updates over the stage
-    make_tx = lambda lr: make_optimizer(lr, cfg.warmup_steps, updates, cfg.weight_decay, cfg.clip_norm)
-    tx = make_tx(cfg.learning_rate)
-    critic_graphdef, critic_params = _critic(config, graphdef, params, critic_init, mesh, seed)
     if (LoraConfig.from_section(cfg.get("lora")) is not None and reference_params is not None
             and reference_params is not params):
         raise RlftError(f"{name}: with LoRA the KL reference is the starting policy (adapters off); "
                         f"another reference_params is not supported")
-    policy_params = params
-    graphdef, params, frozen, lora = lora_setup(name, stage_dir, graphdef, params, cfg, mesh, seed, base)
-    finish = lambda trained: trained if lora is None else merged_state(frozen, trained, lora)
+    updates = cfg.steps * config.epochs * config.minibatches  # optimizer updates over the stage
+    make_tx = lambda lr: make_optimizer(lr, cfg.warmup_steps, updates, cfg.weight_decay, cfg.clip_norm)
+    tx = make_tx(cfg.learning_rate)
+    critic_graphdef, critic_params = _critic(config, graphdef, params, critic_init, mesh, seed)
     critic_tx = None if critic_params is None else make_tx(cfg.critic_learning_rate or cfg.learning_rate)
-    init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
-    abstract = jax.eval_shape(init, params, critic_params)
-    shardings = train_state_shardings(abstract, mesh)
-    with Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep) as checkpointer:
-        state, extra = restore_or_init(checkpointer, with_shardings(abstract, shardings),
-                                       lambda: jax.jit(init, out_shardings=shardings)(params, critic_params))
-        start = int(jax.device_get(state.step))
-        if start >= cfg.steps:
-            return finish(state.params)
+    reference = (params if reference_params is None else reference_params) if config.uses_reference else None
 
-        reference = None
-        if config.uses_reference and lora is None:
-            reference = policy_params if reference_params is None else reference_params
-        step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings,
-                            prompts=prompts, reward_fn=reward_fn, tokenizer=tokenizer, mesh=mesh,
-                            eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
-                            critic_tx=critic_tx, reference=reference, frozen=frozen, name=name,
-                            stage_dir=stage_dir)
-        rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
-        batches = ((i, jax.tree.map(lambda x: x[rows], prompt_batch(prompts, idx, config.group_size, width, pad_id)))
-                   for i, idx in epoch_batches(len(prompts), cfg.prompts_per_step, seed,
-                                               start_index=extra[DATA_POSITION]))
-        with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
-            state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=None,
-                          stage=name, max_nonfinite=cfg.max_nonfinite_steps)
-    return finish(state.params)
+    def build(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State | None) -> StageProgram:
+        init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
+        abstract = jax.eval_shape(init, trainable, critic_params)
+        shardings = train_state_shardings(abstract, mesh)
+        make_step = lambda template: make_rl_step(
+            config=config, graphdef=graphdef, shardings=shardings, prompts=prompts, reward_fn=reward_fn,
+            tokenizer=tokenizer, mesh=mesh, eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
+            critic_tx=critic_tx, reference=None if frozen is not None else reference, frozen=frozen, name=name,
+            stage_dir=os.path.join(workdir, name))
+        return StageProgram(with_shardings(abstract, shardings),
+                            lambda: jax.jit(init, out_shardings=shardings)(trainable, critic_params), make_step)
+
+    rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
+    host_batch = lambda indices: jax.tree.map(lambda x: x[rows], prompt_batch(prompts, indices, config.group_size,
+                                                                               width, pad_id))
+    return train_stage(name=name, workdir=workdir, kind="lm", graphdef=graphdef, params=params, cfg=cfg, mesh=mesh,
+                       seed=seed, base=base, num_examples=len(prompts), batch_size=cfg.prompts_per_step,
+                       host_batch=host_batch, build=build, metric_prefix=None)
 
 
 def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, *, eos_id, pad_id,

@@ -6,6 +6,7 @@ again resumes from its latest checkpoint, and a finished stage just returns its 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable
@@ -110,6 +111,52 @@ def step_hyperparameters(step_fn: Callable, cfg: ml_collections.ConfigDict) -> d
     return {name: cfg[name] for name in names if name in cfg}
 
 
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+    """What a stage trains, for `train_stage`: its state's abstract value (shapes and shardings, to
+    restore onto), a function making the initial state, and one making the step function for
+    batches like a template batch (jitted once, with the batch's shardings)."""
+
+    abstract: Any
+    init: Callable[[], Any]
+    make_step: Callable[[Any], Callable[[Any, Any], tuple[Any, dict]]]
+
+
+def train_stage(*, name: str, workdir: str, kind: str, graphdef: nnx.GraphDef, params: nnx.State,
+                cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int, base: str | None,
+                num_examples: int, batch_size: int, host_batch: Callable[[np.ndarray], Any],
+                build: Callable[[nnx.GraphDef, nnx.State, nnx.State | None], StageProgram],
+                metric_prefix: str | None = "train") -> nnx.State:
+    """The one skeleton of every stage (SFT, reward, DPO, RL); returns the trained params.
+
+    Records the stage in stages.json (`kind`), attaches LoRA adapters when cfg.lora asks
+    (`lora_setup`), builds the program with `build(graphdef, trainable params, frozen base or
+    None)`, restores the newest checkpoint of WORKDIR/NAME or initialises, and trains cfg.steps
+    steps (`rlft.train.loop.train`: checkpoints every cfg.save_every, metrics, nothing lost on
+    interruption) on `host_batch(indices)`: this process's rows of the global batch of the
+    `batch_size` examples `indices` (a pure function of (seed, position) via `epoch_batches`, so a
+    resumed stage sees the batches it would have). A finished stage returns its params at once.
+    LoRA: the returned params have the adapters merged into the frozen base.
+    """
+    stage_dir = os.path.join(workdir, name)
+    record_stage(workdir, name, kind)
+    graphdef, params, frozen, lora = lora_setup(name, stage_dir, graphdef, params, cfg, mesh, seed, base)
+    finish = lambda state: state.params if lora is None else merged_state(frozen, state.params, lora)
+    program = build(graphdef, params, frozen)
+    with Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep) as checkpointer:
+        state, extra = restore_or_init(checkpointer, program.abstract, program.init)
+        start = int(jax.device_get(state.step))
+        if start >= cfg.steps:
+            return finish(state)
+        batches = ((i, host_batch(idx)) for i, idx in
+                   epoch_batches(num_examples, batch_size, seed, start_index=extra[DATA_POSITION]))
+        step = program.make_step(host_batch(np.arange(batch_size)))
+        with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
+            state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, prefix=metric_prefix,
+                          stage=name, max_nonfinite=cfg.get("max_nonfinite_steps", 3))
+    return finish(state)
+
+
 def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State, num_examples: int,
               make_batch: Callable[[np.ndarray], Any], step_fn: Callable[..., tuple[TrainState, dict]],
               cfg: ml_collections.ConfigDict, mesh: Mesh, seed: int, kind: str = "lm",
@@ -121,12 +168,8 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
     accum_steps=, **hyper-parameters) is compiled once with `jit_step`, its keyword-only
     hyper-parameters taken from cfg by name (`step_hyperparameters`); extra_args, e.g. frozen
     reference params, keep their shardings and are not donated. The optimizer comes from cfg
-    (learning_rate, warmup_steps, weight_decay, clip_norm); checkpoints and metrics go to
-    WORKDIR/NAME, which is recorded in WORKDIR/stages.json with `kind` ("lm" or "scalar").
-    Resumes from WORKDIR/NAME/checkpoints when present (params, optimizer, step, RNG, data order);
-    a finished stage just returns its params. Interruptions and errors keep the last completed
-    step (`rlft.train.loop.train`); the checkpointer is closed (pending saves committed) on every
-    way out.
+    (learning_rate, warmup_steps, weight_decay, clip_norm). The rest is `train_stage`'s: the
+    stage directory WORKDIR/NAME recorded with `kind` ("lm" or "scalar"), resume, interruptions.
 
     LoRA (`cfg.lora.rank` > 0): adapters are attached to `params`, which stay frozen and are passed
     to the step as its last extra argument; only the adapters (and a scalar head) are optimised
@@ -137,35 +180,26 @@ def run_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.St
     if not 1 <= cfg.batch_size <= num_examples:
         raise RlftError(f"{name}.batch_size={cfg.batch_size}: must be between 1 and the number of "
                         f"training examples ({num_examples})")
-    stage_dir = os.path.join(workdir, name)
-    record_stage(workdir, name, kind)
-    graphdef, params, frozen, lora = lora_setup(name, stage_dir, graphdef, params, cfg, mesh, seed, base)
-    if frozen is not None:
-        extra_args = (*extra_args, frozen)
-    finish = lambda trained: trained if lora is None else merged_state(frozen, trained, lora)
     tx = make_optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.weight_decay, cfg.clip_norm)
-    abstract = abstract_train_state(graphdef, params, tx, mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    with Checkpointer(os.path.join(stage_dir, "checkpoints"), cfg.save_every, cfg.keep) as checkpointer:
-        state, extra = restore_or_init(checkpointer, abstract,
-                                       lambda: init_sharded_train_state(graphdef, params, tx, seed, mesh))
-        start = int(jax.device_get(state.step))
-        if start >= cfg.steps:
-            return finish(state.params)
+    rows = local_rows(mesh, cfg.batch_size)  # each process builds only its part of a global batch
 
-        rows = local_rows(mesh, cfg.batch_size)  # each process builds only its part of a global batch
-        batches = ((i, make_batch(idx[rows])) for i, idx in
-                   epoch_batches(num_examples, cfg.batch_size, seed, start_index=extra[DATA_POSITION]))
-        template = make_batch(np.arange(cfg.batch_size)[rows])
-        extra_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args)
-        jitted = jit_step(step_fn, shardings, batch_shardings(template, mesh), mesh, extra_shardings,
-                          graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps,
-                          **step_hyperparameters(step_fn, cfg))
-        step = (lambda s, b: jitted(s, b, *extra_args)) if extra_args else jitted
-        with MetricsLogger(stage_dir, cfg.steps, desc=name, start_step=start) as logger:
-            state = train(step, state, batches, mesh, checkpointer, logger, cfg.steps, stage=name,
-                          max_nonfinite=cfg.get("max_nonfinite_steps", 3))
-    return finish(state.params)
+    def build(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None) -> StageProgram:
+        args = extra_args if frozen is None else (*extra_args, frozen)
+        abstract = abstract_train_state(graphdef, params, tx, mesh)
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+
+        def make_step(template: Any):
+            jitted = jit_step(step_fn, shardings, batch_shardings(template, mesh), mesh,
+                              tuple(jax.tree.map(lambda x: x.sharding, a) for a in args),
+                              graphdef=graphdef, tx=tx, accum_steps=cfg.accum_steps,
+                              **step_hyperparameters(step_fn, cfg))
+            return (lambda s, b: jitted(s, b, *args)) if args else jitted
+
+        return StageProgram(abstract, lambda: init_sharded_train_state(graphdef, params, tx, seed, mesh), make_step)
+
+    return train_stage(name=name, workdir=workdir, kind=kind, graphdef=graphdef, params=params, cfg=cfg,
+                       mesh=mesh, seed=seed, base=base, num_examples=num_examples, batch_size=cfg.batch_size,
+                       host_batch=lambda indices: make_batch(indices[rows]), build=build)
 
 
 def lora_setup(name: str, stage_dir: str, graphdef: nnx.GraphDef, params: nnx.State,
@@ -187,7 +221,7 @@ def lora_setup(name: str, stage_dir: str, graphdef: nnx.GraphDef, params: nnx.St
     return graphdef, trainable, frozen, lora
 
 
-def run_sft_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+def run_sft_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                   examples: Sequence[Example], cfg: ml_collections.ConfigDict, mesh: Mesh,
                   seed: int, pad_id: int, base: str | None = None) -> nnx.State:
     """Train `params` on (prompt, completion) token examples for cfg.steps; returns final params.
@@ -211,7 +245,7 @@ def _pair_batches(pairs: Sequence[EncodedPair], length: int, pad_id: int) -> Cal
     return lambda indices: pad_pairs([pairs[i] for i in indices], length, pad_id)[0]
 
 
-def run_reward_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+def run_reward_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                      pairs: Sequence[EncodedPair], cfg: ml_collections.ConfigDict, mesh: Mesh,
                      seed: int, pad_id: int, base: str | None = None) -> nnx.State:
     """Bradley–Terry training of a ScalarModel on encoded pairs (`reward_stage_config`); final params.
@@ -224,7 +258,7 @@ def run_reward_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nn
                      step_fn=reward_step, cfg=cfg, mesh=mesh, seed=seed, kind="scalar", base=base)
 
 
-def run_dpo_stage(name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
+def run_dpo_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                   pairs: Sequence[EncodedPair], cfg: ml_collections.ConfigDict, mesh: Mesh,
                   seed: int, pad_id: int, reference_params: nnx.State | None = None,
                   base: str | None = None) -> nnx.State:

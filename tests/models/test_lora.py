@@ -169,8 +169,8 @@ def _run(workdir, steps, lora_rank, base_params, graphdef, mesh, base=None, name
     cfg.lora.rank = lora_rank
     cfg.lora.targets = "q,k,v,o,gate,up,down"
     examples = _examples(TASK_B if lora_rank else TASK_A)
-    return run_sft_stage(name, str(workdir), graphdef, base_params, examples, cfg, mesh, seed=0,
-                         pad_id=0, base=base)
+    return run_sft_stage(name=name, workdir=str(workdir), graphdef=graphdef, params=base_params,
+                         examples=examples, cfg=cfg, mesh=mesh, seed=0, pad_id=0, base=base)
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,8 @@ def pair_run(tmp_path_factory):
     graphdef, params = nnx.split(Decoder(PAIR_CFG, rngs=nnx.Rngs(0)))
     cfg = sft_stage_config(steps=2, batch_size=8, learning_rate=1e-2, max_length=16)
     examples = [(p, c) for (p, c), _ in _pairs()]
-    base = run_sft_stage("base", str(workdir), graphdef, params, examples, cfg, mesh, seed=0, pad_id=1)
+    base = run_sft_stage(name="base", workdir=str(workdir), graphdef=graphdef, params=params, examples=examples,
+                         cfg=cfg, mesh=mesh, seed=0, pad_id=1)
     return workdir, mesh, PAIR_CFG, graphdef, base
 
 
@@ -309,8 +310,9 @@ def test_lora_reward_stage_trains_adapters_and_head_and_loads_merged(pair_run):
     workdir, mesh, cfg, _, base = pair_run
     graphdef, params = scalar_model_from_lm(cfg, base, mesh)
     section = _lora_cfg(reward_stage_config(steps=12, batch_size=8, learning_rate=3e-2, max_length=16))
-    merged = run_reward_stage("reward", str(workdir), graphdef, params, _pairs(), section, mesh, seed=1,
-                              pad_id=1, base=str(workdir / "base"))
+    merged = run_reward_stage(name="reward", workdir=str(workdir), graphdef=graphdef, params=params,
+                              pairs=_pairs(), cfg=section, mesh=mesh, seed=1, pad_id=1,
+                              base=str(workdir / "base"))
     lines = [json.loads(line) for line in open(workdir / "reward" / "metrics.jsonl")]
     assert np.mean([x["train/accuracy"] for x in lines[-3:]]) > 0.9, [x["train/accuracy"] for x in lines]
     values, _ = load_params(str(workdir / "reward"))
@@ -330,8 +332,8 @@ def test_lora_dpo_starts_at_log2_and_moves_the_margin(pair_run):
 
     workdir, mesh, _, graphdef, base = pair_run
     section = _lora_cfg(dpo_stage_config(steps=12, batch_size=8, learning_rate=1e-2, max_length=16))
-    run_dpo_stage("dpo", str(workdir), graphdef, base, [p for p in _pairs()], section, mesh, seed=2, pad_id=1,
-                  reference_params=base, base=str(workdir / "base"))
+    run_dpo_stage(name="dpo", workdir=str(workdir), graphdef=graphdef, params=base, pairs=[p for p in _pairs()],
+                  cfg=section, mesh=mesh, seed=2, pad_id=1, reference_params=base, base=str(workdir / "base"))
     lines = [json.loads(line) for line in open(workdir / "dpo" / "metrics.jsonl")]
     assert lines[0]["train/loss"] == pytest.approx(np.log(2.0), abs=1e-6)
     assert lines[0]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
@@ -339,5 +341,6 @@ def test_lora_dpo_starts_at_log2_and_moves_the_margin(pair_run):
     assert min(margins) > 0.0 and margins[-1] > 0.01, margins  # the adapters moved chosen above rejected
     assert lines[-1]["train/loss"] < np.log(2.0) - 0.005
     with pytest.raises(RlftError, match="with LoRA .* the DPO reference is the starting policy"):
-        run_dpo_stage("dpo2", str(workdir), graphdef, base, _pairs(), section, mesh, seed=2, pad_id=1,
+        run_dpo_stage(name="dpo2", workdir=str(workdir), graphdef=graphdef, params=base, pairs=_pairs(),
+                      cfg=section, mesh=mesh, seed=2, pad_id=1,
                       reference_params=jax.tree.map(lambda x: x + 0, base))
