@@ -2,6 +2,7 @@
 
     rlft plan --model llama2_7b --devices 8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 \\
               --batch 8 --length 2048 [--remat none|full|dots] [--scan] [--step sft|rl|grpo|ppo] [--lora 16]
+              [--accum-steps 64 --experience-chunk 16 --vocab-chunk 8192]   (RL at scale)
 
 The step is the one training runs: `rlft.train.steps.sft_step` through `jit_step` with the shardings of
 `abstract_train_state` (as `rlft.train.stages.run_stage` compiles it), or `rlft.rl.pg_step.pg_step` with a
@@ -109,6 +110,9 @@ class MemoryPlan:
     remat: str
     scan_layers: bool
     lora_rank: int  # 0 = full fine-tuning
+    accum_steps: int
+    experience_chunk: int  # RL: rows per experience forward (0 = all)
+    vocab_chunk: int  # RL: vocabulary columns per log-prob block (0 = all)
     argument_bytes: int
     output_bytes: int
     alias_bytes: int
@@ -127,11 +131,14 @@ class MemoryPlan:
 
 
 def memory_plan(compiled, *, step: str, model: str, mesh: dict[str, int], batch: int, length: int,
-                remat: str, scan_layers: bool, compile_seconds: float, lora_rank: int = 0) -> MemoryPlan:
+                remat: str, scan_layers: bool, compile_seconds: float, lora_rank: int = 0, accum_steps: int = 1,
+                experience_chunk: int = 0, vocab_chunk: int = 0) -> MemoryPlan:
     """A MemoryPlan from a compiled executable's `memory_analysis()`."""
     stats = compiled.memory_analysis()
     return MemoryPlan(step=step, model=model, mesh=dict(mesh), batch=batch, length=length, remat=remat,
-                      scan_layers=scan_layers, lora_rank=lora_rank, argument_bytes=stats.argument_size_in_bytes,
+                      scan_layers=scan_layers, lora_rank=lora_rank, accum_steps=accum_steps,
+                      experience_chunk=experience_chunk, vocab_chunk=vocab_chunk,
+                      argument_bytes=stats.argument_size_in_bytes,
                       output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes,
                       temp_bytes=stats.temp_size_in_bytes,
                       generated_code_bytes=stats.generated_code_size_in_bytes,
@@ -207,11 +214,14 @@ def sft_inputs(cfg, mesh, batch: int, length: int, accum_steps: int = 1, lora=No
 
 
 def rl_inputs(cfg, mesh, batch: int, length: int, *, algorithm: str = "grpo", new_tokens: int | None = None,
-              group_size: int | None = None, accum_steps: int = 1, lora=None):
+              group_size: int | None = None, accum_steps: int = 1, experience_chunk: int = 0,
+              vocab_chunk: int = 0, lora=None):
     """(jitted pg_step, (abstract PGState, batch, reference params...)): what `make_rl_step` compiles.
 
     `batch` rollout rows of `length` columns (prompt + `new_tokens`, default half each), groups of
     `group_size` (default min(8, batch)); GRPO has no critic, PPO a separate ScalarModel critic.
+    accum_steps, experience_chunk, vocab_chunk: the `rl` section's fields of the same names (the
+    loss's micro-batches, rows per experience forward, vocabulary columns per log-prob block).
     With a LoraConfig the state holds the policy's adapters, and the frozen base is the one further
     argument (the reference is the base with the adapters off: no second copy).
     """
@@ -233,7 +243,8 @@ def rl_inputs(cfg, mesh, batch: int, length: int, *, algorithm: str = "grpo", ne
         raise RlftError(f"--group={group_size} does not divide --batch={batch}")
     section = rl_stage_config(steps=1000, prompts_per_step=batch // group_size, group_size=group_size,
                               learning_rate=1e-6, max_new_tokens=new_tokens, algorithm=algorithm,
-                              accum_steps=accum_steps)
+                              accum_steps=accum_steps, experience_chunk=experience_chunk,
+                              vocab_chunk=vocab_chunk)
     config = resolve_pg_config(section, eos_id=0, prefix=algorithm)
     graphdef, params, frozen = policy_inputs(cfg, mesh, lora)
     critic_graphdef = critic_params = critic_tx = None
@@ -266,6 +277,8 @@ def step_inputs(step: str, cfg, mesh, batch: int, length: int, **kw):
     """`sft_inputs` or `rl_inputs` by step name ("sft", "grpo" or "rl", "ppo")."""
     step = "grpo" if step == "rl" else step
     if step == "sft":
+        if kw.get("experience_chunk") or kw.get("vocab_chunk"):
+            raise RlftError("--experience-chunk and --vocab-chunk are RL settings (--step rl, grpo or ppo)")
         return sft_inputs(cfg, mesh, batch, length, **{k: v for k, v in kw.items() if k in ("accum_steps", "lora")})
     if step in ("grpo", "ppo"):
         return rl_inputs(cfg, mesh, batch, length, algorithm=step, **kw)
@@ -306,7 +319,9 @@ def plan(model: str | Any, mesh_shape: dict[str, int], *, step: str = "sft", bat
     compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - start
     return memory_plan(compiled, step=step, model=model, mesh=mesh_shape, batch=batch, length=length,
-                       remat=remat, scan_layers=scan_layers, compile_seconds=seconds, lora_rank=lora_rank)
+                       remat=remat, scan_layers=scan_layers, compile_seconds=seconds, lora_rank=lora_rank,
+                       accum_steps=kw.get("accum_steps", 1), experience_chunk=kw.get("experience_chunk", 0),
+                       vocab_chunk=kw.get("vocab_chunk", 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,19 +337,27 @@ def mesh_text(shape: dict[str, int]) -> str:
     return ",".join(f"{a}={n}" for a, n in shape.items() if n > 1) or "data=1"
 
 
+def chunks_text(p: MemoryPlan) -> str:
+    """'accum 64, rows 16, vocab 8192' for the settings that split the step's work ('-' for none)."""
+    parts = [(f"accum {p.accum_steps}", p.accum_steps > 1), (f"rows {p.experience_chunk}", p.experience_chunk),
+             (f"vocab {p.vocab_chunk}", p.vocab_chunk)]
+    return ", ".join(text for text, on in parts if on) or "-"
+
+
 def format_plans(plans: Sequence[MemoryPlan]) -> str:
     """A fixed-width table, one row per plan, then the note on what the numbers are."""
-    header = ("step", "model", "mesh", "batch×len", "remat", "scan", "lora", "args", "out", "alias", "temp",
-              "code", "total", "compile s")
+    header = ("step", "model", "mesh", "batch×len", "remat", "scan", "lora", "chunks", "args", "out", "alias",
+              "temp", "code", "total", "compile s")
     rows = [header]
     for p in plans:
         gib = lambda b: f"{b / GIB:.2f}"
         rows.append((p.step, p.model, mesh_text(p.mesh), f"{p.batch}×{p.length}", p.remat,
-                     "yes" if p.scan_layers else "no", str(p.lora_rank), gib(p.argument_bytes), gib(p.output_bytes),
+                     "yes" if p.scan_layers else "no", str(p.lora_rank), chunks_text(p), gib(p.argument_bytes),
+                     gib(p.output_bytes),
                      gib(p.alias_bytes), gib(p.temp_bytes), gib(p.generated_code_bytes), gib(p.total_bytes),
                      f"{p.compile_seconds:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i >= 7 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.rjust(w) if i >= 8 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     return "\n".join([*lines, "", NOTE])
 
@@ -350,6 +373,8 @@ def plan_command(args) -> list[MemoryPlan]:
         kw = {"accum_steps": args.accum_steps}
         if args.step != "sft":
             kw.update(new_tokens=args.new_tokens, group_size=args.group)
+        if args.experience_chunk or args.vocab_chunk:
+            kw.update(experience_chunk=args.experience_chunk, vocab_chunk=args.vocab_chunk)
         p = plan(args.model, shape, step=args.step, batch=args.batch, length=args.length,
                  remat=args.remat, scan_layers=args.scan, dtype=args.dtype, lora_rank=args.lora,
                  lora_targets=args.lora_targets, **kw)
@@ -382,6 +407,10 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (default 1)")
     p.add_argument("--new-tokens", type=int, help="RL: completion columns of --length (default half)")
     p.add_argument("--group", type=int, help="RL: completions per prompt (default min(8, --batch))")
+    p.add_argument("--experience-chunk", type=int, default=0, metavar="ROWS",
+                   help="RL: rows per forward of the experience (rl.experience_chunk; default 0: all)")
+    p.add_argument("--vocab-chunk", type=int, default=0, metavar="COLUMNS",
+                   help="RL: vocabulary columns per log-prob block (rl.vocab_chunk; default 0: all)")
     p.add_argument("--remat", default="none", help="ModelConfig.remat: none (default), full or dots")
     p.add_argument("--scan", action="store_true", help="ModelConfig.scan_layers: blocks under lax.scan")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
