@@ -149,7 +149,7 @@ def make_experience(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State,
     ended = ended_with_eos(batch.tokens[:, -mask.shape[1]:], mask, config.eos_id)
     scores = scores.astype(jnp.float32) - config.no_eos_penalty * (~ended).astype(jnp.float32)
     if config.recompute_old_logprobs or config.critic != "none":
-        forward = lambda rows_: policy_outputs(graphdef, params, rows_, config.sampling, critic=config.critic,
+        forward = lambda chunk: policy_outputs(graphdef, params, chunk, config.sampling, critic=config.critic,
                                                critic_graphdef=critic_graphdef, critic_params=critic_params,
                                                vocab_chunk=config.vocab_chunk)
         current = jax.lax.stop_gradient(map_row_chunks(forward, batch, chunks))
@@ -159,8 +159,8 @@ def make_experience(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State,
     old_logprobs = jnp.where(keep, old_logprobs, 0.0)
     values = jnp.where(keep, current["values"], 0.0) if config.critic != "none" else jnp.zeros_like(mask)
     if reference_params is not None and config.uses_reference:
-        ref_logprobs = map_row_chunks(lambda rows_: reference_logprobs(
-            graphdef, reference_params, rows_, config.sampling, config.vocab_chunk), batch, chunks)
+        ref_logprobs = map_row_chunks(lambda chunk: reference_logprobs(
+            graphdef, reference_params, chunk, config.sampling, config.vocab_chunk), batch, chunks)
     else:
         ref_logprobs = old_logprobs
     ref_logprobs = jnp.where(keep, ref_logprobs, 0.0)
