@@ -1,4 +1,5 @@
-"""Reusable experiment stages: one resumable training stage for any step, SFT/reward/DPO wrappers.
+"""Experiment stages: the one skeleton every stage runs on (`train_stage`), a resumable stage for any
+TrainState step (`run_stage`), and its SFT / reward / DPO wrappers (the RL stage: `rlft.rl.stage`).
 
 A stage owns a sub-directory of the run (checkpoints/, metrics.jsonl, tensorboard/); running it
 again resumes from its latest checkpoint, and a finished stage just returns its final params.
