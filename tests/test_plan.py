@@ -137,7 +137,7 @@ def test_plan_command_plans_chunked_rl(capsys):
     assert chunked["temp_bytes"] < whole["temp_bytes"] / 3, (chunked["temp_bytes"], whole["temp_bytes"])
     chunked.pop("total_bytes")
     assert "accum 32, rows 4, vocab 64" in format_plans([MemoryPlan(**chunked)])
-    assert main(["plan", "--model", "tiny_llama", "--devices", "4", "--length", "16", "--experience-chunk", "4"]) == 2
+    assert main(["plan", "--model", "tiny_llama", "--devices", "4", "--experience-chunk", "4"]) == 2
     assert "--experience-chunk and --vocab-chunk are RL settings" in capsys.readouterr().err
 
 

@@ -277,8 +277,6 @@ def step_inputs(step: str, cfg, mesh, batch: int, length: int, **kw):
     """`sft_inputs` or `rl_inputs` by step name ("sft", "grpo" or "rl", "ppo")."""
     step = "grpo" if step == "rl" else step
     if step == "sft":
-        if kw.get("experience_chunk") or kw.get("vocab_chunk"):
-            raise RlftError("--experience-chunk and --vocab-chunk are RL settings (--step rl, grpo or ppo)")
         return sft_inputs(cfg, mesh, batch, length, **{k: v for k, v in kw.items() if k in ("accum_steps", "lora")})
     if step in ("grpo", "ppo"):
         return rl_inputs(cfg, mesh, batch, length, algorithm=step, **kw)
@@ -303,6 +301,8 @@ def plan(model: str | Any, mesh_shape: dict[str, int], *, step: str = "sft", bat
 
     if batch < 1 or length < 2:
         raise RlftError(f"--batch={batch} --length={length}: need a batch >= 1 and a length >= 2")
+    if step == "sft" and (kw.get("experience_chunk") or kw.get("vocab_chunk")):
+        raise RlftError("--experience-chunk and --vocab-chunk are RL settings (--step rl, grpo or ppo)")
     # Only fields that differ from the defaults, so a ModelConfig without remat/scan_layers plans too.
     changes = {k: v for k, v in (("remat", remat), ("scan_layers", scan_layers), ("dtype", dtype))
                if v != {"remat": "none", "scan_layers": False, "dtype": "float32"}[k]}
