@@ -115,8 +115,9 @@ def minibatch_picks(key: Array, rows: int, epochs: int, minibatches: int) -> Arr
 
     Each epoch draws a fresh permutation inside every block, so an epoch visits every row once and a
     minibatch holds one row of each block. Blocks never straddle devices (a batch is sharded in
-    contiguous blocks of rows), so a minibatch is read where its rows live: no gather across devices,
-    no copy of the experience per epoch, and the same picks on any number of devices.
+    contiguous rows, and a minibatch that shards evenly gives each device whole blocks), so a
+    minibatch is read where its rows live: no gather across devices, no copy of the experience per
+    epoch, and the same picks on any number of devices.
     """
     blocks = rows // minibatches
     epoch = lambda e: jnp.argsort(jax.random.uniform(jax.random.fold_in(key, e), (blocks, minibatches)), axis=1).T
