@@ -13,7 +13,11 @@ Stages (each resumable, recorded in stages.json):
               and Pearson r on the test split of every corpus go to reward/generalization.json
     rl        PPO (`--config.rl.algorithm=grpo|rloo|reinforce` for the others) from the SFT policy
               on the training prompts; the proxy reward is the reward model's normalised score of the
-              whole sentence (prompt + completion); the critic starts from the reward model
+              whole sentence, [EOS] + prompt + completion + EOS as in its training, read from the
+              rollout's token ids on the mesh (`rlft.rl.reward_model`); the critic starts from the
+              same arrays. Until 2026-12-04 the prompt appeared twice in that input (a text reward
+              that prepends the prompt was given prompt + completion); the design table below and
+              the README's earlier figures were measured so; the fix: gold win rate 0.838 -> 0.874
     eval      `rlft eval WORKDIR` (run at the end): base, SFT and RL sampled on held-out prompts
               (test-split sentences), gold = VADER compound of the whole sentence
 
@@ -72,10 +76,11 @@ from rlft.files import read_json, write_json
 from rlft.eval.compare import EvalTask, evaluate_run
 from rlft.generate.logprobs import SamplingParams
 from rlft.recipes import sentiment
+from rlft.rl.reward_model import ModelReward
 from rlft.rl.rewards import build_reward, vader
 from rlft.rl.config import rl_stage_config
 from rlft.rl.stage import run_rl_stage
-from rlft.generate.scoring import sequence_scores, write_reward_stats
+from rlft.generate.scoring import read_reward_stats, sequence_scores, write_reward_stats
 from rlft.train.stages import reward_stage_config, run_reward_stage, run_sft_stage, sft_stage_config
 from rlft.train.warm_start import scalar_model_from_lm
 
@@ -160,11 +165,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     seconds["reward"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    proxy = whole_sentence(build_reward("reward_model", path=os.path.join(workdir, "reward")))
+    # The proxy reward scores the rollout's token ids on the mesh: prompt ([EOS] + the sentence's
+    # first words) + completion + EOS, as the reward model was trained on sentences. The critic
+    # starts from the same arrays (held once).
+    reward_dir = os.path.join(workdir, "reward")
+    proxy = ModelReward(graphdef=reward_graphdef, params=reward_params, tokenizer=tok,
+                        stats=read_reward_stats(reward_dir), name=f"reward_model({reward_dir})")
     run_rl_stage(name="rl", workdir=workdir, graphdef=base.graphdef, params=sft, prompts=prompts,
                  reward_fn=proxy, cfg=config.rl, mesh=base.mesh, seed=config.seed + 3, eos_id=base.eos_id,
                  pad_id=base.pad_id, tokenizer=tok, reference_params=sft,
-                 critic_init=(reward_graphdef, reward_params), base=os.path.join(workdir, "sft"))
+                 critic_init=(proxy.graphdef, proxy.params), base=os.path.join(workdir, "sft"))
     seconds["rl"] = time.perf_counter() - clock
 
     if jax.process_count() > 1:  # the evaluation is single-process (launch/README.md)
@@ -223,7 +233,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reward_dir = os.path.join(workdir, "reward")
     proxy, extra = None, ""
     if os.path.isfile(os.path.join(reward_dir, "reward_stats.json")):
-        proxy = whole_sentence(build_reward("reward_model", path=reward_dir))
+        proxy = build_reward("reward_model", path=reward_dir)  # scores record["text"] + completion
         generalization = read_json(os.path.join(reward_dir, "generalization.json"))
         extra = (f"\n## The reward model beyond its training corpus\n\nTrained on "
                  f"{', '.join(generalization['trained_on'])} ({generalization['train_pairs']} pairs); test "

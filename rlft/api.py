@@ -226,8 +226,7 @@ class Model:
         over-long sequences truncated to its max_length by `rlft.data.batching.truncate`. With `prompts`, each text follows its prompt.
         `normalize` maps scores to (s - mean) / std of the recorded reference set.
         """
-        from rlft.data.batching import truncate
-        from rlft.generate.scoring import sequence_scores
+        from rlft.generate.scoring import reward_examples, sequence_scores
         from rlft.parallel.sharding import make_mesh
 
         if self.kind != "scalar":
@@ -241,12 +240,7 @@ class Model:
             raise RlftError(f"score(prompts): {len(prompts)} prompts for {len(texts)} texts")
         if not _integer(batch_size, 1):
             raise RlftError(f"score(batch_size={_shown(batch_size)}): must be an integer >= 1")
-        bos = [tok.eos_token_id] if stats.get("add_bos", False) else []
-        eos = [tok.eos_token_id] if stats.get("add_eos", True) else []
-        max_length = min(stats.get("max_length") or self.config.max_positions, self.config.max_positions)
-        examples = [truncate(bos + (tok.encode(prompts[i], add_special_tokens=False) if prompts is not None else []),
-                             tok.encode(text, add_special_tokens=False) + eos, max_length)
-                    for i, text in enumerate(texts)]
+        examples = reward_examples(tok, texts, prompts, stats, self.config.max_positions)
         if not examples:
             return np.zeros((0,), np.float32)
         longest = max(max(len(p) + len(c) for p, c in examples), 1)

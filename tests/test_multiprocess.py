@@ -80,6 +80,39 @@ def test_process_zero_alone_writes_logs(runs):
     assert sorted(os.listdir(os.path.join(two, "rl", "checkpoints"))) == ["2"]
 
 
+@pytest.mark.slow
+def test_a_text_reward_scores_each_row_once_and_a_failure_on_one_process_stops_both(tmp_path):
+    """2 processes × 1 device, 8 rows a step: each process calls the reward function on its own 4
+    rows (not all 8). At step 3 it raises on process 1 only: both processes stop (no hang in the
+    update's collectives) with errors naming the function and the step, after saving step 2."""
+    import socket
+
+    rewards = tmp_path / "rewards"
+    rewards.mkdir()
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    spec = "tests.fixtures.bad_rewards:fails_on_process_one"
+    command = [sys.executable, "-m", "rlft", "run", os.path.join(ROOT, "tests/fixtures/fault_experiment.py"),
+               "--workdir", str(tmp_path / "run"), "--config.data_parallel=true", f"--config.reward={spec}"]
+    processes = [subprocess.Popen(command, env=_env(RLFT_COORDINATOR=f"localhost:{port}", RLFT_NUM_PROCESSES="2",
+                                                   RLFT_PROCESS_ID=str(i), RLFT_TEST_REWARD_LOG=str(rewards)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    if any("could not join" in out for out in outputs):
+        pytest.skip(f"this environment cannot start a JAX coordinator on localhost: {outputs[0][-500:]}")
+    assert [p.returncode for p in processes] == [2, 2], outputs
+    assert (f"rlft: error: rl step 3: reward function {spec} failed on process 1; its error is in that "
+            f"process's output") in outputs[0], outputs[0][-2000:]
+    assert f"rlft: error: rl step 3: reward function {spec} raised ValueError: boom" in outputs[1], outputs[1][-2000:]
+    assert [(rewards / f"process-{i}").read_text().split() for i in range(2)] == [["4", "4", "4"]] * 2
+    assert sorted(os.listdir(tmp_path / "run" / "rl" / "checkpoints")) == ["2"]
+
+
 def _leaves(tree, prefix=""):
     if isinstance(tree, dict):
         for k, v in tree.items():

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlft.data.batching import Example, TokenBatch, pad_right
+from rlft.data.batching import Example, TokenBatch, pad_right, truncate
 from rlft.errors import RlftError
 from rlft.files import read_json, write_json
 from rlft.models.heads import last_token_scores
@@ -88,6 +88,29 @@ def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, examples: Seq
         return np.zeros((0,), np.float32)
     logp, _ = completion_token_logprobs(graphdef, params, examples, length, pad_id, mesh, batch_size)
     return logp.sum(axis=1)
+
+
+def reward_input_length(stats: dict | None, max_positions: int) -> int:
+    """The truncation length of a reward model's inputs: reward_stats.json's max_length (the
+    training inputs'), at most the model's max_positions."""
+    return min((stats or {}).get("max_length") or max_positions, max_positions)
+
+
+def reward_examples(tokenizer, texts: Sequence[str], prompts: Sequence[str] | None, stats: dict | None,
+                    max_positions: int) -> list[Example]:
+    """(prompt, completion) token examples of texts as a reward model was trained on them.
+
+    Following reward_stats.json (`stats`): EOS opens the prompt (add_bos) and closes the text
+    (add_eos, the default); each text follows its prompt when prompts are given; truncated to
+    `reward_input_length` by `rlft.data.batching.truncate`.
+    """
+    stats = stats or {}
+    bos = [tokenizer.eos_token_id] if stats.get("add_bos", False) else []
+    eos = [tokenizer.eos_token_id] if stats.get("add_eos", True) else []
+    length = reward_input_length(stats, max_positions)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    return [truncate(bos + (encode(prompts[i]) if prompts is not None else []), encode(text) + eos, length)
+            for i, text in enumerate(texts)]
 
 
 def write_reward_stats(stage_dir: str, scores: np.ndarray, reference: str, add_bos: bool,

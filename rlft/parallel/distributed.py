@@ -313,6 +313,33 @@ def to_host(x: Any) -> Any:
     return jax.tree.map(one, x)
 
 
+def local_to_host(x: Any, mesh: Mesh) -> Any:
+    """numpy copies of this process's rows (`local_rows`) of a pytree of batch-sharded arrays
+    [rows, ...]: no traffic between processes (one process: the whole arrays)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, x)
+    from jax.experimental import multihost_utils
+
+    from rlft.parallel.sharding import batch_axes
+
+    spec = lambda a: jax.sharding.PartitionSpec(batch_axes(mesh), *([None] * (a.ndim - 1)))
+    local = multihost_utils.global_array_to_host_local_array(x, mesh, jax.tree.map(spec, x))
+    return jax.tree.map(np.asarray, local)
+
+
+def failed_processes(ok: bool, name: str) -> list[int]:
+    """The indices of the processes that passed ok=False; every process calls it with its own `ok`
+    at the same point (a collective named `name`). Lets a process that failed alone stop the
+    others with an error instead of leaving them waiting in the next collective."""
+    if jax.process_count() == 1:
+        return [] if ok else [0]
+    from jax.experimental import multihost_utils
+
+    with collective(name):
+        flags = np.asarray(multihost_utils.process_allgather(np.asarray([ok], np.int32), tiled=True))
+    return [i for i, flag in enumerate(flags.reshape(-1).tolist()) if not flag]
+
+
 def put_global(x: Any, sharding: jax.sharding.Sharding) -> Any:
     """`jax.device_put` of a pytree that every process holds whole (numpy, or arrays on its own devices).
 

@@ -7,7 +7,9 @@ any other fields, e.g. "answer"), like trl's reward functions receive the datase
     exact_match      1.0 when the completion, stripped, equals record["answer"] (verifiable tasks)
     vader            the VADER lexicon's compound score of the completion, in [-1, 1]
     reward_model     a learned reward model (a `ScalarModel` stage of an rlft run), normalised with
-                     its reward_stats.json; prompts are the records' "text"
+                     its reward_stats.json: a `rlft.rl.reward_model.ModelReward`, which the RL step
+                     scores on the training mesh from the rollout's token ids (as a text function,
+                     prompts are the records' "text")
     python           any importable function "module:function" with the signature above
 
 `build_reward(name, **options)` returns the function; unknown names or options are RlftErrors.
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from rlft.errors import RlftError, log_traceback, one_line
+from rlft.rl.reward_model import load_reward_model
 
 RewardFn = Callable[[Sequence[str], Sequence[dict]], np.ndarray]
 
@@ -44,22 +47,6 @@ def vader(completions: Sequence[str], records: Sequence[dict]) -> np.ndarray:
 
     judge = SentimentIntensityAnalyzer()
     return np.array([judge.polarity_scores(c)["compound"] for c in completions], np.float32)
-
-
-def reward_model(path: str, normalize: bool = True, batch_size: int = 64) -> RewardFn:
-    """A reward function scoring prompt + completion with the ScalarModel stage at `path`."""
-    import rlft
-
-    model = rlft.load(path)
-    if model.kind != "scalar":
-        raise RlftError(f"reward_model={path}: not a reward (scalar) model stage")
-
-    def score(completions: Sequence[str], records: Sequence[dict]) -> np.ndarray:
-        prompts = [r.get("text", "") for r in records]
-        return model.score(list(completions), prompts=prompts, normalize=normalize, batch_size=batch_size)
-
-    score.rlft_name = f"reward_model({path})"
-    return score
 
 
 def python_function(spec: str) -> RewardFn:
@@ -79,7 +66,7 @@ def python_function(spec: str) -> RewardFn:
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "exact_match": lambda: exact_match,
     "vader": lambda: vader,
-    "reward_model": reward_model,
+    "reward_model": load_reward_model,
     "python": python_function,
 }
 

@@ -3,7 +3,8 @@
 One stage on the skeleton every stage shares (`rlft.train.stages.train_stage`), one step per prompt batch:
 
     rollout (jit: sample prompts_per_step × group_size completions with the current policy)
-    -> decode on the host, score with the reward function
+    -> scores (`rlft.rl.reward_step`: a reward model on the mesh from the token ids, or a text
+       reward function on each process's decoded rows)
     -> pg_step (jit: experience, epochs × minibatches updates, KL controller)
 
 Everything resumes exactly: the PGState (policy, critic, optimizers, KL coefficient, baseline,
@@ -33,11 +34,13 @@ from rlft.errors import RlftError
 from rlft.generate.sampling import Sequences
 from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
-from rlft.parallel.distributed import local_rows, to_host
+from rlft.parallel.distributed import local_rows, local_to_host
 from rlft.parallel.sharding import MeshJit, batch_sharding, sharded_init
 from rlft.rl.config import PGConfig, resolve_pg_config
 from rlft.rl.pg_step import PGState, init_pg_state, pg_step
-from rlft.rl.rewards import RewardFn, score_completions
+from rlft.rl.reward_model import ModelReward
+from rlft.rl.reward_step import make_rollout_scorer
+from rlft.rl.rewards import RewardFn
 from rlft.rl.rollout import sample_rollout
 from rlft.train.stages import StageProgram, train_stage
 from rlft.train.steps import jit_step, make_optimizer, step_key, train_state_shardings, with_shardings
@@ -77,23 +80,23 @@ def rollout_shardings(mesh: Mesh) -> dict:
 
 
 def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState,
-                 prompts: Sequence[dict], reward_fn: RewardFn, tokenizer, mesh: Mesh, eos_id: int,
+                 prompts: Sequence[dict], reward_fn: RewardFn | ModelReward, tokenizer, mesh: Mesh, eos_id: int,
                  pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
                  frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None,
                  name: str = "rl", stage_dir: str | None = None):
-    """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> decode + reward (host) -> pg_step (jit).
+    """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> scores -> pg_step (jit).
 
-    The reward function is called through `rlft.rl.rewards.score_completions`: an exception it raises
-    or a bad return value is an RlftError "NAME step N: reward function F ..." (its traceback appended
-    to STAGE_DIR/errors.log); the state of step N-1 is intact then (nothing was donated yet), so
-    `train` saves it before the error propagates.
+    Scores come from `rlft.rl.reward_step.make_rollout_scorer`: a ModelReward on the mesh, or a text
+    reward function called on each process's rows through `rlft.rl.rewards.score_completions`: an
+    exception it raises or a bad return value is an RlftError "NAME step N: reward function F ..."
+    (its traceback appended to STAGE_DIR/errors.log) on every process; the state of step N-1 is
+    intact then (nothing was donated yet), so `train` saves it before the error propagates.
 
     `shardings`: the PGState's. `frozen`: the base of a LoRA policy (the state holds its adapters;
     the reference is then the base with the adapters off). With `timings`, each phase's wall time is
     appended to timings["sampling_s" | "reward_s" | "update_s"] (the device is synchronised
     between phases, which costs a little overlap; for benchmarks only).
     """
-    width = max(len(p["ids"]) for p in prompts)
     rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
                                                 max_new_tokens=config.max_new_tokens,
                                                 sampling=config.sampling, mesh=mesh)), mesh)
@@ -101,7 +104,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     pg = jit_step(pg_step, shardings, rollout_shardings(mesh), mesh,
                   tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
                   graphdef=graphdef, critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx, config=config)
-    scores_sharding = batch_sharding(mesh, 1)
+    score = make_rollout_scorer(reward_fn, tokenizer=tokenizer, prompts=prompts, mesh=mesh,
+                                chunk_rows=config.experience_chunk, stage_dir=stage_dir)
 
     def timed(name, start):
         if timings is not None:
@@ -110,17 +114,14 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
         t0 = time.perf_counter()
         seqs = rollout(state, frozen, batch["prompt_tokens"], batch["prompt_mask"])
-        # Every process decodes and scores every row (a reward model is a collective computation).
-        tokens, completion_mask, index = to_host((seqs.tokens, seqs.completion_mask, batch["index"]))
-        timed("sampling_s", t0)  # to_host waited for the sampler
+        if timings is not None:
+            jax.block_until_ready(seqs)
+        timed("sampling_s", t0)
         t0 = time.perf_counter()
-        lengths = completion_mask.sum(-1).astype(int)
-        texts = tokenizer.batch_decode([row[:n] for row, n in zip(tokens[:, width:].tolist(), lengths)],
-                                       skip_special_tokens=True)
-        records = [prompts[i] for i in index]
         where = lambda: f"{name} step {int(jax.device_get(state.step)) + 1}"  # read only on an error
-        scores = jax.device_put(score_completions(reward_fn, texts, records, where=where, log_dir=stage_dir),
-                                scores_sharding)
+        scores = score(seqs, local_to_host(batch["index"], mesh), where)
+        if timings is not None:
+            jax.block_until_ready(scores)
         timed("reward_s", t0)
         t0 = time.perf_counter()
         state, metrics = pg(state, {"sequences": seqs, "scores": scores}, *extra_args)
@@ -133,7 +134,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
 
 
 def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
-                 prompts: Sequence[dict], reward_fn: RewardFn, cfg: ml_collections.ConfigDict,
+                 prompts: Sequence[dict], reward_fn: RewardFn | ModelReward, cfg: ml_collections.ConfigDict,
                  mesh: Mesh, seed: int, eos_id: int, pad_id: int, tokenizer,
                  reference_params: nnx.State | None = None,
                  critic_init: tuple[nnx.GraphDef, nnx.State] | None = None,
@@ -141,7 +142,9 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     """Train the policy `params` with RL on `prompts` for cfg.steps steps; returns its final params.
 
     prompts: records {"ids": prompt token ids, "text": ..., any fields the reward reads};
-    reward_fn(completions, records) -> float32 [n] (`rlft.rl.rewards`); cfg: an `rl_stage_config`
+    reward_fn: a text reward function (completions, records) -> float32 [n] (`rlft.rl.rewards`) or a
+    `rlft.rl.reward_model.ModelReward` (scored on the mesh; pass its (graphdef, params) as
+    critic_init to start the critic from it without a second copy); cfg: an `rl_stage_config`
     section (validated before any work); reference_params: the frozen KL reference (default: the
     starting policy); critic_init: (graphdef, params) of a ScalarModel to start a separate critic
     from (e.g. the reward model; default: the policy with a zero value head). The stage runs on
