@@ -191,8 +191,7 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
     state = jax.jit(init, out_shardings=shardings)(params, critic_params)
     timings: dict[str, list[float]] = {}
     step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings, prompts=prompts,
-                        reward_fn=reward_fn, tokenizer=tok, mesh=mesh, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, tx=tx, critic_graphdef=critic_graphdef,
+                        reward_fn=reward_fn, tokenizer=tok, mesh=mesh, pad_id=tok.pad_token_id, tx=tx, critic_graphdef=critic_graphdef,
                         critic_tx=critic_tx, reference=params if config.uses_reference else None,
                         timings=timings)
     width = workload.PROMPT_TOKENS

@@ -217,3 +217,18 @@ def test_shared_critic_is_a_value_head_on_the_policy_trunk():
         state, {"sequences": seqs, "scores": scores}, params)
     moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(no_value.params))]
     assert any(moved)
+
+
+def test_several_eos_ids_end_a_completion():
+    """resolve_pg_config keeps every EOS id (sorted, unique); a completion that ends with any of them
+    is not penalised as unfinished."""
+    section = rl_stage_config(steps=1, prompts_per_step=1, group_size=2, learning_rate=1e-3, max_new_tokens=3,
+                              algorithm="grpo")
+    assert resolve_pg_config(section, eos_id=[7, 3, 7]).eos_ids == (3, 7)
+    assert resolve_pg_config(section, eos_id=3).eos_ids == (3,)
+    from rlft.rl.rollout import ended_with_eos
+
+    tokens = jnp.array([[4, 7, 0], [4, 3, 0], [4, 4, 4], [7, 4, 4]])
+    mask = jnp.array([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(ended_with_eos(tokens, mask, (3, 7)), [True, True, False, True])
+    np.testing.assert_array_equal(ended_with_eos(tokens, mask, 3), [False, True, False, False])

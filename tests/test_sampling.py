@@ -126,6 +126,19 @@ def _recompute(graphdef, params, tokens, mask, out, sampling):
     return jnp.where(seqs.completion_mask > 0, logp, 0.0)
 
 
+def test_generation_stops_at_any_of_several_eos_ids(small_model):
+    """eos_id=(a, b) (e.g. Llama-3's two): each row ends at its first a or b, the same draws as free
+    running (the same key) before that."""
+    free = np.asarray(_sample8(small_model, jax.random.key(0), SETTINGS[-1], eos_id=-1)[2].tokens)
+    ids = (int(free[0, 2]), int(free[1, 4]))
+    out = _sample8(small_model, jax.random.key(0), SETTINGS[-1], eos_id=ids)[2]
+    ends = [next((t for t, x in enumerate(row) if x in ids), len(row)) for row in free]
+    expected = np.array([[t <= end for t in range(free.shape[1])] for end in ends], np.int32)
+    assert min(ends) < free.shape[1] and ends[0] <= 2 and ends[1] <= 4
+    np.testing.assert_array_equal(np.asarray(out.mask), expected)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[expected > 0], free[expected > 0])
+
+
 @pytest.mark.parametrize("sampling", SETTINGS, ids=str)
 def test_logprobs_match_full_forward(small_model, sampling):
     graphdef, params = small_model

@@ -61,7 +61,7 @@ def _batch_size(batch_size: int, n: int, mesh: Mesh | None) -> int:
 
 def sample_policy(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: Sequence[Sequence[int]],
                   tokenizer, *, max_new_tokens: int, sampling: SamplingParams, seed: int,
-                  eos_id: int, pad_id: int, mesh: Mesh | None = None, batch_size: int = 128) -> PolicySamples:
+                  eos_id: int | Sequence[int], pad_id: int, mesh: Mesh | None = None, batch_size: int = 128) -> PolicySamples:
     """Sample one completion of every prompt; batch b draws with fold_in(key(seed), b).
 
     The keys depend only on (seed, batch index), so every policy evaluated with the same seed sees

@@ -18,6 +18,7 @@ Conventions (DESIGN.md section 6):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,20 +88,29 @@ def _choose(logits: Array, key: Array, sampling: SamplingParams) -> tuple[Array,
     return tokens.astype(jnp.int32), picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def completion_mask(tokens: Array, eos_id: int) -> Array:
-    """int32 [batch, length]: 1 up to and including the first `eos_id` of each row, 0 after."""
-    is_eos = (tokens == eos_id).astype(jnp.int32)
-    return (jnp.cumsum(is_eos, axis=-1) - is_eos == 0).astype(jnp.int32)
+def is_eos(tokens: Array, eos_id: Array | int | Sequence[int]) -> Array:
+    """bool, tokens' shape: the token is one of the EOS ids (`eos_id`: one id or several, e.g.
+    Llama-3's <|end_of_text|> and <|eot_id|>; a traced int32 scalar or [k] array too). Negative
+    ids never match."""
+    ids = jnp.reshape(jnp.asarray(eos_id, jnp.int32), (-1,))
+    return jnp.any((tokens[..., None] == ids) & (ids >= 0), axis=-1)
+
+
+def completion_mask(tokens: Array, eos_id: Array | int | Sequence[int]) -> Array:
+    """int32 [batch, length]: 1 up to and including the first EOS (any of `eos_id`) of each row, 0 after."""
+    eos = is_eos(tokens, eos_id).astype(jnp.int32)
+    return (jnp.cumsum(eos, axis=-1) - eos == 0).astype(jnp.int32)
 
 
 def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
-                     prompt_mask: Array, rng: Array, eos_id: Array | int, pad_id: Array | int, *,
+                     prompt_mask: Array, rng: Array, eos_id: Array | int | Sequence[int], pad_id: Array | int, *,
                      max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                      mesh: Mesh | None = None) -> SampleOutput:
     """Prefill + while-loop decode of left-padded prompts [batch, prompt_len]: a pure function.
 
     Jittable and meant to be called inside a jitted rollout (graphdef, max_new_tokens, sampling
-    and mesh are static). eos_id and pad_id may be traced int32 scalars. With a mesh (Auto axes),
+    and mesh are static). eos_id (one id or several: generation stops at any) and pad_id may be
+    traced int32 arrays. With a mesh (Auto axes),
     the KV cache and every batch-major array are constrained by the same logical-axis rules as
     training (batch over ('data', 'fsdp'), kv_heads over 'tensor'). No argument checks: `sample`
     does those for callers outside jit.
@@ -143,9 +153,9 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
         logprob = jnp.where(done, 0.0, logprob)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, step))
-        return step + 1, constrain_cache(cache), token, done | (token == eos_id), tokens, logprobs
+        return step + 1, constrain_cache(cache), token, done | is_eos(token, eos_id), tokens, logprobs
 
-    state = (jnp.ones((), jnp.int32), cache, token, token == eos_id, tokens, logprobs)
+    state = (jnp.ones((), jnp.int32), cache, token, is_eos(token, eos_id), tokens, logprobs)
     steps_run, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, state)
     mask = completion_mask(tokens, eos_id)
     rows = ("batch", "length")
@@ -209,13 +219,13 @@ def _check_prompts(graphdef, params, prompt_tokens, prompt_mask, total_len: int)
 
 
 def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
-           rng: Array | None, *, max_new_tokens: int, eos_id: int, pad_id: int,
+           rng: Array | None, *, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
            sampling: SamplingParams = SamplingParams(), mesh: Mesh | None = None,
            param_shardings=None) -> SampleOutput:
     """Sample [batch, max_new_tokens] completions of left-padded prompts [batch, prompt_len].
 
     Every row needs at least one real prompt token (mask 1). `rng` may be None for greedy
-    decoding. A negative `eos_id` never fires. With `mesh`, every
+    decoding. `eos_id`: one id or several (generation stops at any); a negative id never fires. With `mesh`, every
     batch-major array (prompts, KV cache, outputs) is sharded over the mesh's ('data', 'fsdp') axes;
     parameters keep the shardings they carry, or are put on `param_shardings` when given.
     """
@@ -242,5 +252,6 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     if param_shardings is not None:
         params = jax.device_put(params, param_shardings)
     return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng,
-                       jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+                       jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)), jnp.int32(pad_id),
+                       max_new_tokens=max_new_tokens,
                        sampling=sampling, mesh=mesh)

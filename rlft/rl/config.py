@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import ml_collections
+import numpy as np
 from ml_collections.config_dict import placeholder
 
 from rlft.errors import RlftError
@@ -124,7 +126,7 @@ class PGConfig:
     group_size: int
     max_new_tokens: int
     no_eos_penalty: float
-    eos_id: int
+    eos_ids: tuple[int, ...]  # a completion ends at any of them
     sampling: SamplingParams
 
     @property
@@ -175,8 +177,10 @@ def _in_range(value, field: str, low: float, high: float = math.inf, *, low_open
     return float(value)
 
 
-def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: str = "rl") -> PGConfig:
-    """A validated PGConfig from an `rl_stage_config` section (algorithm defaults filled in)."""
+def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence[int],
+                      prefix: str = "rl") -> PGConfig:
+    """A validated PGConfig from an `rl_stage_config` section (algorithm defaults filled in);
+    eos_id: the policy's EOS id, or several (a completion ends at any)."""
     algorithm = section.algorithm
     if algorithm not in ALGORITHMS:
         raise RlftError(f"{prefix}.algorithm={algorithm!r}: expected one of {list(ALGORITHMS)}")
@@ -255,4 +259,4 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int, prefix: s
         old_logprobs=section.old_logprobs,
         accum_steps=section.accum_steps, experience_chunk=chunk, vocab_chunk=vocab_chunk, group_size=group, max_new_tokens=section.max_new_tokens,
         no_eos_penalty=_in_range(section.no_eos_penalty, f"{prefix}.no_eos_penalty", 0.0),
-        eos_id=int(eos_id), sampling=sampling)
+        eos_ids=tuple(sorted({int(i) for i in np.reshape(eos_id, -1)})), sampling=sampling)

@@ -15,6 +15,7 @@ masked. Policy forwards go through `policy_outputs`, the one function the loss u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,14 +28,14 @@ from rlft.objectives import advantages as adv
 from rlft.objectives.kl import kl_estimate
 from rlft.objectives.pg import entropy_from_log_probs
 from rlft.rl.config import PGConfig
-from rlft.generate.sampling import Sequences, sample_sequences
+from rlft.generate.sampling import Sequences, is_eos, sample_sequences
 from rlft.train.steps import map_row_chunks
 
 Array = jax.Array
 
 
 def sample_rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
-                   key: Array, *, eos_id: int, pad_id: int, max_new_tokens: int,
+                   key: Array, *, eos_id: int | Sequence[int], pad_id: int, max_new_tokens: int,
                    sampling: SamplingParams, mesh: Mesh | None = None) -> Sequences:
     """Sampled completions of left-padded prompts [rows, prompt_len] in the training layout."""
     out = sample_sequences(graphdef, params, prompt_tokens, prompt_mask, key, eos_id, pad_id,
@@ -113,9 +114,9 @@ def reference_logprobs(graphdef: nnx.GraphDef, reference_params: nnx.State, rows
     return jax.lax.stop_gradient(out["logprobs"])
 
 
-def ended_with_eos(tokens: Array, mask: Array, eos_id: int) -> Array:
-    """bool [rows]: the completion (columns [rows, n] of tokens) contains EOS."""
-    return jnp.any((tokens == eos_id) & (mask > 0), axis=-1)
+def ended_with_eos(tokens: Array, mask: Array, eos_id: int | Sequence[int]) -> Array:
+    """bool [rows]: the completion (columns [rows, n] of tokens) contains EOS (any of `eos_id`)."""
+    return jnp.any(is_eos(tokens, eos_id) & (mask > 0), axis=-1)
 
 
 def token_rewards(scores: Array, kl: Array, mask: Array, kl_coef: Array | float) -> Array:
@@ -146,7 +147,7 @@ def make_experience(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State,
     keep = mask > 0
     rows = mask.shape[0]
     chunks = rows // config.experience_chunk if config.experience_chunk else 1
-    ended = ended_with_eos(batch.tokens[:, -mask.shape[1]:], mask, config.eos_id)
+    ended = ended_with_eos(batch.tokens[:, -mask.shape[1]:], mask, config.eos_ids)
     scores = scores.astype(jnp.float32) - config.no_eos_penalty * (~ended).astype(jnp.float32)
     if config.recompute_old_logprobs or config.critic != "none":
         forward = lambda chunk: policy_outputs(graphdef, params, chunk, config.sampling, critic=config.critic,

@@ -80,7 +80,7 @@ def rollout_shardings(mesh: Mesh) -> dict:
 
 
 def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState,
-                 prompts: Sequence[dict], reward_fn: RewardFn | ModelReward, tokenizer, mesh: Mesh, eos_id: int,
+                 prompts: Sequence[dict], reward_fn: RewardFn | ModelReward, tokenizer, mesh: Mesh,
                  pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
                  frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None,
                  name: str = "rl", stage_dir: str | None = None):
@@ -97,7 +97,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     appended to timings["sampling_s" | "reward_s" | "update_s"] (the device is synchronised
     between phases, which costs a little overlap; for benchmarks only).
     """
-    rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=eos_id, pad_id=pad_id,
+    rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id,
                                                 max_new_tokens=config.max_new_tokens,
                                                 sampling=config.sampling, mesh=mesh)), mesh)
     extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
@@ -135,7 +135,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
 
 def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                  prompts: Sequence[dict], reward_fn: RewardFn | ModelReward, cfg: ml_collections.ConfigDict,
-                 mesh: Mesh, seed: int, eos_id: int, pad_id: int, tokenizer,
+                 mesh: Mesh, seed: int, eos_id: int | Sequence[int], pad_id: int, tokenizer,
                  reference_params: nnx.State | None = None,
                  critic_init: tuple[nnx.GraphDef, nnx.State] | None = None,
                  base: str | None = None) -> nnx.State:
@@ -180,7 +180,7 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
         shardings = train_state_shardings(abstract, mesh)
         make_step = lambda template: make_rl_step(
             config=config, graphdef=graphdef, shardings=shardings, prompts=prompts, reward_fn=reward_fn,
-            tokenizer=tokenizer, mesh=mesh, eos_id=eos_id, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
+            tokenizer=tokenizer, mesh=mesh, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
             critic_tx=critic_tx, reference=None if frozen is not None else reference, frozen=frozen, name=name,
             stage_dir=os.path.join(workdir, name))
         return StageProgram(with_shardings(abstract, shardings),
