@@ -28,7 +28,7 @@ EOS, PAD = TOK.eos_token_id, TOK.pad_token_id
 PROMPT_WIDTH, NEW = 6, 5
 # (prompt text, completion text, ended with EOS); "^" opens the prompt with EOS (a policy's own BOS).
 ROWS = [("1+2=", "3", True), ("^3+4=", "7+1=8", False), ("2=", "", True), ("^9*9=", "81", True),
-        ("5-3=", "2  12", False), ("^0=", "0", True), ("7+7=", "14", True), ("8=", "8888", False)]
+        ("5-3=", "2=12", False), ("^0=", "0", True), ("7+7=", "14", True), ("8=", "8888", False)]
 
 
 def encode(text: str) -> list[int]:
@@ -89,14 +89,14 @@ def test_rollout_token_ids_score_like_the_framed_texts(reward_model, bos, eos, m
 
 
 STATS = {"mean": 0.25, "std": 2.0, "add_bos": True, "add_eos": True, "max_length": 12}
-RECORDS = [{"ids": encode(p), "text": p.lstrip("^")} for p, _, _ in ROWS]
+RECORDS = [{"ids": encode(p), "text": p.lstrip("^"), "answer": "3"} for p, _, _ in ROWS]
 
 
 def scorer_scores(reward: ModelReward, mesh, chunk_rows=0, tokenizer=TOK) -> np.ndarray:
     score = make_rollout_scorer(reward, tokenizer=tokenizer, prompts=RECORDS, mesh=mesh, chunk_rows=chunk_rows)
     seqs = jax.device_put(rollout(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
-    out = score(seqs, np.arange(len(ROWS)), lambda: "rl step 1")
-    assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))  # pg_step's batch sharding
+    out, metrics = score(seqs, np.arange(len(ROWS)), lambda: "rl step 1")
+    assert metrics == {} and out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))  # pg_step's batch sharding
     return np.asarray(out)
 
 
@@ -116,7 +116,7 @@ def test_the_rl_scorer_on_token_ids_equals_the_text_path_sharded_and_chunked(rew
         score = make_rollout_scorer(reward, tokenizer=TOK, prompts=RECORDS, mesh=mesh, chunk_rows=2)
         for _ in range(2):
             seqs = jax.device_put(rollout(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-            got = np.asarray(score(seqs, np.arange(len(ROWS)), lambda: "rl step 1"))
+            got = np.asarray(score(seqs, np.arange(len(ROWS)), lambda: "rl step 1")[0])
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()
                 and "rollout_scores" in r.getMessage()]
@@ -159,3 +159,48 @@ def test_a_reward_already_on_the_mesh_is_not_copied(reward_model):
     assert moved.mesh.shape["tensor"] == 2 and moved.params is not reward.params
     with pytest.raises(RlftError, match="reward_stats.json"):
         ModelReward(graphdef=graphdef, params=params, tokenizer=TOK, stats=None)
+
+
+def test_a_weighted_sum_of_rewards_logs_each_mean(reward_model):
+    """rl.rewards=reward_model,length,format,module:function with weights: the total is the weighted
+    sum of each reward scored alone (the model on the mesh, the length penalty from the mask, the
+    text ones on the host), and each one's mean is a metric."""
+    from rlft.rl.rewards import LengthPenalty, build_rewards, format_match
+
+    graphdef, params = reward_model
+    mesh = make_mesh((2, 1, 1), jax.devices()[:2])
+    model = ModelReward(graphdef=graphdef, params=on_mesh(params, mesh), tokenizer=TOK, stats=STATS)
+    texts = [c for _, c, _ in ROWS]
+    parts = [("reward_model", 0.5, model), ("length", 2.0, LengthPenalty(NEW, 2)),
+             ("format", -1.0, format_match(r"[0-9]+"))]
+    parts += build_rewards("tests.test_rl_stage:char_reward", "3")
+    seqs = jax.device_put(rollout(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    total, metrics = make_rollout_scorer(parts, tokenizer=TOK, prompts=RECORDS, mesh=mesh)(
+        seqs, np.arange(len(ROWS)), lambda: "rl step 1")
+    lengths = np.array([len(TOK.encode(c)) + ended for _, c, ended in ROWS])
+    alone = {"reward_model": model(texts, RECORDS),
+             "length": -np.clip((lengths - (NEW - 2)) / 2, 0, 1),  # DAPO: 0 up to 3 tokens, -1 at 5
+             "format": np.array([float(c.strip().isdigit()) for c in texts]),
+             "tests.test_rl_stage:char_reward": np.array([c.count("1") / 4 + (c == "3") for c in texts])}
+    assert alone["length"].min() == -1 and alone["length"].max() == 0
+    np.testing.assert_allclose(total, sum(w * alone[n] for n, w, _ in parts), rtol=1e-5, atol=1e-5)
+    assert sorted(metrics) == sorted(f"rewards/{n}/mean" for n in alone)
+    for name, values in alone.items():
+        np.testing.assert_allclose(metrics[f"rewards/{name}/mean"], values.mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("names, weights, error", [
+    ("", "", "rl.rewards is empty"),
+    ("exact_match,bleu", "", "unknown reward 'bleu'"),
+    ("exact_match,exact_match", "", "named twice"),
+    ("exact_match,format", "1", "expected 2 finite numbers"),
+    ("exact_match", "x", "expected comma-separated numbers"),
+    ("format", "", "set rl.format_pattern"),
+    ("reward_model", "", "set rl.reward_model"),
+    ("no_such_module:f", "", "cannot import it"),
+])
+def test_bad_reward_lists_are_named(names, weights, error):
+    from rlft.rl.rewards import build_rewards
+
+    with pytest.raises(RlftError, match=error):
+        build_rewards(names, weights, max_new_tokens=8, length_buffer=4)

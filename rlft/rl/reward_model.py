@@ -18,7 +18,7 @@ puts EOS after a completion that did not end with one, and the whole is truncate
 max_length by `rlft.data.batching.truncate`'s rule (the prompt loses its start, the completion its end).
 
 Called as a text reward function, (completions, records) -> float32 [n], a ModelReward scores
-record["text"] + completion through the same tokenisation as `rlft.load(path).score` (the
+the record's prompt (`prompt_text`) + completion through the same tokenisation as `rlft.load(path).score` (the
 evaluation's proxy reward).
 """
 
@@ -115,8 +115,8 @@ class ModelReward:
                  and tokenizer.get_vocab() == self.tokenizer.get_vocab()))
 
     def __call__(self, completions: Sequence[str], records: Sequence[dict]) -> np.ndarray:
-        """float32 [n]: record["text"] (the prompt) + completion, tokenised as in training."""
-        prompts = [r.get("text", "") for r in records]
+        """float32 [n]: the record's prompt text (`prompt_text`) + completion, tokenised as in training."""
+        prompts = [prompt_text(r) for r in records]
         examples = reward_examples(self.tokenizer, completions, prompts, self.stats, self.config.max_positions)
         if not examples:
             return np.zeros((0,), np.float32)
@@ -126,6 +126,12 @@ class ModelReward:
                                  self.tokenizer.pad_token_id, mesh, min(self.batch_size, len(examples)))
         framing = self.framing()
         return ((scores - framing["mean"]) / framing["scale"]).astype(np.float32)
+
+
+def prompt_text(record: dict) -> str:
+    """The prompt a reward model reads before a completion: record["prompt"] (the text the policy
+    saw, as the general experiments record it), else record["text"] (the sentiment recipes'), else ""."""
+    return str(record["prompt"]) if "prompt" in record else str(record.get("text", ""))
 
 
 def load_reward_model(path: str, normalize: bool = True, batch_size: int = 64,

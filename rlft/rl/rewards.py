@@ -10,9 +10,14 @@ any other fields, e.g. "answer"), like trl's reward functions receive the datase
                      its reward_stats.json: a `rlft.rl.reward_model.ModelReward`, which the RL step
                      scores on the training mesh from the rollout's token ids (as a text function,
                      prompts are the records' "text")
+    format           1.0 when the stripped completion matches rl.format_pattern whole (a regex)
+    length           DAPO's soft over-length penalty (`LengthPenalty`, scored on the mesh from the
+                     completion lengths): 0 up to max_new_tokens - rl.length_buffer, -1 at the limit
     python           any importable function "module:function" with the signature above
 
-`build_reward(name, **options)` returns the function; unknown names or options are RlftErrors.
+`build_reward(name, **options)` returns one; `build_rewards("a,b,mod:fn", "1,0.5,2", ...)` the
+weighted list rl.rewards / rl.reward_weights name (the RL step sums them and logs each one's mean
+as rewards/NAME/mean); unknown names or options are RlftErrors.
 
 `score_completions` is how a stage calls one: an exception it raises, or a return value that is not
 one finite number per completion (wrong length, strings, None, NaN / inf), becomes an RlftError
@@ -23,11 +28,17 @@ STAGE_DIR/errors.log (and stderr with RLFT_DEBUG set; `rlft.errors.log_traceback
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import os
+import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlft.errors import RlftError, log_traceback, one_line
@@ -49,11 +60,52 @@ def vader(completions: Sequence[str], records: Sequence[dict]) -> np.ndarray:
     return np.array([judge.polarity_scores(c)["compound"] for c in completions], np.float32)
 
 
+def format_match(pattern: str) -> RewardFn:
+    """A reward function: 1.0 where the stripped completion matches the regular expression `pattern`
+    whole (`re.fullmatch`, `.` matching newlines too), else 0.0 (e.g. r"<think>.*</think>\\s*<answer>.*</answer>")."""
+    if not isinstance(pattern, str) or not pattern:
+        raise RlftError("reward format: set rl.format_pattern to a regular expression")
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise RlftError(f"rl.format_pattern={pattern!r}: not a regular expression ({e})") from None
+
+    def score(completions: Sequence[str], records: Sequence[dict]) -> np.ndarray:
+        return np.array([float(compiled.fullmatch(c.strip()) is not None) for c in completions], np.float32)
+
+    score.rlft_name = "format"
+    return score
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthPenalty:
+    """DAPO's soft over-length penalty, scored on the mesh from the completion lengths: 0 up to
+    max_new_tokens - buffer tokens, then linear to -1 at max_new_tokens (a completion cut there)."""
+
+    max_new_tokens: int
+    buffer: int
+    rlft_name: str = "length"
+
+    def __post_init__(self):
+        if not isinstance(self.buffer, int) or not 0 < self.buffer <= self.max_new_tokens:
+            raise RlftError(f"rl.length_buffer={self.buffer!r}: expected an integer in [1, rl.max_new_tokens="
+                            f"{self.max_new_tokens}]")
+
+    def __call__(self, completion_mask: jax.Array) -> jax.Array:
+        """float32 [rows] of completion_mask [rows, max_new_tokens]."""
+        length = jnp.sum(completion_mask > 0, axis=-1).astype(jnp.float32)
+        free = self.max_new_tokens - self.buffer
+        return -jnp.clip((length - free) / self.buffer, 0.0, 1.0)
+
+
 def python_function(spec: str) -> RewardFn:
-    """The function named by "package.module:function" (imported once)."""
+    """The function named by "package.module:function" (imported once; the current directory is
+    on the import path, as for `python -m`)."""
     module, _, name = spec.partition(":")
     if not module or not name:
         raise RlftError(f"reward python={spec!r}: expected 'module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
@@ -66,9 +118,52 @@ def python_function(spec: str) -> RewardFn:
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "exact_match": lambda: exact_match,
     "vader": lambda: vader,
+    "format": format_match,
+    "length": LengthPenalty,
     "reward_model": load_reward_model,
     "python": python_function,
 }
+
+
+def build_rewards(names: str, weights: str = "", **options) -> list[tuple[str, float, RewardFn]]:
+    """[(name, weight, reward)] of the comma-separated `names` (rl.rewards) and `weights`
+    (rl.reward_weights; empty: 1 each): a built-in name of REWARDS, or "module:function". options:
+    format_pattern (format), max_new_tokens and length_buffer (length), reward_model (its path)."""
+    parts = [n.strip() for n in str(names).split(",") if n.strip()]
+    if not parts:
+        raise RlftError("rl.rewards is empty: name at least one reward (e.g. exact_match, or module:function)")
+    if len(set(parts)) != len(parts):
+        raise RlftError(f"rl.rewards={names!r}: a reward is named twice")
+    if str(weights).strip():
+        try:
+            values = [float(w) for w in str(weights).split(",")]
+        except ValueError:
+            raise RlftError(f"rl.reward_weights={weights!r}: expected comma-separated numbers") from None
+        if len(values) != len(parts) or not all(np.isfinite(values)):
+            raise RlftError(f"rl.reward_weights={weights!r}: expected {len(parts)} finite numbers, one per "
+                            f"reward of rl.rewards={names!r}")
+    else:
+        values = [1.0] * len(parts)
+    built = []
+    for name in parts:
+        if ":" in name:
+            fn = python_function(name)
+        elif name == "format":
+            fn = format_match(options.get("format_pattern", ""))
+        elif name == "length":
+            fn = LengthPenalty(int(options["max_new_tokens"]), options.get("length_buffer"))
+        elif name == "reward_model":
+            if not options.get("reward_model"):
+                raise RlftError("reward reward_model: set rl.reward_model to a reward stage or a Hugging Face "
+                                "sequence-classification checkpoint directory")
+            fn = load_reward_model(options["reward_model"])
+        elif name in REWARDS and name != "python":
+            fn = build_reward(name)
+        else:
+            raise RlftError(f"rl.rewards: unknown reward {name!r}: expected one of "
+                            f"{sorted(set(REWARDS) - {'python'})} or module:function")
+        built.append((name, values[len(built)], fn))
+    return built
 
 
 def build_reward(name: str, **options) -> RewardFn:

@@ -119,7 +119,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         timed("sampling_s", t0)
         t0 = time.perf_counter()
         where = lambda: f"{name} step {int(jax.device_get(state.step)) + 1}"  # read only on an error
-        scores = score(seqs, local_to_host(batch["index"], mesh), where)
+        scores, reward_metrics = score(seqs, local_to_host(batch["index"], mesh), where)
         if timings is not None:
             jax.block_until_ready(scores)
         timed("reward_s", t0)
@@ -128,7 +128,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         if timings is not None:
             jax.block_until_ready(metrics)
         timed("update_s", t0)
-        return state, metrics
+        return state, {**metrics, **reward_metrics}
 
     return step
 
