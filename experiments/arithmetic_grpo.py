@@ -11,7 +11,8 @@ stops it half way; stage "rl" continues from it with `rlft.rl.stage` (GRPO by de
 --config.rl.algorithm=ppo|rloo|reinforce) on the training prompts with the exact-match reward.
 The report (`evaluate`, also `rlft eval WORKDIR`; WORKDIR/eval/report.{json,md}) gives the greedy
 exact-match accuracy (and the rate of well-formed "integer + EOS" answers) of the untrained, SFT
-and RL policies on the test problems; WORKDIR/problems.json lists both splits.
+and RL policies on the test problems; WORKDIR/train.jsonl and test.jsonl list both splits, one
+{"prompt": "12+34=", "answer": "46"} per line (what experiments/rl.py reads: README's worked example).
 
 The SFT budget (default preset, measured on 2 CPU cores): 2-digit addition is learned in a sharp
 transition whose timing depends on the seed. With warm-up + cosine decay the accuracy after 450
@@ -27,6 +28,7 @@ GRPO then takes seed 0 from 36% to 84% in 500 steps (~3 min); the whole run take
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -41,7 +43,7 @@ from rlft.data.batching import pad_left
 from rlft.parallel.distributed import is_primary, to_host
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
-from rlft.files import write_json
+from rlft.files import write_json, write_text
 from rlft.models import Decoder, model_from_section, model_section
 from rlft.rl.rewards import exact_match
 from rlft.rl.config import rl_stage_config
@@ -142,15 +144,16 @@ STAGES = ("sft", "rl")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Split, SFT, RL, then `evaluate`; writes problems.json, seconds.json and eval/ in the work directory."""
+    """Split, SFT, RL, then `evaluate`; writes train.jsonl, test.jsonl, seconds.json and eval/ in the work directory."""
     check(config)
     task = config.task
     train, test = arithmetic.split_problems(task.max_operand, task.ops, task.num_test, task.num_train,
                                             config.seed)
     if is_primary():
         os.makedirs(workdir, exist_ok=True)
-        write_json(os.path.join(workdir, "problems.json"),
-                   {"train": [p.prompt for p in train], "test": [p.prompt for p in test]})
+        for split, problems in (("train", train), ("test", test)):
+            write_text(os.path.join(workdir, f"{split}.jsonl"),
+                       "".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
     tokenizer = arithmetic.build_tokenizer(os.path.join(workdir, "tokenizer"))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 

@@ -47,13 +47,15 @@ def test_tiny_run_report_and_stages(tiny_run):
 
 @pytest.mark.slow
 def test_test_problems_never_occur_in_training(tiny_run):
-    problems = json.load(open(os.path.join(tiny_run, "problems.json")))
+    problems = {split: [json.loads(line) for line in open(os.path.join(tiny_run, f"{split}.jsonl"))]
+                for split in ("train", "test")}
     config = json.load(open(os.path.join(tiny_run, "run_config.json")))
     task = config["task"]
     train, test = split_problems(task["max_operand"], task["ops"], task["num_test"], task["num_train"],
                                  config["seed"])
-    assert problems == {"train": [p.prompt for p in train], "test": [p.prompt for p in test]}
-    assert len(test) == 64 and not set(problems["test"]) & set(problems["train"])
+    assert problems == {"train": [{"prompt": p.prompt, "answer": p.answer} for p in train],
+                        "test": [{"prompt": p.prompt, "answer": p.answer} for p in test]}
+    assert len(test) == 64 and not {p.prompt for p in test} & {p.prompt for p in train}
     report = json.load(open(os.path.join(tiny_run, "eval", "report.json")))
     assert report["train_problems"] == len(train) == (task["max_operand"] + 1) ** 2 - 64
 
