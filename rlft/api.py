@@ -63,7 +63,8 @@ class Model:
     """A loaded model: config, params (nnx.State), tokenizer, and pure-function helpers.
 
     `kind` is "lm" for a language model (Decoder) and "scalar" for a reward/value model;
-    `reward_stats` is a reward stage's reward_stats.json (mean, std, add_bos, add_eos) if any.
+    `reward_stats` is a reward stage's reward_stats.json (mean, std, add_bos, add_eos, max_length)
+    if any, or a Hugging Face reward model's framing (add_bos, bos_id, add_eos, max_length; no mean/std).
     """
 
     config: ModelConfig
@@ -226,14 +227,14 @@ class Model:
         over-long sequences truncated to its max_length by `rlft.data.batching.truncate`. With `prompts`, each text follows its prompt.
         `normalize` maps scores to (s - mean) / std of the recorded reference set.
         """
-        from rlft.generate.scoring import reward_examples, sequence_scores
+        from rlft.generate.scoring import has_reference_stats, reward_examples, sequence_scores
         from rlft.parallel.sharding import make_mesh
 
         if self.kind != "scalar":
             raise RlftError("score() needs a reward (scalar) model; this is a language model")
         tok = self._require_tokenizer()
         stats = self.reward_stats or {}
-        if normalize and not stats:
+        if normalize and not has_reference_stats(stats):
             raise RlftError("score(normalize=True): this model has no reward_stats.json")
         texts = _texts(texts, "score(texts)")
         if prompts is not None and len(_texts(prompts, "score(prompts)")) != len(texts):
@@ -295,14 +296,54 @@ def _hf_tokenizer(path: str):
     return None
 
 
+def _hf_reward_framing(path: str, tokenizer, cfg: ModelConfig) -> dict:
+    """How transformers frames a text for a sequence-classification checkpoint, as reward_stats.json
+    keys (no mean/std: nothing was recorded to normalise with).
+
+    `tokenizer(text)` adds the tokenizer's own special tokens (Llama: BOS; GPT-2, Qwen2: none),
+    found by encoding a probe text with and without them: one id before the text is `add_bos` with
+    that `bos_id`, EOS after it `add_eos`; anything else is an RlftError. `max_length` is the
+    model's max_positions. The HF model reads its score at the last non-pad token, as rlft does. A
+    tokenizer without a pad token gets config.json's pad_token_id (rlft uses it only as filler).
+    """
+    from rlft.files import read_json
+
+    framing = {"add_bos": False, "add_eos": False, "max_length": cfg.max_positions}
+    if tokenizer is None:
+        return framing
+    if tokenizer.pad_token_id is None:
+        pad_id = read_json(os.path.join(path, "config.json")).get("pad_token_id")
+        if _integer(pad_id, 0) and pad_id < len(tokenizer):
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    plain = tokenizer.encode("a b", add_special_tokens=False)
+    full = tokenizer.encode("a b")
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), len(full))
+    before, after = full[:at], full[at + len(plain):]
+    if not plain or at == len(full) or len(before) > 1 or after not in ([], [tokenizer.eos_token_id]):
+        raise RlftError(f"{path}: the tokenizer frames a text as {full} (without special tokens: {plain}); "
+                        f"rlft reproduces at most one token before a text and EOS after it")
+    if before:
+        framing.update(add_bos=True, bos_id=int(before[0]))
+    framing["add_eos"] = bool(after)
+    return framing
+
+
 def load(path: str) -> Model:
     """Load a Hugging Face checkpoint dir (GPT-2, Llama, Qwen2) or an rlft run/checkpoint dir.
 
-    A run directory gives the model of its last stage; a stage, checkpoints or step directory
-    gives that one (the latest step unless a step directory is named).
+    A Hugging Face sequence-classification checkpoint (num_labels=1) is a reward model:
+    kind="scalar", with `reward_stats` holding only the framing of its texts (`_hf_reward_framing`),
+    so `score(texts)` equals the HF model's logits of `tokenizer(texts)`. A run directory gives
+    the model of its last stage; a stage, checkpoints or step directory gives that one (the
+    latest step unless a step directory is named).
     """
     if not os.path.exists(path):
         raise RlftError(f"no such file or directory: {path}")
+    if hf.is_hf_scalar_checkpoint(path):  # a sequence-classification reward model
+        cfg, params = hf.load_hf_scalar_checkpoint(path)
+        tokenizer = _hf_tokenizer(path)
+        return Model(config=cfg, params=params, tokenizer=tokenizer, kind="scalar",
+                     reward_stats=_hf_reward_framing(path, tokenizer, cfg))
     if hf.is_hf_checkpoint(path):
         cfg, params = hf.load_hf_checkpoint(path)
         return Model(config=cfg, params=params, tokenizer=_hf_tokenizer(path))

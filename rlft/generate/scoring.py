@@ -1,9 +1,10 @@
 """Reward-model scores of token sequences on a mesh, and the reward statistics RL normalises with.
 
 WORKDIR/<stage>/reward_stats.json records the mean and std of a reward model's scores on a
-reference set, and how texts were tokenised for it (`add_bos`: the EOS id opens each sequence;
-`add_eos`: EOS closes it; `max_length`: the truncation length), so `rlft.load(...).score(texts)`
-reproduces the training inputs.
+reference set, and how texts were tokenised for it (`add_bos`: the EOS id, or `bos_id` when
+present, opens each sequence; `add_eos`: EOS closes it; `max_length`: the truncation length), so
+`rlft.load(...).score(texts)` reproduces the training inputs. A Hugging Face sequence-classification
+model gets the same keys from its tokenizer (`rlft.api.load`), with `bos_id` and no mean/std.
 """
 
 from __future__ import annotations
@@ -100,12 +101,13 @@ def reward_examples(tokenizer, texts: Sequence[str], prompts: Sequence[str] | No
                     max_positions: int) -> list[Example]:
     """(prompt, completion) token examples of texts as a reward model was trained on them.
 
-    Following reward_stats.json (`stats`): EOS opens the prompt (add_bos) and closes the text
-    (add_eos, the default); each text follows its prompt when prompts are given; truncated to
-    `reward_input_length` by `rlft.data.batching.truncate`.
+    Following reward_stats.json (`stats`): `bos_id` (default: EOS) opens the prompt (add_bos) and
+    EOS closes the text (add_eos, the default); each text follows its prompt when prompts are
+    given; truncated to `reward_input_length` by `rlft.data.batching.truncate`.
     """
     stats = stats or {}
-    bos = [tokenizer.eos_token_id] if stats.get("add_bos", False) else []
+    bos_id = tokenizer.eos_token_id if stats.get("bos_id") is None else stats["bos_id"]
+    bos = [bos_id] if stats.get("add_bos", False) else []
     eos = [tokenizer.eos_token_id] if stats.get("add_eos", True) else []
     length = reward_input_length(stats, max_positions)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
@@ -141,6 +143,13 @@ def read_reward_stats(stage_dir: str) -> dict | None:
         if isinstance(stats.get(key), bool) or not isinstance(stats.get(key), (int, float)):
             raise RlftError(f"{path}: {key}={stats.get(key)!r}, expected a number; the file is damaged")
     return stats
+
+
+def has_reference_stats(stats: dict | None) -> bool:
+    """True when reward stats record the mean and std of a reference set (an rlft reward stage's
+    reward_stats.json), so scores can be normalised; a Hugging Face reward model's framing has none."""
+    return bool(stats) and all(isinstance(stats.get(k), (int, float)) and not isinstance(stats.get(k), bool)
+                               for k in ("mean", "std"))
 
 
 def normalize_scores(scores: np.ndarray, stats: dict, eps: float = 1e-8) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Hugging Face checkpoints in and out: config.json + *.safetensors (+ tokenizer) <-> rlft Decoder.
 
 Supported architectures: GPT-2 (GPT2LMHeadModel), Llama (LlamaForCausalLM) and Qwen2
-(Qwen2ForCausalLM). Weights are read with safetensors' numpy loader (sharded checkpoints through
-`model.safetensors.index.json`), so no PyTorch is needed to import or export. Either parameter
+(Qwen2ForCausalLM), and their sequence-classification reward models with one label
+(GPT2/Llama/Qwen2ForSequenceClassification, imported as a ScalarModel by
+`load_hf_scalar_checkpoint`). Weights are read with safetensors' numpy loader (sharded checkpoints
+through `model.safetensors.index.json`), so no PyTorch is needed to import or export. Either parameter
 layout works: importing into a `scan_layers` config stacks the per-layer tensors (`fill_params`),
 exporting one unstacks them (`unstack_layers`).
 """
@@ -22,14 +24,27 @@ from rlft.errors import RlftError
 from rlft.files import read_json
 from rlft.models.config import ModelConfig
 from rlft.models.decoder import Decoder
+from rlft.models.heads import ScalarModel
 from rlft.models.params import dotted_names, fill_params, flatten_params, unstack_layers
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SEQUENCE_CLASSIFICATION = "ForSequenceClassification"  # the architectures suffix of a reward model
 
 
 def is_hf_checkpoint(path: str) -> bool:
     """A directory with a Hugging Face config.json (and not an rlft run directory)."""
     return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def is_hf_scalar_checkpoint(path: str) -> bool:
+    """A Hugging Face sequence-classification checkpoint: config.json's "architectures" names a
+    ...ForSequenceClassification model (a reward model, imported as a ScalarModel by
+    `load_hf_scalar_checkpoint`). False for a directory without config.json."""
+    if not is_hf_checkpoint(path):
+        return False
+    architectures = read_json(os.path.join(path, "config.json")).get("architectures")
+    return isinstance(architectures, list) and any(
+        isinstance(a, str) and a.endswith(SEQUENCE_CLASSIFICATION) for a in architectures)
 
 
 def model_config_from_hf(path: str) -> ModelConfig:
@@ -326,9 +341,73 @@ def _write_dir(out_dir: str, overwrite: bool, fill: Callable[[str], None]) -> No
 
 
 def load_hf_checkpoint(path: str) -> tuple[ModelConfig, nnx.State]:
-    """(ModelConfig, params nnx.State) from a Hugging Face checkpoint dir (its tokenizer: `rlft.load`)."""
+    """(ModelConfig, params nnx.State) from a Hugging Face checkpoint dir (its tokenizer: `rlft.load`).
+
+    A causal LM (a Decoder's state); a sequence-classification checkpoint is refused, naming
+    `load_hf_scalar_checkpoint` (its state is a ScalarModel's, not a Decoder's).
+    """
+    if is_hf_scalar_checkpoint(path):
+        raise RlftError(f"{path}: a sequence-classification (reward) checkpoint, not a language model; "
+                        f"load it with rlft.load(path) or rlft.models.hf.load_hf_scalar_checkpoint "
+                        f"(a ScalarModel)")
     cfg = model_config_from_hf(path)
     return cfg, params_from_hf_tensors(cfg, read_safetensors(path), path)
+
+
+def scalar_model_config_from_hf(path: str) -> ModelConfig:
+    """The ModelConfig of a sequence-classification checkpoint's ScalarModel (`model_config_from_hf`).
+
+    config.json must describe one label (num_labels=1: a scalar reward), else RlftError naming it.
+    Llama/Qwen2 get tie_embeddings=True: these checkpoints hold no LM head, and a tied head is the
+    backbone Decoder's LM head without a [d_model, vocab] weight (its logits are meaningless, and
+    nothing reads them: a ScalarModel uses the hidden states only). GPT-2 is always tied.
+    """
+    import transformers
+
+    cfg = model_config_from_hf(path)
+    config_file = os.path.join(path, "config.json")
+    num_labels = transformers.AutoConfig.from_pretrained(path).num_labels
+    if num_labels != 1:
+        raise RlftError(f"{config_file}: num_labels={num_labels}; rlft imports sequence-classification "
+                        f"checkpoints with one label (a scalar reward)")
+    return cfg if cfg.tie_embeddings else cfg.replace(tie_embeddings=True)
+
+
+def scalar_params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> nnx.State:
+    """A ScalarModel state (float32) from a sequence-classification checkpoint's tensors.
+
+    The backbone is imported as a causal LM's (`params_from_hf_tensors`; `cfg` ties the LM head,
+    see `scalar_model_config_from_hf`); `score.weight` [1, d_model] becomes the head's kernel
+    [d_model], and `score.bias` [1] its bias when present (0 otherwise: GPT-2, Llama and Qwen2
+    have none).
+    """
+    tensors = dict(tensors)
+    weight, bias = tensors.pop("score.weight", None), tensors.pop("score.bias", None)
+    if weight is None:
+        raise RlftError(f"{source}: tensor score.weight is missing (the sequence-classification head)")
+    if tuple(weight.shape) != (1, cfg.d_model):
+        raise RlftError(f"{source}: tensor score.weight has shape {tuple(weight.shape)}, expected "
+                        f"(1, {cfg.d_model}) (one label on d_model={cfg.d_model})")
+    if bias is not None and bias.size != 1:
+        raise RlftError(f"{source}: tensor score.bias has shape {tuple(bias.shape)}, expected (1,)")
+    backbone = params_from_hf_tensors(cfg, tensors, source)
+    values = {f"backbone.{name}": value for name, value in flatten_params(backbone).items()}
+    values["head.kernel"] = np.asarray(weight, np.float32).reshape(cfg.d_model)
+    values["head.bias"] = np.float32(0.0) if bias is None else np.asarray(bias, np.float32).reshape(())
+    abstract = nnx.state(nnx.eval_shape(lambda: ScalarModel(cfg, rngs=nnx.Rngs(0))))
+    return fill_params(abstract, values, source)
+
+
+def load_hf_scalar_checkpoint(path: str) -> tuple[ModelConfig, nnx.State]:
+    """(ModelConfig, ScalarModel params nnx.State) from a Hugging Face sequence-classification
+    checkpoint dir (GPT2/Llama/Qwen2ForSequenceClassification, num_labels=1): a reward model whose
+    score at a row's last real token equals the HF model's logits[:, 0]. `rlft.load` adds the
+    tokenizer and the framing of texts (how transformers tokenises them)."""
+    if not is_hf_scalar_checkpoint(path):
+        raise RlftError(f"{path}: config.json names no ...{SEQUENCE_CLASSIFICATION} architecture; "
+                        f"a language model loads with rlft.models.hf.load_hf_checkpoint")
+    cfg = scalar_model_config_from_hf(path)
+    return cfg, scalar_params_from_hf_tensors(cfg, read_safetensors(path), path)
 
 
 # Our adapter targets -> the Llama/Qwen2 module names PEFT targets (torch Linear layers).

@@ -12,8 +12,9 @@ reward_stats.json (how its training inputs were framed, the reference mean and s
                       tokenizer at a fixed width (`reward_input_length`), and `row_scores` scores them
                       on the mesh
 
-Framing (what `rlft.generate.scoring.reward_examples` does to texts): add_bos puts EOS before the
-prompt (not when the prompt already opens with it: policy prompts often carry their own), add_eos
+Framing (what `rlft.generate.scoring.reward_examples` does to texts): add_bos puts the stats'
+`bos_id` (default EOS; a Hugging Face reward model's own BOS) before the prompt (not when the prompt
+already opens with it: policy prompts often carry their own), add_eos
 puts EOS after a completion that did not end with one, and the whole is truncated to the training
 max_length by `rlft.data.batching.truncate`'s rule (the prompt loses its start, the completion its end).
 
@@ -37,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from rlft.errors import RlftError
 from rlft.generate.sampling import Sequences
-from rlft.generate.scoring import reward_examples, reward_input_length, sequence_scores
+from rlft.generate.scoring import has_reference_stats, reward_examples, reward_input_length, sequence_scores
 from rlft.models.decoder import positions_from_mask
 from rlft.models.heads import last_token_scores
 from rlft.parallel.distributed import put_global
@@ -52,7 +53,8 @@ NORMALIZE_EPS = 1e-8  # as `rlft.generate.scoring.normalize_scores`
 class ModelReward:
     """A ScalarModel reward: graphdef, params (on a mesh), tokenizer, reward_stats.json (or None).
 
-    normalize: scores become (s - mean) / std of the stats' reference set. batch_size: rows per
+    normalize: scores become (s - mean) / std of the stats' reference set (needs them recorded:
+    `has_reference_stats`; `load_reward_model` normalises by default only then). batch_size: rows per
     forward on the text path. name: how messages and metrics name it, e.g. "reward_model(PATH)".
     """
 
@@ -65,8 +67,10 @@ class ModelReward:
     name: str = "reward_model"
 
     def __post_init__(self):
-        if self.normalize and not self.stats:
-            raise RlftError(f"{self.name}: normalize=True needs the model's reward_stats.json")
+        if self.normalize and not has_reference_stats(self.stats):
+            raise RlftError(f"{self.name}: normalize=True needs a reference mean and std (an rlft reward "
+                            f"stage's reward_stats.json); this model has "
+                            f"{'none recorded' if self.stats else 'no reward_stats.json'}")
 
     @property
     def rlft_name(self) -> str:
@@ -89,12 +93,14 @@ class ModelReward:
         return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
     def framing(self) -> dict:
-        """Keyword arguments of `rollout_scores`: bos_id, eos_id, max_length, and the normalisation
-        score -> (score - mean) / scale (scale = std + 1e-8 as `normalize_scores`; 0 and 1 without)."""
+        """Keyword arguments of `rollout_scores`: bos_id (the stats' bos_id, default EOS, when
+        add_bos), eos_id (when add_eos), max_length, and the normalisation score -> (score - mean) /
+        scale (scale = std + 1e-8 as `normalize_scores`; 0 and 1 without)."""
         stats = self.stats or {}
         eos = self.tokenizer.eos_token_id
+        bos = eos if stats.get("bos_id") is None else int(stats["bos_id"])
         mean, scale = (stats["mean"], stats["std"] + NORMALIZE_EPS) if self.normalize else (0.0, 1.0)
-        return {"bos_id": eos if stats.get("add_bos", False) else None,
+        return {"bos_id": bos if stats.get("add_bos", False) else None,
                 "eos_id": eos if stats.get("add_eos", True) else None,
                 "max_length": self.max_length, "mean": float(mean), "scale": float(scale)}
 
@@ -134,10 +140,17 @@ def prompt_text(record: dict) -> str:
     return str(record["prompt"]) if "prompt" in record else str(record.get("text", ""))
 
 
-def load_reward_model(path: str, normalize: bool = True, batch_size: int = 64,
+def load_reward_model(path: str, normalize: bool | None = None, batch_size: int = 64,
                       mesh: Mesh | None = None) -> ModelReward:
-    """The reward (ScalarModel) stage at `path` (`rlft.load`) as a ModelReward, its params placed on
-    `mesh` (default: this process's first device; the RL stage moves them to its mesh)."""
+    """The reward (ScalarModel) at `path` as a ModelReward, its params placed on `mesh` (default:
+    this process's first device; the RL stage moves them to its mesh).
+
+    path: anything `rlft.load` reads as a scalar model: an rlft reward stage, or a Hugging Face
+    sequence-classification checkpoint (framed as transformers tokenises texts). normalize: None
+    (default) normalises when the stats record a reference mean and std (an rlft reward stage's
+    reward_stats.json), not otherwise (a Hugging Face reward model); True without them is an
+    RlftError.
+    """
     import rlft
 
     model = rlft.load(path)
@@ -147,6 +160,8 @@ def load_reward_model(path: str, normalize: bool = True, batch_size: int = 64,
         raise RlftError(f"reward_model={path}: no tokenizer beside the model")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise RlftError(f"reward_model batch_size={batch_size!r}: must be an integer >= 1")
+    if normalize is None:
+        normalize = has_reference_stats(model.reward_stats)
     mesh = mesh or make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
     params = put_global(model.params, state_shardings(model.params, mesh))
     return ModelReward(graphdef=model.graphdef, params=params, tokenizer=model.tokenizer, stats=model.reward_stats,

@@ -38,8 +38,12 @@ def load_values(path: str) -> dict:
 
     The `nnx.to_pure_dict` layout of the stage's plain model: a LoRA stage's adapters (its
     checkpoints hold nothing else, plus a reward model's head) are merged into the base recorded
-    in its lora.json, which is loaded the same way (so LoRA stages on LoRA stages work too).
+    in its lora.json, which is loaded the same way (so LoRA stages on LoRA stages work too). A
+    Hugging Face sequence-classification checkpoint gives a ScalarModel's values ({"backbone",
+    "head"}), like a reward stage; a causal LM a Decoder's.
     """
+    if hf.is_hf_scalar_checkpoint(path):
+        return nnx.to_pure_dict(hf.load_hf_scalar_checkpoint(path)[1])
     if hf.is_hf_checkpoint(path):
         return nnx.to_pure_dict(hf.load_hf_checkpoint(path)[1])
     values, _ = load_params(path)
