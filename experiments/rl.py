@@ -1,0 +1,163 @@
+"""RL on your model, your prompts and your rewards: GRPO (or PPO, RLOO, REINFORCE) from a Hugging Face
+checkpoint or an rlft stage, on a local data file, with built-in or Python reward functions.
+
+    rlft run experiments/rl.py --config.model.path=CHECKPOINT_DIR --config.data.train=problems.jsonl \\
+        --config.rl.rewards=exact_match,my_rewards:brevity --config.rl.reward_weights=1,0.1
+
+model.path: a Hugging Face checkpoint directory (GPT-2, Llama or Qwen2: config.json, safetensors,
+tokenizer files) or a stage of an rlft run (runs/x/sft); its own tokenizer is used, and generation
+stops at any of its EOS ids (generation_config.json may list several). The KL reference is the
+starting model. `--config.rl.lora.rank=16` trains adapters only.
+
+data.train (and data.eval): a .jsonl, .json, .csv or .parquet file, or tfds:NAME:SPLIT
+(`rlft.data.records`). Each row is one prompt: row[data.prompt_field], a string or a list of chat
+messages [{"role", "content"}]; data.chat_template=true applies the tokenizer's chat template
+(add_generation_prompt). Prompts longer than data.max_prompt_tokens (0: no limit) keep their end.
+
+rl.rewards: comma-separated names, each a built-in (exact_match: the completion equals
+row[data.answer_field]; format: rl.format_pattern matches; length: DAPO's soft over-length penalty
+over the last rl.length_buffer tokens; reward_model: rl.reward_model, an rlft reward stage or a
+Hugging Face sequence-classification checkpoint; vader) or module:function (importable; the
+current directory is on the path). The reward of a completion is the weighted sum (rl.reward_weights,
+default 1 each), and each one's mean is logged as rewards/NAME/mean. A reward function is
+
+    def fn(completions: list[str], records: list[dict]) -> list[float] | np.ndarray  # one per completion
+
+where records[i] holds every field of the completion's data row, plus "prompt" (the text the model
+saw, after the chat template), "answer" (row[data.answer_field], when the row has it) and "ids".
+An exception, NaN/inf, a wrong length or type from it is one error line naming the function and
+the step, after the last completed step is saved.
+
+With data.eval, the report (WORKDIR/eval/report.json, also `rlft eval WORKDIR`) gives each reward's
+mean over the eval prompts' greedy completions, from the starting model and from the trained one.
+
+    rlft run experiments/rl.py:tiny ...      # a few steps (tests)
+    rlft export WORKDIR/rl --out DIR         # a Hugging Face directory transformers loads
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlft.data.batching import pad_left
+from rlft.data.records import read_rows
+from rlft.errors import RlftError
+from rlft.eval.report import write_report
+from rlft.generate.sampling import SamplingParams, sample
+from rlft.parallel.distributed import to_host
+from rlft.parallel.sharding import batch_axes, make_mesh
+from rlft.recipes.general import check_paths, data_config, load_starting_model, model_config, prompt_records, save_run_files
+from rlft.rl.config import rl_stage_config
+from rlft.rl.reward_step import decode_completions
+from rlft.rl.rewards import LengthPenalty, build_rewards, score_completions
+from rlft.rl.stage import run_rl_stage
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+    """Presets: "default" (GRPO, sized for a small model on one accelerator) and "tiny" (tests)."""
+    if preset not in ("default", "tiny"):
+        raise RlftError(f"rl: unknown preset {preset!r} (default, tiny)")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_config()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.data = data_config(max_eval_prompts=256)
+    c.rl = rl_stage_config(steps=200, prompts_per_step=16, group_size=8, learning_rate=1e-6,
+                           max_new_tokens=256, algorithm="grpo", save_every=50, keep=2)
+    c.rl.update(rewards="exact_match", reward_weights="", format_pattern="", length_buffer=0, reward_model="")
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64))
+    if preset == "tiny":
+        c.rl.update(steps=4, prompts_per_step=8, group_size=4, max_new_tokens=8, learning_rate=1e-3, save_every=2)
+        c.data.max_eval_prompts = 32
+        c.eval.batch_size = 32
+    return c
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Before anything is written: model.path and data.train are set, model.path exists."""
+    check_paths(config, "rl.py")
+
+
+def rewards_of(config: ml_collections.ConfigDict):
+    """The weighted rewards rl.rewards / rl.reward_weights name (`build_rewards`)."""
+    rl = config.rl
+    return build_rewards(rl.rewards, rl.reward_weights, format_pattern=rl.format_pattern,
+                         max_new_tokens=rl.max_new_tokens, length_buffer=rl.length_buffer,
+                         reward_model=rl.reward_model)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The RL stage "rl" from model.path on data.train, then `evaluate` when data.eval is set."""
+    check(config)
+    mesh = make_mesh(dict(config.mesh))
+    start = load_starting_model(config.model, mesh)
+    rows = read_rows(config.data.train, flag="data.train")
+    prompts = prompt_records(rows, start.tokenizer, config.data, "data.train")
+    longest = max(len(p["ids"]) for p in prompts)
+    if not start.config.uses_rope and longest + config.rl.max_new_tokens > start.config.max_positions:
+        raise RlftError(f"the longest prompt of data.train ({longest} tokens) + rl.max_new_tokens="
+                        f"{config.rl.max_new_tokens} exceed the model's max_positions={start.config.max_positions}; "
+                        f"set data.max_prompt_tokens or lower rl.max_new_tokens")
+    rewards = rewards_of(config)
+    save_run_files(workdir, start)
+    run_rl_stage(name="rl", workdir=workdir, graphdef=start.graphdef, params=start.params, prompts=prompts,
+                 reward_fn=rewards, cfg=config.rl, mesh=mesh, seed=config.seed, eos_id=start.eos_ids,
+                 pad_id=start.pad_id, tokenizer=start.tokenizer, base=start.path)
+    if not config.data.eval:
+        return {"rl_steps": config.rl.steps}
+    if jax.process_count() > 1:
+        print(f"rl: trained; evaluate with `rlft eval {workdir}` (one process)", file=sys.stderr)
+        return {}
+    return evaluate(config, workdir)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`rlft eval WORKDIR`: each reward's mean over greedy completions of data.eval's prompts
+    (the first data.max_eval_prompts) by the starting model and by the run's RL stage; writes
+    WORKDIR/eval/report.{json,md}."""
+    mesh = make_mesh(dict(config.mesh))
+    start = load_starting_model(config.model, mesh)
+    rows = read_rows(config.data.eval, flag="data.eval")[:config.data.max_eval_prompts or None]
+    prompts = prompt_records(rows, start.tokenizer, config.data, "data.eval")
+    trained = load_starting_model(ml_collections.ConfigDict({**config.model.to_dict(),
+                                                            "path": os.path.join(workdir, "rl")}), mesh)
+    rewards = rewards_of(config)
+    report = {"eval_prompts": len(prompts)}
+    for name, model in (("start", start), ("rl", trained)):
+        texts, mask = greedy_completions(model, prompts, config.rl.max_new_tokens, config.eval.batch_size, mesh)
+        for reward_name_, _, fn in rewards:
+            if isinstance(fn, LengthPenalty):
+                values = np.asarray(fn(mask))
+            else:
+                values = score_completions(fn, texts, prompts, where=f"rl eval ({name})")
+            report[f"{reward_name_}_{name}"] = float(np.mean(values))
+    lines = ["# RL: the starting model and the trained policy on data.eval (greedy)", "",
+             f"{len(prompts)} prompts of {config.data.eval}.", "", "| reward | start | rl |", "|---|---|---|"]
+    lines += [f"| {n} | {report[f'{n}_start']:.4f} | {report[f'{n}_rl']:.4f} |" for n, _, _ in rewards]
+    write_report(os.path.join(workdir, "eval"), report, "\n".join(lines) + "\n")
+    return report
+
+
+def greedy_completions(model, prompts: list[dict], max_new_tokens: int, batch_size: int,
+                       mesh) -> tuple[list[str], np.ndarray]:
+    """(texts, completion_mask [n, max_new_tokens]) of each prompt's greedy completion, in
+    fixed-shape batches (the last one filled with copies of the first prompt)."""
+    ways = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+    batch_size = -(-min(batch_size, len(prompts)) // ways) * ways
+    width = max(len(p["ids"]) for p in prompts)
+    texts, masks = [], []
+    for first in range(0, len(prompts), batch_size):
+        chunk = [p["ids"] for p in prompts[first:first + batch_size]]
+        real = len(chunk)
+        tokens, mask, _ = pad_left(chunk + [chunk[0]] * (batch_size - real), width, model.pad_id)
+        out = sample(model.graphdef, model.params, tokens, mask, None, max_new_tokens=max_new_tokens,
+                     eos_id=model.eos_ids, pad_id=model.pad_id, sampling=SamplingParams(temperature=0.0), mesh=mesh)
+        completion, completion_mask = to_host((out.tokens, out.mask))
+        texts += decode_completions(model.tokenizer, completion[:real], completion_mask[:real])
+        masks.append(completion_mask[:real])
+    return texts, np.concatenate(masks)
