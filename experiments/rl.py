@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from rlft.data.batching import pad_left
-from rlft.data.records import read_rows
+from rlft.data.records import column, read_rows
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
 from rlft.generate.sampling import SamplingParams, sample
@@ -104,6 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"{config.rl.max_new_tokens} exceed the model's max_positions={start.config.max_positions}; "
                         f"set data.max_prompt_tokens or lower rl.max_new_tokens")
     rewards = rewards_of(config)
+    if any(name == "exact_match" for name, _, _ in rewards):  # it reads "answer": say so before any work
+        column(rows, config.data.answer_field, "data.answer_field", f"data.train={config.data.train}")
     save_run_files(workdir, start)
     run_rl_stage(name="rl", workdir=workdir, graphdef=start.graphdef, params=start.params, prompts=prompts,
                  reward_fn=rewards, cfg=config.rl, mesh=mesh, seed=config.seed, eos_id=start.eos_ids,

@@ -112,8 +112,10 @@ def test_the_trained_stage_exports_to_transformers(byo_run, tmp_path):
      "set --config.data.chat_template=true"),
     (["--config.rl.rewards=no_such_module:score"], {}, "reward python='no_such_module:score': cannot import it"),
     (["--config.rl.rewards=length"], {}, "rl.length_buffer=0: expected an integer in [1, rl.max_new_tokens=8]"),
+    (["--config.rl.rewards=exact_match", "--config.data.answer_field=solution"], {},
+     "data.answer_field='solution': row 1 of data.train="),
 ], ids=["no-model", "no-file", "empty-file", "bad-jsonl-line", "missing-field", "messages-without-template",
-        "reward-import", "length-without-buffer"])
+        "reward-import", "length-without-buffer", "exact-match-without-answers"])
 def test_bad_inputs_are_one_error_line(byo_run, tmp_path, capsys, flags, files, error):
     checkpoint, _ = byo_run
     root = checkpoint.parent
