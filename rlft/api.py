@@ -72,6 +72,7 @@ class Model:
     tokenizer: Any = None
     kind: str = "lm"
     reward_stats: dict | None = None
+    eos_ids: tuple[int, ...] = ()  # generation stops at any (the tokenizer's EOS + generation_config.json's)
 
     @functools.cached_property
     def graphdef(self) -> nnx.GraphDef:
@@ -201,7 +202,7 @@ class Model:
             raise RlftError(f"generate(max_new_tokens={max_new_tokens}): the longest prompt ({longest} tokens) "
                             f"+ max_new_tokens exceeds the model's max_positions={self.config.max_positions}")
         tok = self.tokenizer
-        eos_id = -1 if tok is None or tok.eos_token_id is None else tok.eos_token_id  # -1: never stops
+        eos_id = self.eos_ids or (-1 if tok is None or tok.eos_token_id is None else tok.eos_token_id)  # -1: never
         pad_id = 0 if tok is None or tok.pad_token_id is None else tok.pad_token_id
         tokens, mask, _ = pad_left(ids, longest, pad_id)
         param_shardings = None if mesh is None else jax.tree.map(lambda _: replicated(mesh), self.params)
@@ -284,7 +285,8 @@ def _load_run(run_dir: str, path: str) -> Model:
     cls = Decoder if kind == "lm" else ScalarModel
     state = nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, load_values(path))
-    return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind, reward_stats=stats)
+    return Model(config=cfg, params=state, tokenizer=tokenizer, kind=kind, reward_stats=stats,
+                 eos_ids=_eos_ids(tokenizer, tok_dir))
 
 
 def _hf_tokenizer(path: str):
@@ -294,6 +296,13 @@ def _hf_tokenizer(path: str):
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return read_pretrained_tokenizer(path)
     return None
+
+
+def _eos_ids(tokenizer, directory: str) -> tuple[int, ...]:
+    """The ids generation stops at: the tokenizer's EOS and DIRECTORY/generation_config.json's."""
+    from rlft.data.records import eos_token_ids
+
+    return tuple(eos_token_ids(tokenizer, directory))
 
 
 def _hf_reward_framing(path: str, tokenizer, cfg: ModelConfig) -> dict:
@@ -346,7 +355,8 @@ def load(path: str) -> Model:
                      reward_stats=_hf_reward_framing(path, tokenizer, cfg))
     if hf.is_hf_checkpoint(path):
         cfg, params = hf.load_hf_checkpoint(path)
-        return Model(config=cfg, params=params, tokenizer=_hf_tokenizer(path))
+        tokenizer = _hf_tokenizer(path)
+        return Model(config=cfg, params=params, tokenizer=tokenizer, eos_ids=_eos_ids(tokenizer, path))
     from rlft.train.warm_start import run_dir_of
 
     run_dir = run_dir_of(path)

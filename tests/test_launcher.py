@@ -93,6 +93,29 @@ def _wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+# preexec_fn (`_as_from_a_shell`) makes subprocess fork instead of spawn; JAX warns about forking a
+# threaded process, but the child only resets its signals and execs bash.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
+
+def _as_from_a_shell() -> None:
+    """In the launcher's child before exec: no blocked signals and SIGINT / SIGTERM at their
+    defaults, as a terminal's shell starts a command. A pytest worker may not be in that state
+    (threads of the libraries it loaded, signal handlers of earlier tests), and bash cannot trap
+    a signal that was blocked or ignored when it started."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _signal_state(pid: int) -> str:
+    """The Sig* lines of /proc/PID/status (blocked, ignored, caught), for failure messages."""
+    try:
+        return " ".join(line.strip() for line in open(f"/proc/{pid}/status") if line.startswith("Sig"))
+    except OSError:
+        return "(gone)"
+
+
 class Run:
     """launch/multiprocess_cpu.sh 2 tests/fixtures/idle_experiment.py, output in a file."""
 
@@ -105,7 +128,7 @@ class Run:
             self.launcher = subprocess.Popen(
                 ["bash", LAUNCHER, "2", IDLE, "--workdir", self.workdir, *args],
                 env=_env(LOG_DIR=self.logs, PYTHON=python, STOP_TIMEOUT="1", **env),
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_as_from_a_shell)
         self.started = time.monotonic()
 
     def text(self) -> str:
@@ -129,7 +152,8 @@ class Run:
         try:
             return self.launcher.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the launcher did not exit within {timeout} s:\n{self.text()[-3000:]}") from None
+            raise AssertionError(f"the launcher did not exit within {timeout} s (its signals: "
+                                 f"{_signal_state(self.launcher.pid)}):\n{self.text()[-3000:]}") from None
 
     def cleanup(self) -> None:
         """SIGKILL whatever this test started that is still there (only when a test failed)."""

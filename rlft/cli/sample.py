@@ -45,10 +45,10 @@ def sample_command(args: list[str]) -> int:
         raise RlftError(f"{opts.path}: no tokenizer files (tokenizer.json, vocab.json or tokenizer.model)")
     out = model.generate(opts.prompt, max_new_tokens=opts.max_new_tokens, temperature=sampling.temperature,
                          top_k=sampling.top_k, top_p=sampling.top_p, seed=opts.seed)
-    eos_id = model.tokenizer.eos_token_id
+    eos_ids = set(model.eos_ids) or {model.tokenizer.eos_token_id}
     for i, prompt in enumerate(opts.prompt):
         completion = out["tokens"][i, : int(out["mask"][i].sum())].tolist()
-        stop = "eos" if completion and completion[-1] == eos_id else "length"
+        stop = "eos" if completion and completion[-1] in eos_ids else "length"
         print(f"--- sample {i}: {len(completion)} tokens, stopped at {stop} ---")
         print(prompt + out["text"][i])
     return 0

@@ -129,3 +129,19 @@ def test_bad_inputs_are_one_error_line(byo_run, tmp_path, capsys, flags, files, 
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1].startswith("rlft: error: ") and error in err[-1], err[-5:]
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.slow
+def test_generation_stops_at_either_eos_of_the_checkpoint(byo_run):
+    """rlft.load of the checkpoint and of the run's stage both carry generation_config.json's two
+    EOS ids, and generate() ends a completion at the first of either."""
+    checkpoint, workdir = byo_run
+    for path in (checkpoint, workdir / "rl"):
+        assert rlft.load(str(path)).eos_ids == (0, 3), path
+    out = rlft.load(str(checkpoint)).generate([f"{i}+{i}=" for i in range(16)], max_new_tokens=40, temperature=1.0)
+    ends = []
+    for row, n in zip(out["tokens"], out["mask"].sum(-1).astype(int)):
+        stops = [t for t in row[:n].tolist() if t in (0, 3)]
+        assert stops in ([], [row[n - 1]]) and (stops or n == 40), row[:n]
+        ends += stops
+    assert set(ends) == {0, 3}, ends  # a random 47-token model stops at both within 40 tokens
