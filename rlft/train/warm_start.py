@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel, hf
 from rlft.models.lora import merge_adapters, read_lora_record
-from rlft.models.params import dotted_names, fill_params, flatten_params
+from rlft.models.params import dotted_names, fill_params, flatten_params, stack_layers, unstack_layers
 from rlft.parallel.sharding import sharded_init, state_shardings
 from rlft.train.checkpoints import MODEL_CONFIG_FILE, load_params
 from rlft.train.stages import read_stages
@@ -66,8 +66,25 @@ def _merged_lora_values(adapters: dict, lora, base: str | None, *, stage: str, k
     if not os.path.exists(base):
         raise RlftError(f"stage {stage} is a LoRA stage on the base {base}, which no longer exists")
     base_values = load_values(base)
-    full = _deep_merge(base_values if kind == "lm" else {"backbone": base_values}, adapters)
-    return merge_adapters(full, lora)
+    base_values = base_values if kind == "lm" else {"backbone": base_values}
+    # The stage and its base may differ in layer layout (`model.scan_layers`): merge per layer,
+    # then give the result the stage's layout.
+    stacked = dotted_names(adapters) != unstack_layers(dotted_names(adapters))
+    per_layer = lambda tree: _nested(unstack_layers(dotted_names(tree)))
+    merged = merge_adapters(_deep_merge(per_layer(base_values), per_layer(adapters)), lora)
+    return _nested(stack_layers(dotted_names(merged))) if stacked else merged
+
+
+def _nested(values: dict) -> dict:
+    """{"a.b.c": x} -> {"a": {"b": {"c": x}}} (the inverse of `dotted_names`)."""
+    out: dict = {}
+    for name, value in values.items():
+        *parents, leaf = name.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

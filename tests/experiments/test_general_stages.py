@@ -10,6 +10,8 @@ import os
 import numpy as np
 import pytest
 
+import rlft
+
 from rlft.cli.main import main
 from tests.experiments.conftest import ROOT
 from tests.experiments.test_rl_byo import write_checkpoint
@@ -75,11 +77,18 @@ def test_sft_loss_is_the_completion_nll_of_transformers(files, tmp_path):
     report = json.load(open(workdir / "eval" / "report.json"))
     assert report["nll_start"] == pytest.approx(completion_nll, rel=1e-4) and report["nll_sft"] < report["nll_start"]
     # The trained stage is a starting model too (model.path = a stage of an rlft run): its
-    # tokenizer and both EOS ids come from the run.
+    # tokenizer and both EOS ids come from the run. LoRA in the other layer layout (scan_layers):
+    # the RL stage's adapters merge onto its unrolled base when loaded.
     rl = tmp_path / "rl"
     assert main(["run", f"{experiment('rl')}:tiny", "--workdir", str(rl), *COMMON, f"--config.model.path={workdir / 'sft'}",
-                 f"--config.data.train={files / 'sft.jsonl'}", "--config.rl.steps=1"]) == 0
+                 f"--config.data.train={files / 'sft.jsonl'}", "--config.rl.steps=2", "--config.model.scan_layers=true",
+                 "--config.model.remat=full", "--config.rl.lora.rank=4", "--config.rl.learning_rate=3e-2",
+                 "--config.rl.rewards=length", "--config.rl.length_buffer=8"]) == 0  # dense: lengths differ
     assert json.load(open(rl / "tokenizer" / "generation_config.json")) == {"eos_token_id": [0, 3]}
+    ids = np.array([[4, 5, 6, 7, 8]])
+    tuned, base = rlft.load(str(rl / "rl")), rlft.load(str(workdir / "sft"))
+    assert tuned.config.scan_layers and not base.config.scan_layers
+    assert 1e-4 < np.abs(tuned.logits(ids) - base.logits(ids)).max() < 10
 
 
 @pytest.mark.slow
