@@ -23,13 +23,12 @@ import os
 import ml_collections
 import numpy as np
 
-from rlft.data.records import read_rows
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
 from rlft.generate.scoring import completion_logprobs
 from rlft.parallel.sharding import make_mesh
-from rlft.recipes.general import (check_paths, data_config, encoded_pairs, load_starting_model, model_config,
-                                  save_run_files)
+from rlft.recipes.general import (check_paths, data_config, data_rows, encoded_pairs, load_starting_model,
+                                  model_config, save_run_files)
 from rlft.train.stages import dpo_stage_config, run_dpo_stage
 
 
@@ -60,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    pairs = encoded_pairs(read_rows(config.data.train, flag="data.train"), config.data, start, "data.train")
+    pairs = encoded_pairs(data_rows(config.data, "train"), config.data, start, "data.train")
     save_run_files(workdir, start)
     run_dpo_stage(name="dpo", workdir=workdir, graphdef=start.graphdef, params=start.params, pairs=pairs,
                   cfg=config.dpo, mesh=mesh, seed=config.seed, pad_id=start.pad_id, base=start.path)
@@ -72,7 +71,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows), the starting model vs the DPO stage; writes WORKDIR/eval/report.{json,md}."""
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    rows = read_rows(config.data.eval, flag="data.eval")[:config.eval.max_pairs or None]
+    rows = data_rows(config.data, "eval")[:config.eval.max_pairs or None]
     pairs = encoded_pairs(rows, config.data, start, "data.eval")
     trained = load_starting_model(ml_collections.ConfigDict({**config.model.to_dict(),
                                                             "path": os.path.join(workdir, "dpo")}), mesh)

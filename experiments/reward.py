@@ -23,13 +23,12 @@ import os
 import ml_collections
 import numpy as np
 
-from rlft.data.records import read_rows
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
 from rlft.generate.scoring import read_reward_stats, sequence_scores, write_reward_stats
 from rlft.parallel.sharding import make_mesh
-from rlft.recipes.general import (check_paths, data_config, encoded_pairs, load_starting_model, model_config,
-                                  save_run_files)
+from rlft.recipes.general import (check_paths, data_config, data_rows, encoded_pairs, load_starting_model,
+                                  model_config, save_run_files)
 from rlft.train.stages import reward_stage_config, run_reward_stage
 from rlft.train.warm_start import load_values, scalar_model_from_lm
 
@@ -62,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    pairs = encoded_pairs(read_rows(config.data.train, flag="data.train"), config.data, start, "data.train")
+    pairs = encoded_pairs(data_rows(config.data, "train"), config.data, start, "data.train")
     save_run_files(workdir, start)
     graphdef, params = scalar_model_from_lm(start.config, start.params, mesh, seed=config.seed)
     params = run_reward_stage(name="reward", workdir=workdir, graphdef=graphdef, params=params, pairs=pairs,
@@ -71,7 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if read_reward_stats(stage_dir) is None:
         reference = config.data.eval or config.data.train
         flag = "data.eval" if config.data.eval else "data.train"
-        rows = read_rows(reference, flag=flag)[:config.eval.max_pairs or None]
+        rows = data_rows(config.data, flag.split(".")[1])[:config.eval.max_pairs or None]
         sides = [side for pair in encoded_pairs(rows, config.data, start, flag) for side in pair]
         scores = sequence_scores(graphdef, params, sides, config.reward.max_length, start.pad_id, mesh,
                                  min(config.eval.batch_size, len(sides)))
@@ -86,7 +85,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pairs (its first eval.max_pairs rows); writes WORKDIR/eval/report.{json,md}."""
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    rows = read_rows(config.data.eval, flag="data.eval")[:config.eval.max_pairs or None]
+    rows = data_rows(config.data, "eval")[:config.eval.max_pairs or None]
     pairs = encoded_pairs(rows, config.data, start, "data.eval")
     graphdef, params = scalar_model_from_lm(start.config, start.params, mesh, seed=config.seed)
     from flax import nnx

@@ -45,13 +45,14 @@ import ml_collections
 import numpy as np
 
 from rlft.data.batching import pad_left
-from rlft.data.records import column, read_rows
+from rlft.data.records import column
 from rlft.errors import RlftError
 from rlft.eval.report import write_report
 from rlft.generate.sampling import SamplingParams, sample
 from rlft.parallel.distributed import to_host
 from rlft.parallel.sharding import batch_axes, make_mesh
-from rlft.recipes.general import check_paths, data_config, load_starting_model, model_config, prompt_records, save_run_files
+from rlft.recipes.general import (check_paths, data_config, data_rows, load_starting_model, model_config,
+                                  prompt_records, save_run_files)
 from rlft.rl.config import rl_stage_config
 from rlft.rl.reward_step import decode_completions
 from rlft.rl.rewards import LengthPenalty, build_rewards, score_completions
@@ -96,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    rows = read_rows(config.data.train, flag="data.train")
+    rows = data_rows(config.data, "train")
     prompts = prompt_records(rows, start.tokenizer, config.data, "data.train")
     longest = max(len(p["ids"]) for p in prompts)
     if not start.config.uses_rope and longest + config.rl.max_new_tokens > start.config.max_positions:
@@ -124,7 +125,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     WORKDIR/eval/report.{json,md}."""
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    rows = read_rows(config.data.eval, flag="data.eval")[:config.data.max_eval_prompts or None]
+    rows = data_rows(config.data, "eval")[:config.data.max_eval_prompts or None]
     prompts = prompt_records(rows, start.tokenizer, config.data, "data.eval")
     trained = load_starting_model(ml_collections.ConfigDict({**config.model.to_dict(),
                                                             "path": os.path.join(workdir, "rl")}), mesh)

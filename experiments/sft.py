@@ -23,12 +23,11 @@ import os
 
 import ml_collections
 
-from rlft.data.records import read_rows
 from rlft.eval.report import write_report
 from rlft.generate.scoring import completion_token_logprobs
 from rlft.parallel.sharding import make_mesh
-from rlft.recipes.general import (check_paths, completion_ids, data_config, load_starting_model, model_config,
-                                  prompt_records, save_run_files)
+from rlft.recipes.general import (check_paths, completion_ids, data_config, data_rows, load_starting_model,
+                                  model_config, prompt_records, save_run_files)
 from rlft.errors import RlftError
 from rlft.train.stages import run_sft_stage, sft_stage_config
 
@@ -69,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    examples = examples_of(read_rows(config.data.train, flag="data.train"), config, start, "data.train")
+    examples = examples_of(data_rows(config.data, "train"), config, start, "data.train")
     save_run_files(workdir, start)
     run_sft_stage(name="sft", workdir=workdir, graphdef=start.graphdef, params=start.params, examples=examples,
                   cfg=config.sft, mesh=mesh, seed=config.seed, pad_id=start.pad_id, base=start.path)
@@ -81,7 +80,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval.max_examples rows), starting model vs the SFT stage; writes WORKDIR/eval/report.{json,md}."""
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    rows = read_rows(config.data.eval, flag="data.eval")[:config.eval.max_examples or None]
+    rows = data_rows(config.data, "eval")[:config.eval.max_examples or None]
     examples = examples_of(rows, config, start, "data.eval")
     trained = load_starting_model(ml_collections.ConfigDict({**config.model.to_dict(),
                                                             "path": os.path.join(workdir, "sft")}), mesh)

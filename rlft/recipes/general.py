@@ -104,13 +104,22 @@ def save_run_files(workdir: str, start: StartingModel) -> None:
 
 def data_config(**fields) -> ml_collections.ConfigDict:
     """The `data` section: train / eval (a .jsonl, .json, .csv or .parquet file, or
-    tfds:NAME:SPLIT), the field names (prompt_field, answer_field, completion_field, chosen_field,
-    rejected_field), chat_template (apply the tokenizer's chat template to prompts) and
-    max_prompt_tokens (0: no limit; longer prompts keep their end)."""
-    section = dict(train="", eval="", prompt_field="prompt", answer_field="answer", completion_field="completion",
-                   chosen_field="chosen", rejected_field="rejected", chat_template=False, max_prompt_tokens=0)
+    tfds:NAME:SPLIT read from data_dir, default TFDS's), the field names (prompt_field,
+    answer_field, completion_field, chosen_field, rejected_field), chat_template (apply the
+    tokenizer's chat template to prompts) and max_prompt_tokens (0: no limit; longer prompts keep
+    their end)."""
+    section = dict(train="", eval="", data_dir="", prompt_field="prompt", answer_field="answer",
+                   completion_field="completion", chosen_field="chosen", rejected_field="rejected",
+                   chat_template=False, max_prompt_tokens=0)
     section.update(fields)
     return ml_collections.ConfigDict(section)
+
+
+def data_rows(data: ml_collections.ConfigDict, which: str) -> list[dict]:
+    """The rows of data.train or data.eval (`which`), as `rlft.data.records.read_rows` reads them."""
+    from rlft.data.records import read_rows
+
+    return read_rows(data[which], flag=f"data.{which}", data_dir=data.data_dir or None)
 
 
 def prompt_records(rows: list[dict], tokenizer, data: ml_collections.ConfigDict, flag: str) -> list[dict]:

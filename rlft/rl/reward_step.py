@@ -100,7 +100,8 @@ def _scorer(reward: Reward, tokenizer, prompts: Sequence[dict], mesh: Mesh, chun
         reward = reward.on_mesh(mesh)
         if reward.shares_vocabulary(tokenizer):
             from_tokens = MeshJit(jax.jit(functools.partial(rollout_scores, reward.graphdef, **reward.framing(),
-                                                            chunk_rows=chunk_rows), out_shardings=scores_sharding), mesh)
+                                                            chunk_rows=chunk_rows),
+                                          out_shardings=scores_sharding), mesh)
             return lambda seqs, host, where: from_tokens(reward.params, seqs)
         framing = reward.framing()
         score_rows = MeshJit(jax.jit(functools.partial(row_scores, reward.graphdef, mean=framing["mean"],

@@ -80,7 +80,8 @@ def test_sft_loss_is_the_completion_nll_of_transformers(files, tmp_path):
     # tokenizer and both EOS ids come from the run. LoRA in the other layer layout (scan_layers):
     # the RL stage's adapters merge onto its unrolled base when loaded.
     rl = tmp_path / "rl"
-    assert main(["run", f"{experiment('rl')}:tiny", "--workdir", str(rl), *COMMON, f"--config.model.path={workdir / 'sft'}",
+    assert main(["run", f"{experiment('rl')}:tiny", "--workdir", str(rl), *COMMON,
+                 f"--config.model.path={workdir / 'sft'}",
                  f"--config.data.train={files / 'sft.jsonl'}", "--config.rl.steps=2", "--config.model.scan_layers=true",
                  "--config.model.remat=full", "--config.rl.lora.rank=4", "--config.rl.learning_rate=3e-2",
                  "--config.rl.rewards=length", "--config.rl.length_buffer=8"]) == 0  # dense: lengths differ
