@@ -134,10 +134,15 @@ def test_step_is_independent_of_devices_and_accumulation(algorithm, aggregation)
         np.testing.assert_allclose(ma[name], mb[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce"])
-def test_mean_reward_rises_on_a_toy_task(algorithm):
-    """Reward = emitting TARGET: the mean score of the last steps beats the first steps' clearly."""
-    pc = config(algorithm)
+@pytest.mark.parametrize("algorithm,overrides", [
+    ("ppo", {}), ("grpo", {}), ("rloo", {}), ("reinforce", {}), ("gspo", {}), ("dapo", {}), ("cispo", {}),
+    ("dr_grpo", {}), ("gspo", dict(minibatches=2, clip_eps_low=0.2, clip_eps_high=0.2)),
+    ("cispo", dict(minibatches=2, tis="token")), ("grpo", dict(tis="sequence")),
+], ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()) or "defaults")
+def test_mean_reward_rises_on_a_toy_task(algorithm, overrides):
+    """Reward = emitting TARGET: the mean score of the last steps beats the first steps' clearly,
+    for every algorithm preset and the off-policy (minibatches=2) and TIS variants."""
+    pc = config(algorithm, **overrides)
     graphdef, params, cg, cp = models(pc)
     steps = 30
     tx = make_optimizer(3e-3, 0, steps * pc.epochs)
@@ -175,6 +180,10 @@ def test_mean_reward_rises_on_a_toy_task(algorithm):
     (dict(vocab_chunk=-8), "rl.vocab_chunk"),
     (dict(vocab_chunk=64, top_k=5), "rl.vocab_chunk"),
     (dict(vocab_chunk=64, top_p=0.9), "rl.vocab_chunk"),
+    (dict(policy_loss="ppo2"), "rl.policy_loss"),
+    (dict(ratio_level="group"), "rl.ratio_level"),
+    (dict(tis="yes"), "rl.tis"),
+    (dict(tis_cap=0.5), "rl.tis_cap"),
 ])
 def test_bad_configuration_names_the_field(override, field):
     kl = override.pop("kl", {})
@@ -192,6 +201,12 @@ def test_algorithm_defaults_and_overrides():
     assert config("rloo").advantage == "rloo" and config("reinforce").clip is False
     overridden = config("grpo", advantage="rloo", kl=dict(coef=0.0))  # a component flag wins
     assert overridden.advantage == "rloo" and overridden.kl_coef == 0.0 and not overridden.uses_reference
+    gspo, cispo, dr = config("gspo"), config("cispo"), config("dr_grpo")
+    assert gspo.ratio_level == "sequence" and (gspo.clip_eps_low, gspo.clip_eps_high) == (3e-4, 4e-4)
+    assert cispo.policy_loss == "cispo" and config("dapo").clip_eps_high == 0.28
+    assert dr.loss_aggregation == "fixed-length" and not dr.grpo_scale_by_std
+    assert config("grpo").grpo_scale_by_std and config("grpo").policy_loss == "clipped"
+    assert config("gspo", clip_eps_high=0.1).clip_eps_high == 0.1
 
 
 def test_shared_critic_is_a_value_head_on_the_policy_trunk():
@@ -232,3 +247,30 @@ def test_several_eos_ids_end_a_completion():
     mask = jnp.array([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
     np.testing.assert_array_equal(ended_with_eos(tokens, mask, (3, 7)), [True, True, False, True])
     np.testing.assert_array_equal(ended_with_eos(tokens, mask, 3), [False, True, False, False])
+
+
+def test_mask_truncated_leaves_cut_completions_out_of_the_loss():
+    """rl.mask_truncated: the loss and its gradient do not depend on the advantages of rows that
+    reached max_new_tokens without EOS (and do without the flag)."""
+    from rlft.rl.pg_step import pg_loss
+    from rlft.rl.rollout import ended_with_eos
+
+    graphdef, params, _, _ = models(config("grpo"))
+    seqs = rollout(config("grpo"), graphdef, params, jax.random.key(3))
+    experience, _ = make_experience(config("grpo"), graphdef, params, seqs, scores_of(seqs), None,
+                                    jnp.float32(0.0), jnp.float32(0.0))
+    ended = np.asarray(ended_with_eos(seqs.tokens[:, -NEW:], seqs.completion_mask, EOS))
+    assert ended.any() and not ended.all()
+    cut = jnp.asarray(~ended)[:, None]
+
+    def loss_and_grad(pc, advantage):
+        mb = experience.replace(advantages=jnp.where(cut, advantage, experience.advantages))
+        fn = lambda p: pg_loss((p, None), mb, graphdef=graphdef, critic_graphdef=None, config=pc,
+                               kl_coef=jnp.float32(0.0))[0]
+        return jax.value_and_grad(fn)(params)
+
+    for masked, same in ((True, True), (False, False)):
+        pc = config("grpo", mask_truncated=masked, kl=dict(coef=0.0))
+        (a, ga), (b, gb) = loss_and_grad(pc, 5.0), loss_and_grad(pc, -5.0)
+        gap = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))
+        assert (abs(float(a - b)) < 1e-6 and gap < 1e-6) == same, (masked, float(a - b), gap)

@@ -1,4 +1,12 @@
-"""Policy-gradient losses: the PPO clipped surrogate, the clipped value loss, entropy, aggregation.
+"""Policy-gradient losses: the PPO clipped surrogate, CISPO, GSPO's sequence ratio, truncated
+importance sampling, the clipped value loss, entropy, aggregation.
+
+Policy losses by name (`POLICY_LOSSES`, rl.policy_loss), each fn(logp, old_logp, advantages,
+log_ratio, *, eps_low, eps_high, clip) -> (loss [B, T], stats) with `log_ratio` [B, T] from
+`log_ratios` (rl.ratio_level: per token, or GSPO's sequence ratio on every token):
+
+    clipped   PPO's −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A)
+    cispo     CISPO's −sg(min(r, 1 + ε_high))·A·log π: the weight is clipped, no token loses its gradient
 
 Per-token losses are [batch, length] float32 and unaggregated; `aggregate` turns them into a
 (sum, count) pair whose parts add across micro-batches and devices, so dividing once at the end
@@ -88,8 +96,52 @@ def aggregate(per_token: Array, mask: Array, mode: str, max_length: int) -> tupl
     return AGGREGATIONS[mode](per_token, mask, max_length)
 
 
-def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *, eps_low: float,
-                      eps_high: float, clip: bool = True) -> tuple[Array, dict[str, Array]]:
+def sequence_log_ratio(logp: Array, old_logp: Array, mask: Array) -> Array:
+    """float32 [B]: GSPO's length-normalised sequence log-ratio Σ_t m·(logp − old_logp) / Σ_t m
+    (Zheng et al. 2025); 0 for a row without mask tokens. logp, old_logp, mask: [B, T]."""
+    keep = mask > 0
+    diff = jnp.where(keep, jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32), 0.0)
+    return jnp.sum(diff, axis=-1) / jnp.maximum(jnp.sum(keep, axis=-1), 1).astype(jnp.float32)
+
+
+RATIO_LEVELS = ("token", "sequence")
+
+
+def log_ratios(logp: Array, old_logp: Array, mask: Array, level: str = "token") -> Array:
+    """float32 [B, T]: the log importance ratio each token's loss uses (old_logp a constant).
+
+    "token": logp − old_logp. "sequence" (GSPO-token): sg(sequence_log_ratio) + logp − sg(logp),
+    whose value is the sequence's ratio on every token and whose gradient is each token's own
+    ∇logp, so exp(·) = s_i·π(y_t)/sg(π(y_t)) as in GSPO's token form.
+    """
+    logp = jnp.asarray(logp, jnp.float32)
+    old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+    if level == "token":
+        return logp - old_logp
+    if level == "sequence":
+        seq = jax.lax.stop_gradient(sequence_log_ratio(logp, old_logp, mask))
+        return seq[:, None] + logp - jax.lax.stop_gradient(logp)
+    raise RlftError(f"rl.ratio_level={level!r}: expected one of {list(RATIO_LEVELS)}")
+
+
+def truncated_is_weights(trainer_logp: Array, sampler_logp: Array, mask: Array, level: str,
+                         cap: float) -> Array:
+    """float32 [B, T], constants: truncated importance-sampling weights against the sampler /
+    trainer mismatch, min(π_trainer/π_sampler, cap) per token ("token") or of the whole sequence
+    (exp(Σ_t m·(trainer − sampler)), "sequence"); 1 for "none". Inputs [B, T] log-probs of the
+    sampled tokens under the trainer (before the update) and under the sampler."""
+    if level == "none":
+        return jnp.ones(jnp.shape(trainer_logp), jnp.float32)
+    diff = jnp.where(mask > 0, jnp.asarray(trainer_logp, jnp.float32) - jnp.asarray(sampler_logp, jnp.float32), 0.0)
+    if level == "sequence":
+        diff = jnp.broadcast_to(jnp.sum(diff, axis=-1, keepdims=True), diff.shape)
+    elif level != "token":
+        raise RlftError(f"rl.tis={level!r}: expected one of ['none', 'token', 'sequence']")
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(diff), cap))
+
+
+def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, log_ratio: Array | None = None, *,
+                      eps_low: float, eps_high: float, clip: bool = True) -> tuple[Array, dict[str, Array]]:
     """PPO's clipped surrogate, per token (Schulman et al. 2017; asymmetric ε as in DAPO).
 
     Args:
@@ -97,6 +149,8 @@ def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *, eps_lo
       old_logp: [B, T] log-probs under the policy that sampled them (treated as constants).
       advantages: [B, T] (sequence-level advantages broadcast over tokens by the caller).
       eps_low, eps_high: the ratio band [1 − eps_low, 1 + eps_high].
+      log_ratio: [B, T] log-ratios to use (`log_ratios`, e.g. GSPO's sequence level); default
+        logp − old_logp.
       clip: False gives the plain importance-weighted policy gradient −ratio·A, whose gradient
         at ratio 1 is −A·∇logp.
 
@@ -113,7 +167,7 @@ def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *, eps_lo
     logp = jnp.asarray(logp, jnp.float32)
     old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
     advantages = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
-    log_ratio = logp - old_logp
+    log_ratio = logp - old_logp if log_ratio is None else log_ratio
     ratio = jnp.exp(log_ratio)
     unclipped = ratio * advantages
     if clip:
@@ -129,6 +183,40 @@ def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *, eps_lo
         "approx_kl": (ratio - 1.0) - log_ratio,
     }
     return loss, jax.tree.map(jax.lax.stop_gradient, stats)
+
+
+def cispo_loss(logp: Array, old_logp: Array, advantages: Array, log_ratio: Array | None = None, *,
+               eps_low: float = 0.0, eps_high: float, clip: bool = True) -> tuple[Array, dict[str, Array]]:
+    """CISPO (MiniMax-M1, 2025) per token [B, T]: −sg(min(ratio, 1 + eps_high))·A·logp.
+
+    The importance weight is clipped and held constant, so every token keeps a gradient,
+    −min(ratio, 1 + ε_high)·A·∇logp (PPO's clip zeroes it instead). eps_low is unused (no lower
+    bound); clip=False leaves the weight unclipped. stats as `clipped_surrogate`'s, "clipped"
+    marking tokens whose weight was capped.
+    """
+    del eps_low
+    logp = jnp.asarray(logp, jnp.float32)
+    old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+    advantages = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+    log_ratio = logp - old_logp if log_ratio is None else log_ratio
+    ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
+    weight = jnp.minimum(ratio, 1.0 + eps_high) if clip else ratio
+    loss = -weight * advantages * logp
+    stats = {"ratio": ratio, "clipped": (clip & (ratio > 1.0 + eps_high)).astype(jnp.float32),
+             "approx_kl": (ratio - 1.0) - jax.lax.stop_gradient(log_ratio)}
+    return loss, stats
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
+    "clipped": clipped_surrogate,
+    "cispo": cispo_loss,
+}
+
+
+def check_policy_loss(name: str, field: str = "rl.policy_loss") -> None:
+    """Raises RlftError naming `field` when `name` is not a key of POLICY_LOSSES."""
+    if name not in POLICY_LOSSES:
+        raise RlftError(f"{field}={name!r}: expected one of {sorted(POLICY_LOSSES)}")
 
 
 def value_loss(values: Array, old_values: Array, returns: Array, *,

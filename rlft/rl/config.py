@@ -1,22 +1,32 @@
 """RL hyper-parameters: the `rl` config section, per-algorithm defaults, and their validation.
 
-`--config.rl.algorithm=ppo|grpo|rloo|reinforce` picks a family's defaults; every component is its
-own field and overrides them (a field left at None takes the algorithm's value). With several
-updates per rollout, `rl.old_logprobs` says where the old policy's logprobs come from: "recompute"
-(a forward before the first update, the default) or "sampler" (the sampler's own, which are those
-of the same distribution; trl's PPO does this; saves a forward):
+`--config.rl.algorithm=ppo|grpo|rloo|reinforce|gspo|dapo|cispo|dr_grpo` picks a family's defaults;
+every component is its own field and overrides them (a field left at None takes the algorithm's
+value). With several updates per rollout, `rl.old_logprobs` says where the old policy's logprobs
+come from: "recompute" (a forward before the first update, the default) or "sampler" (the
+sampler's own, which are those of the same distribution; trl's PPO does this; saves a forward):
 
-| field                | ppo        | grpo                 | rloo       | reinforce  |
-|----------------------|------------|----------------------|------------|------------|
-| advantage            | gae        | grpo                 | rloo       | reinforce  |
-| critic               | separate   | none                 | none       | none       |
-| kl.placement         | reward     | loss                 | reward     | reward     |
-| kl.estimator         | k1         | k3                   | k1         | k1         |
-| kl.coef              | 0.05       | 0.04                 | 0.05       | 0.05       |
-| loss_aggregation     | token-mean | seq-mean-token-mean  | token-mean | token-mean |
-| whiten_advantages    | True       | False                | False      | False      |
-| clip                 | True       | True                 | True       | False      |
-| epochs               | 4          | 1                    | 1          | 1          |
+| field             | ppo        | grpo      | rloo       | reinforce  | gspo      | dapo       | cispo      | dr_grpo      |
+|-------------------|------------|-----------|------------|------------|-----------|------------|------------|--------------|
+| advantage         | gae        | grpo      | rloo       | reinforce  | grpo      | grpo       | grpo       | grpo         |
+| critic            | separate   | none      | none       | none       | none      | none       | none       | none         |
+| kl.placement      | reward     | loss      | reward     | reward     | loss      | loss       | loss       | loss         |
+| kl.estimator      | k1         | k3        | k1         | k1         | k3        | k3         | k3         | k3           |
+| kl.coef           | 0.05       | 0.04      | 0.05       | 0.05       | 0         | 0          | 0          | 0            |
+| loss_aggregation  | token-mean | seq-mean- | token-mean | token-mean | seq-mean- | token-mean | token-mean | fixed-length |
+|                   |            | token-mean|            |            | token-mean|            |            |              |
+| whiten_advantages | True       | False     | False      | False      | False     | False      | False      | False        |
+| clip              | True       | True      | True       | False      | True      | True       | True       | True         |
+| clip_eps_low/high | 0.2/0.2    | 0.2/0.2   | 0.2/0.2    | 0.2/0.2    | 3e-4/4e-4 | 0.2/0.28   | 0.2/0.28   | 0.2/0.2      |
+| policy_loss       | clipped    | clipped   | clipped    | clipped    | clipped   | clipped    | cispo      | clipped      |
+| ratio_level       | token      | token     | token      | token      | sequence  | token      | token      | token        |
+| grpo_scale_by_std | True       | True      | True       | True       | True      | True       | True       | False        |
+| epochs            | 4          | 1         | 1          | 1          | 1         | 1          | 1          | 1            |
+
+Beside them: `rl.tis=none|token|sequence` with `rl.tis_cap` (truncated importance sampling of the
+loss by min(π_trainer/π_sampler, cap) against the sampler/trainer mismatch; logged as
+policy/sampler_mismatch_kl either way) and `rl.mask_truncated` (completions that reach
+max_new_tokens without EOS are left out of the loss). DAPO's dynamic sampling is not built yet.
 
 `resolve_pg_config(section)` validates everything before any work starts and returns a frozen,
 hashable `PGConfig` (a static argument of the jitted step). Errors name the field.
@@ -38,25 +48,40 @@ from rlft.models.lora import lora_section
 from rlft.objectives.advantages import check_estimator
 from rlft.objectives.kl import (check_kl_coef, check_kl_controller, check_kl_estimator,
                                 check_kl_placement)
-from rlft.objectives.pg import check_aggregation, check_pg_args
+from rlft.objectives.pg import RATIO_LEVELS, check_aggregation, check_pg_args, check_policy_loss
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce")
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce", "gspo", "dapo", "cispo", "dr_grpo")
 CRITICS = ("none", "separate", "shared")
 
+_GROUP = dict(advantage="grpo", critic="none", kl_placement="loss", kl_estimator="k3", whiten_advantages=False,
+              clip=True, epochs=1)
 ALGORITHM_DEFAULTS: dict[str, dict] = {
     "ppo": dict(advantage="gae", critic="separate", kl_placement="reward", kl_estimator="k1",
                 kl_coef=0.05, loss_aggregation="token-mean", whiten_advantages=True, clip=True,
                 epochs=4),
-    "grpo": dict(advantage="grpo", critic="none", kl_placement="loss", kl_estimator="k3",
-                 kl_coef=0.04, loss_aggregation="seq-mean-token-mean", whiten_advantages=False,
-                 clip=True, epochs=1),
+    "grpo": dict(_GROUP, kl_coef=0.04, loss_aggregation="seq-mean-token-mean"),
     "rloo": dict(advantage="rloo", critic="none", kl_placement="reward", kl_estimator="k1",
                  kl_coef=0.05, loss_aggregation="token-mean", whiten_advantages=False, clip=True,
                  epochs=1),
     "reinforce": dict(advantage="reinforce", critic="none", kl_placement="reward", kl_estimator="k1",
                       kl_coef=0.05, loss_aggregation="token-mean", whiten_advantages=False,
                       clip=False, epochs=1),
+    # GSPO (Zheng et al. 2025): the sequence's length-normalised ratio on every token, a narrow clip.
+    "gspo": dict(_GROUP, kl_coef=0.0, loss_aggregation="seq-mean-token-mean", ratio_level="sequence",
+                 clip_eps_low=3e-4, clip_eps_high=4e-4),
+    # DAPO (Yu et al. 2025): clip-higher, token-level loss, no KL (pair it with the `length` reward).
+    "dapo": dict(_GROUP, kl_coef=0.0, loss_aggregation="token-mean", clip_eps_high=0.28),
+    # CISPO (MiniMax-M1 2025): a clipped, constant importance weight on every token's log-prob.
+    "cispo": dict(_GROUP, kl_coef=0.0, loss_aggregation="token-mean", policy_loss="cispo", clip_eps_high=0.28),
+    # Dr. GRPO (Liu et al. 2025): no std scaling of the advantages, a constant length normaliser.
+    "dr_grpo": dict(_GROUP, kl_coef=0.0, loss_aggregation="fixed-length", grpo_scale_by_std=False),
 }
+# Fields every algorithm shares unless its row above says otherwise.
+COMMON_DEFAULTS = dict(policy_loss="clipped", ratio_level="token", clip_eps_low=0.2, clip_eps_high=0.2,
+                       grpo_scale_by_std=True)
+for _row in ALGORITHM_DEFAULTS.values():
+    for _field, _value in COMMON_DEFAULTS.items():
+        _row.setdefault(_field, _value)
 
 
 def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning_rate: float,
@@ -77,8 +102,10 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
         weight_decay=0.0, clip_norm=1.0, accum_steps=1, experience_chunk=0, vocab_chunk=0,
         advantage=placeholder(str), critic=placeholder(str), gamma=1.0, lam=0.95,
         whiten_advantages=placeholder(bool),
-        grpo_scale_by_std=True, grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
-        clip=placeholder(bool), clip_eps_low=0.2, clip_eps_high=0.2, vf_coef=0.1, vf_clip=0.2,
+        grpo_scale_by_std=placeholder(bool), grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
+        clip=placeholder(bool), clip_eps_low=placeholder(float), clip_eps_high=placeholder(float),
+        policy_loss=placeholder(str), ratio_level=placeholder(str), tis="none", tis_cap=2.0,
+        mask_truncated=False, vf_coef=0.1, vf_clip=0.2,
         entropy_coef=0.0, loss_aggregation=placeholder(str), epochs=placeholder(int), minibatches=1,
         old_logprobs="recompute", no_eos_penalty=0.0,
         kl=ml_collections.ConfigDict(dict(coef=placeholder(float), estimator=placeholder(str),
@@ -113,6 +140,11 @@ class PGConfig:
     clip: bool
     clip_eps_low: float
     clip_eps_high: float
+    policy_loss: str  # a key of objectives.pg.POLICY_LOSSES
+    ratio_level: str  # "token" or "sequence" (GSPO)
+    tis: str  # truncated importance sampling against the sampler: "none", "token", "sequence"
+    tis_cap: float
+    mask_truncated: bool  # completions cut at max_new_tokens (no EOS) are left out of the loss
     vf_coef: float
     vf_clip: float
     entropy_coef: float
@@ -213,7 +245,15 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence
                         field=f"{prefix}.kl.controller")
     aggregation = _pick(section, d, "loss_aggregation")
     check_aggregation(aggregation, f"{prefix}.loss_aggregation")
-    check_pg_args(section.clip_eps_low, section.clip_eps_high, section.vf_clip)
+    eps_low, eps_high = _pick(section, d, "clip_eps_low"), _pick(section, d, "clip_eps_high")
+    check_pg_args(eps_low, eps_high, section.vf_clip)
+    policy_loss = _pick(section, d, "policy_loss")
+    check_policy_loss(policy_loss, f"{prefix}.policy_loss")
+    ratio_level = _pick(section, d, "ratio_level")
+    if ratio_level not in RATIO_LEVELS:
+        raise RlftError(f"{prefix}.ratio_level={ratio_level!r}: expected one of {list(RATIO_LEVELS)}")
+    if section.tis not in ("none", "token", "sequence"):
+        raise RlftError(f"{prefix}.tis={section.tis!r}: expected one of ['none', 'token', 'sequence']")
     epochs = _positive_int(_pick(section, d, "epochs"), f"{prefix}.epochs")
     rows = section.prompts_per_step * group
     if rows % section.minibatches:
@@ -243,20 +283,23 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence
         gamma=_in_range(section.gamma, f"{prefix}.gamma", 0.0, 1.0),
         lam=_in_range(section.lam, f"{prefix}.lam", 0.0, 1.0),
         whiten_advantages=_flag(_pick(section, d, "whiten_advantages"), f"{prefix}.whiten_advantages"),
-        grpo_scale_by_std=_flag(section.grpo_scale_by_std, f"{prefix}.grpo_scale_by_std"),
+        grpo_scale_by_std=_flag(_pick(section, d, "grpo_scale_by_std"), f"{prefix}.grpo_scale_by_std"),
         grpo_ddof=int(_in_range(section.grpo_ddof, f"{prefix}.grpo_ddof", 0, 1)),
         grpo_eps=_in_range(section.grpo_eps, f"{prefix}.grpo_eps", 0.0),
         baseline_decay=_in_range(section.baseline_decay, f"{prefix}.baseline_decay", 0.0, 1.0),
         kl_coef=float(kl_coef), kl_estimator=estimator, kl_placement=placement,
         kl_controller=section.kl.controller, kl_target=float(section.kl.target),
         kl_horizon=float(section.kl.horizon),
-        clip=_flag(_pick(section, d, "clip"), f"{prefix}.clip"), clip_eps_low=float(section.clip_eps_low),
-        clip_eps_high=float(section.clip_eps_high),
+        clip=_flag(_pick(section, d, "clip"), f"{prefix}.clip"), clip_eps_low=float(eps_low),
+        clip_eps_high=float(eps_high), policy_loss=policy_loss, ratio_level=ratio_level, tis=section.tis,
+        tis_cap=_in_range(section.tis_cap, f"{prefix}.tis_cap", 1.0),
+        mask_truncated=_flag(section.mask_truncated, f"{prefix}.mask_truncated"),
         vf_coef=_in_range(section.vf_coef, f"{prefix}.vf_coef", 0.0),
         vf_clip=float(section.vf_clip or 0.0),
         entropy_coef=_in_range(section.entropy_coef, f"{prefix}.entropy_coef", 0.0),
         loss_aggregation=aggregation, epochs=epochs, minibatches=section.minibatches,
         old_logprobs=section.old_logprobs,
-        accum_steps=section.accum_steps, experience_chunk=chunk, vocab_chunk=vocab_chunk, group_size=group, max_new_tokens=section.max_new_tokens,
+        accum_steps=section.accum_steps, experience_chunk=chunk, vocab_chunk=vocab_chunk, group_size=group,
+        max_new_tokens=section.max_new_tokens,
         no_eos_penalty=_in_range(section.no_eos_penalty, f"{prefix}.no_eos_penalty", 0.0),
         eos_ids=tuple(sorted({int(i) for i in np.reshape(eos_id, -1)})), sampling=sampling)

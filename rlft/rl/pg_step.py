@@ -25,9 +25,9 @@ from flax import nnx, struct
 from rlft.models.lora import adapters_off, combine
 from rlft.ops import masked_mean
 from rlft.objectives.kl import KL_CONTROLLERS, kl_estimate
-from rlft.objectives.pg import aggregate, clipped_surrogate, value_loss
+from rlft.objectives.pg import POLICY_LOSSES, aggregate, log_ratios, truncated_is_weights, value_loss
 from rlft.rl.config import PGConfig
-from rlft.rl.rollout import Experience, make_experience, policy_outputs
+from rlft.rl.rollout import Experience, ended_with_eos, make_experience, policy_outputs
 from rlft.train.steps import apply_update, mean_gradients, step_key
 
 Array = jax.Array
@@ -63,7 +63,8 @@ def init_pg_state(params: nnx.State, tx: optax.GradientTransformation, critic_pa
 
 
 # Token-weighted sums each minibatch reports; divided by the token count at the end.
-_TOKEN_SUMS = ("ratio", "clipped", "approx_kl", "value_clipped", "entropy", "sampler_diff")
+_TOKEN_SUMS = ("ratio", "clipped", "approx_kl", "value_clipped", "entropy", "sampler_diff",
+               "sampler_mismatch_kl", "tis_weight")
 
 
 def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.GraphDef,
@@ -71,8 +72,11 @@ def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.G
             kl_coef: Array) -> tuple[Array, Array, dict[str, Array]]:
     """(loss sum, count, aux sums) of one minibatch for (policy params, critic params).
 
-    Per token: clipped surrogate (+ kl_coef·KL estimate when the KL is a loss term, − entropy_coef
-    · entropy, + vf_coef · clipped value loss), aggregated by `config.loss_aggregation` into
+    Per token: the policy loss `config.policy_loss` (clipped surrogate or CISPO) on log-ratios at
+    `config.ratio_level` (token, or GSPO's sequence), times truncated importance weights with
+    `config.tis` (+ kl_coef·KL estimate when the KL is a loss term, − entropy_coef · entropy,
+    + vf_coef · clipped value loss), over the completion tokens (without the rows cut at
+    max_new_tokens with `config.mask_truncated`), aggregated by `config.loss_aggregation` into
     (sum, count). With a single update per rollout the old logprobs are the current ones,
     detached, so the ratio is exactly 1 and no separate forward is spent on them.
     """
@@ -81,10 +85,23 @@ def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.G
                          critic_params=critic_params, critic=config.critic,
                          entropy=config.entropy_coef > 0, vocab_chunk=config.vocab_chunk)
     logp = out["logprobs"]
-    keep = mb.mask > 0
+    mask = mb.mask
+    if config.mask_truncated:  # completions cut at max_new_tokens leave the loss
+        mask = mask * ended_with_eos(mb.tokens[:, -mask.shape[1]:], mb.mask, config.eos_ids)[:, None]
+    keep = mask > 0
     old = jax.lax.stop_gradient(logp) if config.single_update else mb.old_logprobs
-    per_token, stats = clipped_surrogate(logp, old, mb.advantages, eps_low=config.clip_eps_low,
-                                         eps_high=config.clip_eps_high, clip=config.clip)
+    log_ratio = log_ratios(logp, old, mask, config.ratio_level)
+    per_token, stats = POLICY_LOSSES[config.policy_loss](logp, old, mb.advantages, log_ratio,
+                                                         eps_low=config.clip_eps_low,
+                                                         eps_high=config.clip_eps_high, clip=config.clip)
+    # The trainer's log-probs before the update against the sampler's: the mismatch (k3 estimate of
+    # KL(sampler‖trainer) on the sampled tokens) and, with rl.tis, the capped weights on the loss.
+    trainer_ratio = jnp.exp(jax.lax.stop_gradient(old) - mb.sampler_logprobs)
+    stats = {**stats, "sampler_mismatch_kl": (trainer_ratio - 1.0) - jnp.log(trainer_ratio)}
+    if config.tis != "none":
+        weights = truncated_is_weights(old, mb.sampler_logprobs, mask, config.tis, config.tis_cap)
+        per_token = per_token * weights
+        stats = {**stats, "tis_weight": weights}
     policy_part = per_token
     if config.kl_placement == "loss" and config.uses_reference:
         per_token = per_token + kl_coef * kl_estimate(logp, mb.ref_logprobs, config.kl_estimator)
@@ -96,15 +113,15 @@ def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.G
         per_token = per_token + config.vf_coef * value_part
         stats = {**stats, "value_clipped": vstats["clipped"]}
     n = config.max_new_tokens
-    loss_sum, count = aggregate(jnp.where(keep, per_token, 0.0), mb.mask, config.loss_aggregation, n)
+    loss_sum, count = aggregate(jnp.where(keep, per_token, 0.0), mask, config.loss_aggregation, n)
     stats = {**stats, "entropy": out.get("entropy", jnp.zeros_like(logp)),
              "sampler_diff": jnp.abs(jax.lax.stop_gradient(logp) - mb.sampler_logprobs)}
     masked_sum = lambda x: jnp.sum(jnp.where(keep, x, 0.0))
     aux = {name: masked_sum(stats.get(name, jnp.zeros_like(logp))) for name in _TOKEN_SUMS}
     aux["tokens"] = jnp.sum(keep.astype(jnp.float32))
-    aux["policy_loss"] = aggregate(jnp.where(keep, jax.lax.stop_gradient(policy_part), 0.0), mb.mask,
+    aux["policy_loss"] = aggregate(jnp.where(keep, jax.lax.stop_gradient(policy_part), 0.0), mask,
                                    config.loss_aggregation, n)[0]
-    aux["value_loss"] = aggregate(jnp.where(keep, jax.lax.stop_gradient(value_part), 0.0), mb.mask,
+    aux["value_loss"] = aggregate(jnp.where(keep, jax.lax.stop_gradient(value_part), 0.0), mask,
                                   config.loss_aggregation, n)[0]
     return loss_sum, count, aux
 
@@ -222,6 +239,7 @@ def pg_step(state: PGState, batch: dict, reference_params: nnx.State | None = No
         "policy/clipfrac": token_mean("clipped"),
         "policy/ratio": token_mean("ratio"),
         "policy/sampler_logprob_diff": sampler_diff,
+        "policy/sampler_mismatch_kl": token_mean("sampler_mismatch_kl"),
         "loss/total": jnp.sum(stacked["loss"]) / updates,
         "loss/policy": jnp.sum(stacked["policy_loss"] / stacked["count"]) / updates,
         "completions/mean_length": jnp.mean(lengths),
@@ -233,6 +251,8 @@ def pg_step(state: PGState, batch: dict, reference_params: nnx.State | None = No
     }
     if config.entropy_coef > 0:
         metrics["policy/entropy"] = token_mean("entropy")
+    if config.tis != "none":
+        metrics["policy/tis_weight"] = token_mean("tis_weight")
     if config.critic != "none":
         metrics.update({
             "loss/value": jnp.sum(stacked["value_loss"] / stacked["count"]) / updates,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rlft.errors import RlftError
-from rlft.objectives import pg
+from rlft.objectives import pg, sequence_log_ratio
+from rlft.objectives.pg import cispo_loss, clipped_surrogate, log_ratios, truncated_is_weights
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "fixed-length"]
 
@@ -190,3 +191,76 @@ def test_check_pg_args():
         pg.check_pg_args(0.2, float("nan"))
     with pytest.raises(RlftError, match=r"rl\.vf_clip=-0\.5"):
         pg.check_pg_args(0.2, 0.2, vf_clip=-0.5)
+
+
+# --- GSPO, CISPO, truncated importance sampling --------------------------------------------------
+
+def _random_tokens(rng, lengths, width):
+    """(logp, old_logp, mask) [B, width] with garbage (NaN) beyond each row's length."""
+    b = len(lengths)
+    mask = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)
+    logp = np.where(mask > 0, -rng.uniform(0.1, 3.0, (b, width)), np.nan).astype(np.float32)
+    old = np.where(mask > 0, logp + rng.normal(0, 0.3, (b, width)), np.nan).astype(np.float32)
+    return logp, old, mask
+
+
+def test_sequence_log_ratio_is_the_length_normalised_sum():
+    logp, old, mask = _random_tokens(np.random.default_rng(0), [5, 2, 7, 0], 7)
+    got = np.asarray(sequence_log_ratio(logp, old, mask))
+    for row, n in enumerate([5, 2, 7, 0]):
+        expected = np.mean(logp[row, :n] - old[row, :n]) if n else 0.0
+        np.testing.assert_allclose(got[row], expected, rtol=1e-6, atol=1e-6)
+    # by hand: log-probs (−1, −2) under the policy and (−1.5, −1) before: ((0.5) + (−1)) / 2
+    assert float(sequence_log_ratio(jnp.array([[-1.0, -2.0, 9.0]]), jnp.array([[-1.5, -1.0, 0.0]]),
+                                    jnp.array([[1, 1, 0]]))[0]) == pytest.approx(-0.25)
+
+
+def test_gspo_ratio_is_the_sequence_ratio_with_each_tokens_gradient():
+    """log_ratios(level="sequence"): every token's ratio is exp(sequence_log_ratio); d ratio_t /
+    d logp_t' is ratio·[t == t'] (GSPO-token), so the clipped loss's gradient at ratio s is −s·A on
+    each unclipped token."""
+    logp, old, mask = _random_tokens(np.random.default_rng(1), [4, 6], 6)
+    logp, old = np.nan_to_num(logp), np.nan_to_num(old)
+    lr = np.asarray(log_ratios(logp, old, mask, "sequence"))
+    seq = np.asarray(sequence_log_ratio(logp, old, mask))
+    np.testing.assert_allclose(lr[mask > 0], np.broadcast_to(seq[:, None], lr.shape)[mask > 0], atol=1e-6)
+    adv = np.array([[1.0] * 6, [-2.0] * 6], np.float32)
+    loss = lambda lp: jnp.sum(clipped_surrogate(lp, old, adv, log_ratios(lp, old, mask, "sequence"),
+                                                eps_low=10.0 - 9.5, eps_high=10.0)[0] * mask)
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(logp)))
+    expected = -np.exp(seq)[:, None] * adv * mask  # no token clipped with this wide band
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cispo_gradient_is_the_clipped_weight_times_the_advantage():
+    """d/dlogp of CISPO = −min(ratio, 1 + ε_high)·A on every token, including those PPO's clip
+    would zero (ratio far above 1 + ε_high with A > 0)."""
+    logp = jnp.array([[-0.2, -1.0, -2.0, -0.5]])
+    old = jnp.array([[-1.2, -1.1, -1.0, -0.5]])  # ratios e^1, e^0.1, e^-1, 1
+    adv = jnp.array([[2.0, -1.0, 1.0, 3.0]])
+    eps_high = 0.28
+    grad = np.asarray(jax.grad(lambda lp: jnp.sum(cispo_loss(lp, old, adv, eps_high=eps_high)[0]))(logp))
+    ratio = np.exp(np.asarray(logp - old))
+    np.testing.assert_allclose(grad, -np.minimum(ratio, 1 + eps_high) * np.asarray(adv), rtol=1e-6)
+    assert grad[0, 0] != 0  # PPO's clipped surrogate gives this token no gradient:
+    ppo = jax.grad(lambda lp: jnp.sum(clipped_surrogate(lp, old, adv, eps_low=0.2, eps_high=eps_high)[0]))(logp)
+    assert float(ppo[0, 0]) == 0.0
+    _, stats = cispo_loss(logp, old, adv, eps_high=eps_high)
+    np.testing.assert_array_equal(stats["clipped"], [[1.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("level", ["none", "token", "sequence"])
+def test_truncated_importance_weights_are_capped(level):
+    trainer = np.array([[-1.0, -0.2, -3.0, 0.0], [-0.5, -0.5, 0.0, 0.0]], np.float32)
+    sampler = np.array([[-1.5, -2.0, -2.9, 0.0], [-0.4, -0.6, 0.0, 0.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+    got = np.asarray(truncated_is_weights(trainer, sampler, mask, level, cap=2.0))
+    diff = (trainer - sampler) * mask
+    if level == "none":
+        expected = np.ones_like(diff)
+    elif level == "token":
+        expected = np.minimum(np.exp(diff), 2.0)  # e^0.5, e^1.8 -> 2, e^-0.1; padding e^0 = 1
+    else:
+        expected = np.minimum(np.exp(diff.sum(-1, keepdims=True)), 2.0) * np.ones_like(diff)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got.max() <= 2.0
