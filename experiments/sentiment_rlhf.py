@@ -85,6 +85,7 @@ from rlft.train.stages import reward_stage_config, run_reward_stage, run_sft_sta
 from rlft.train.warm_start import scalar_model_from_lm
 
 ADOPTABLE_STAGES = ("pretrain", "sft", "reward")
+PRIMARY_METRIC = "gold_win_rate_rl_vs_sft"  # what `rlft sweep` sorts its report by
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@
     rlft export CHECKPOINT --out HF_DIR [--overwrite]
     rlft sample CHECKPOINT --prompt TEXT [...]
     rlft plan --model NAME [--devices N] [--mesh fsdp=N ...] [--step sft|rl|ppo] [...]
+    rlft sweep EXPERIMENT.py[:PRESET] --grid a.b=X,Y [--seeds N] [--workdir DIR] [--emit commands|slurm]
 
 User mistakes (bad flags, unknown fields, missing files, malformed data) end with one line
 `rlft: error: ...` and exit status 2, never a traceback. Ctrl-C saves and exits 130; SIGTERM finishes
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a LoRA stage's adapters alone, as a PEFT adapter directory (Llama/Qwen2); "
                              "default: the merged model")
     sub.add_parser("sample", help="sample completions from a checkpoint", add_help=False)
+    sub.add_parser("sweep", help="an ablation grid x seeds of an experiment, with a mean ± std report "
+                                 "(rlft/cli/sweep.py)", add_help=False)
     add_plan_parser(sub)
     return parser
 
@@ -225,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlft.cli.sample import sample_command
 
             return sample_command(argv[1:])
+        if argv and argv[0] == "sweep":
+            from rlft.cli.sweep import sweep_command
+
+            return sweep_command(argv[1:])
         args, rest = parser.parse_known_args(argv)
         if args.command == "run" and args.print_config:
             print_config_command(args.experiment, rest)
