@@ -13,6 +13,11 @@ The report (`evaluate`, also `rlft eval WORKDIR`; WORKDIR/eval/report.{json,md})
 exact-match accuracy (and the rate of well-formed "integer + EOS" answers) of the untrained, SFT
 and RL policies on the test problems; WORKDIR/train.jsonl and test.jsonl list both splits, one
 {"prompt": "12+34=", "answer": "46"} per line (what experiments/rl.py reads: README's worked example).
+With eval.samples_per_problem = n > 0 (default 8; 0: off) the report also gives, per policy, n
+samples per test problem at the RL stage's sampling settings (rl.temperature, top_k, top_p; key from
+eval.seed): pass@1, pass@k (k = eval.k <= n, Chen et al.'s unbiased estimator), maj@k (majority
+answer of the first k samples, `rlft.eval.metrics.majority_at_k`) and mean_reward (the exact-match
+mean over all samples), as pass@1_rl, pass@8_rl, maj@8_rl, mean_reward_rl etc.
 
 The SFT budget (default preset, measured on 2 CPU cores): 2-digit addition is learned in a sharp
 transition whose timing depends on the seed. With warm-up + cosine decay the accuracy after 450
@@ -33,6 +38,7 @@ import os
 import re
 import time
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -42,6 +48,7 @@ from rlft.data import arithmetic
 from rlft.data.batching import pad_left
 from rlft.parallel.distributed import is_primary, to_host
 from rlft.errors import RlftError
+from rlft.eval.metrics import check_sample_counts, sampled_accuracy
 from rlft.eval.report import write_report
 from rlft.files import write_json, write_text
 from rlft.models import Decoder, model_from_section, model_section
@@ -78,12 +85,14 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
                              max_length=prompt_len + completion_len)
     c.rl = rl_stage_config(steps=500, prompts_per_step=32, group_size=8, learning_rate=3e-4,
                            max_new_tokens=completion_len, algorithm="grpo")
-    c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+    # samples_per_problem (n) sampled completions per test problem for pass@1, pass@k, maj@k (k <= n;
+    # n = 0: greedy accuracy only), at rl.temperature / top_k / top_p, from the key eval.seed.
+    c.eval = ml_collections.ConfigDict(dict(batch_size=256, samples_per_problem=8, k=8, seed=0))
     if tiny:
         c.model.update(d_model=64, n_layers=1)
         c.sft.update(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=7, save_every=150)
         c.rl.update(steps=4, prompts_per_step=8, group_size=4, save_every=4)
-        c.eval.batch_size = 64
+        c.eval.update(batch_size=64, samples_per_problem=4, k=2)
     return c
 
 
@@ -118,6 +127,38 @@ def greedy_answers(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, prompts
     return out
 
 
+def sampled_answers(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, prompts: list[str], samples: int,
+                    max_new_tokens: int, prompt_length: int, batch_size: int, mesh, sampling: SamplingParams,
+                    rng) -> list[list[tuple[str, bool]]]:
+    """[problem][sample] (text before EOS, EOS produced) of `samples` completions of each prompt,
+    sampled with `sampling`: the prompts, each repeated `samples` times, in fixed-shape batches as in
+    `greedy_answers`; the batch starting at flat row i uses the key fold_in(rng, i), so the same rng
+    gives the same samples (and every policy the same random numbers)."""
+    ways = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+    ids = [arithmetic.encode(tokenizer, p) for p in prompts for _ in range(samples)]
+    batch_size = -(-min(batch_size, len(ids)) // ways) * ways
+    flat = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        chunk = chunk + [ids[0]] * (batch_size - len(chunk))
+        tokens, mask, _ = pad_left(chunk, prompt_length, tokenizer.pad_token_id)
+        result = sample(graphdef, params, tokens, mask, jax.random.fold_in(rng, start),
+                        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                        pad_id=tokenizer.pad_token_id, sampling=sampling, mesh=mesh)
+        rows = to_host(result.tokens)[:len(ids) - start]
+        flat += [arithmetic.decode_answer(tokenizer, row, tokenizer.eos_token_id) for row in rows]
+    return [flat[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+
+
+def score_samples(answers: list[list[tuple[str, bool]]], problems: list[arithmetic.Problem], k: int) -> dict:
+    """pass@1, pass@k, maj@k and mean_reward (`rlft.eval.metrics.sampled_accuracy`) of sampled
+    answers: a sample is correct when it is the answer then EOS (the exact-match reward); the vote
+    of maj@k is over texts before an EOS (a sample without EOS abstains)."""
+    votes = [[text if ended else None for text, ended in row] for row in answers]
+    correct = [[ended and text == p.answer for text, ended in row] for row, p in zip(answers, problems)]
+    return sampled_accuracy(votes, np.array(correct, bool), k)
+
+
 def score_answers(answers: list[tuple[str, bool]], problems: list[arithmetic.Problem]) -> dict:
     """accuracy (text before EOS == answer, EOS produced) and format (an integer, then EOS)."""
     correct = [ended and text == p.answer for (text, ended), p in zip(answers, problems)]
@@ -127,7 +168,9 @@ def score_answers(answers: list[tuple[str, bool]], problems: list[arithmetic.Pro
 
 def check(config: ml_collections.ConfigDict) -> None:
     """What only this experiment can check, before `rlft run` writes anything: the task's longest
-    prompt and answer fit sft.max_length, rl.max_new_tokens and model.max_positions."""
+    prompt and answer fit sft.max_length, rl.max_new_tokens and model.max_positions; eval.k fits
+    eval.samples_per_problem."""
+    check_sample_counts(config.eval.samples_per_problem, config.eval.k)
     prompt_len, new_tokens = _lengths(config.task)
     if config.sft.max_length < prompt_len + new_tokens:
         raise RlftError(f"sft.max_length={config.sft.max_length}: the longest problem has "
@@ -141,6 +184,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 STAGES = ("sft", "rl")
+PRIMARY_METRIC = "accuracy_rl"  # what `rlft sweep` sorts its report by
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -187,8 +231,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`rlft eval WORKDIR`: greedy exact-match accuracy and well-formed-answer rate of the untrained
-    policy and of each stage with a finished checkpoint (sft, rl) on the held-out test problems;
-    writes WORKDIR/eval/report.json and report.md, and returns the report."""
+    policy and of each stage with a finished checkpoint (sft, rl) on the held-out test problems, and
+    with eval.samples_per_problem > 0 their pass@1, pass@k, maj@k and mean reward over that many
+    samples per problem (module doc); writes WORKDIR/eval/report.json and report.md, and returns the report."""
+    samples, k = check_sample_counts(config.eval.samples_per_problem, config.eval.k)
     task = config.task
     # Evaluation decodes longest answer + EOS tokens: a completion without EOS is longer than any
     # answer, so "text == answer" already implies that the EOS came.
@@ -205,13 +251,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             policies[stage] = decoder_state(model_cfg, os.path.join(workdir, stage), mesh)
     if len(policies) == 1:
         raise RlftError(f"rlft eval: {workdir} has no finished checkpoint of {' or '.join(STAGES)} yet")
-    metrics, answers = {}, {}
+    metrics, answers, sampled = {}, {}, {}
+    sampling = SamplingParams(temperature=config.rl.temperature, top_k=config.rl.top_k, top_p=config.rl.top_p)
     for name, params in policies.items():
         answers[name] = greedy_answers(graphdef, params, tokenizer, [p.prompt for p in test], new_tokens,
                                        prompt_len, config.eval.batch_size, mesh)
         metrics[name] = score_answers(answers[name], test)
+        if samples:
+            drawn = sampled_answers(graphdef, params, tokenizer, [p.prompt for p in test], samples, new_tokens,
+                                    prompt_len, config.eval.batch_size, mesh, sampling,
+                                    jax.random.key(config.eval.seed))
+            sampled[name] = score_samples(drawn, test, k)
 
     report = {f"{key}_{name}": value for name, m in metrics.items() for key, value in m.items()}
+    report.update({f"{key}_{name}": value for name, m in sampled.items() for key, value in m.items()})
     if "rl" in metrics and "sft" in metrics:
         report["rl_gain"] = metrics["rl"]["accuracy"] - metrics["sft"]["accuracy"]
     report.update({
@@ -223,9 +276,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "rl_algorithm": config.rl.algorithm,
         "rl_steps": config.rl.steps,
     })
+    if sampled:
+        report["sampling"] = {"samples_per_problem": samples, "k": k, "temperature": config.rl.temperature,
+                              "top_k": config.rl.top_k, "top_p": config.rl.top_p, "seed": config.eval.seed}
     labels = {"init": "untrained", "sft": f"SFT ({config.sft.steps} steps)",
               "rl": f"RL ({config.rl.algorithm}, {config.rl.steps} steps)"}
     table = "".join(f"| {labels[name]} | {m['accuracy']:.3f} | {m['format']:.3f} |\n" for name, m in metrics.items())
+    sampled_md = ""
+    if sampled:
+        sampled_md = (f"\n{samples} samples per problem at temperature {config.rl.temperature} "
+                      f"(top_k {config.rl.top_k}, top_p {config.rl.top_p}); maj@{k}: majority answer of the "
+                      f"first {k} samples.\n\n| policy | pass@1 | pass@{k} | maj@{k} | mean reward |\n|---|---|---|---|---|\n"
+                      + "".join(f"| {labels[name]} | {m['pass@1']:.3f} | {m[f'pass@{k}']:.3f} | {m[f'maj@{k}']:.3f} "
+                                f"| {m['mean_reward']:.3f} |\n" for name, m in sampled.items()))
     shown = [name for name in STAGES if name in answers]
     examples_md = "".join(f"| `{p.prompt}` | `{p.answer}` | " + " | ".join(f"`{answers[n][i][0]}`" for n in shown)
                           + " |\n" for i, p in enumerate(test[:8]))
@@ -233,7 +296,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"Problems a{{op}}b=, a and b in [0, {task.max_operand}], ops {task.ops!r}: "
                 f"{len(test)} held-out test problems, {len(train)} training problems (disjoint).\n\n"
                 "| policy | greedy exact-match accuracy | well-formed answers |\n|---|---|---|\n" + table +
-                "\n| prompt | answer | " + " | ".join(n.upper() for n in shown) + " |\n|---|---|"
+                sampled_md + "\n| prompt | answer | " + " | ".join(n.upper() for n in shown) + " |\n|---|---|"
                 + "---|" * len(shown) + "\n" + examples_md)
     write_report(os.path.join(workdir, "eval"), report, markdown)
     return report

@@ -30,6 +30,13 @@ the step, after the last completed step is saved.
 
 With data.eval, the report (WORKDIR/eval/report.json, also `rlft eval WORKDIR`) gives each reward's
 mean over the eval prompts' greedy completions, from the starting model and from the trained one.
+With eval.samples_per_problem = n > 0 (0: off) and a checker, the reward eval.checker (default
+exact_match; any reward name; a completion is correct when it scores exactly 1.0; exact_match is used
+only when every eval row has data.answer_field), it also gives for both models, over n completions
+per prompt sampled at rl.temperature / top_k / top_p (key eval.seed): pass@1, pass@k (k = eval.k <= n,
+Chen et al.'s unbiased estimator), maj@k (the majority stripped completion text of the first k
+samples, `rlft.eval.metrics.majority_at_k`) and mean_reward (the checker's mean over all samples),
+as pass@1_start, pass@8_rl, maj@8_rl, mean_reward_rl etc.
 
     rlft run experiments/rl.py:tiny ...      # a few steps (tests)
     rlft export WORKDIR/rl --out DIR         # a Hugging Face directory transformers loads
@@ -47,6 +54,7 @@ import numpy as np
 from rlft.data.batching import pad_left
 from rlft.data.records import column
 from rlft.errors import RlftError
+from rlft.eval.metrics import check_sample_counts, sampled_accuracy
 from rlft.eval.report import write_report
 from rlft.generate.sampling import SamplingParams, sample
 from rlft.parallel.distributed import to_host
@@ -71,17 +79,22 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.rl = rl_stage_config(steps=200, prompts_per_step=16, group_size=8, learning_rate=1e-6,
                            max_new_tokens=256, algorithm="grpo", save_every=50, keep=2)
     c.rl.update(rewards="exact_match", reward_weights="", format_pattern="", length_buffer=0, reward_model="")
-    c.eval = ml_collections.ConfigDict(dict(batch_size=64))
+    # samples_per_problem (n) sampled completions per eval prompt for pass@1, pass@k, maj@k (k <= n;
+    # 0: off), judged by the reward `checker` (1.0: correct), at rl.temperature, from the key `seed`.
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64, samples_per_problem=8, k=8, seed=0,
+                                            checker="exact_match"))
     if preset == "tiny":
         c.rl.update(steps=4, prompts_per_step=8, group_size=4, max_new_tokens=8, learning_rate=1e-3, save_every=2)
         c.data.max_eval_prompts = 32
-        c.eval.batch_size = 32
+        c.eval.update(batch_size=32, samples_per_problem=4, k=2)
     return c
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-    """Before anything is written: model.path and data.train are set, model.path exists."""
+    """Before anything is written: model.path and data.train are set, model.path exists, eval.k
+    fits eval.samples_per_problem."""
     check_paths(config, "rl.py")
+    check_sample_counts(config.eval.samples_per_problem, config.eval.k)
 
 
 def rewards_of(config: ml_collections.ConfigDict):
@@ -121,8 +134,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`rlft eval WORKDIR`: each reward's mean over greedy completions of data.eval's prompts
-    (the first data.max_eval_prompts) by the starting model and by the run's RL stage; writes
-    WORKDIR/eval/report.{json,md}."""
+    (the first data.max_eval_prompts) by the starting model and by the run's RL stage, and with
+    eval.samples_per_problem > 0 and a checker their pass@1, pass@k, maj@k and mean reward over that
+    many sampled completions per prompt (module doc); writes WORKDIR/eval/report.{json,md}."""
+    samples, k = check_sample_counts(config.eval.samples_per_problem, config.eval.k)
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
     rows = data_rows(config.data, "eval")[:config.data.max_eval_prompts or None]
@@ -130,26 +145,76 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trained = load_starting_model(ml_collections.ConfigDict({**config.model.to_dict(),
                                                             "path": os.path.join(workdir, "rl")}), mesh)
     rewards = rewards_of(config)
+    checker = _checker(config, rewards, prompts) if samples else None
     report = {"eval_prompts": len(prompts)}
+    sampled = {}
     for name, model in (("start", start), ("rl", trained)):
-        texts, mask = greedy_completions(model, prompts, config.rl.max_new_tokens, config.eval.batch_size, mesh)
+        texts, mask = policy_completions(model, prompts, config.rl.max_new_tokens, config.eval.batch_size, mesh)
         for reward_name_, _, fn in rewards:
             if isinstance(fn, LengthPenalty):
                 values = np.asarray(fn(mask))
             else:
                 values = score_completions(fn, texts, prompts, where=f"rl eval ({name})")
             report[f"{reward_name_}_{name}"] = float(np.mean(values))
+        if checker is not None:
+            sampled[name] = _sampled_metrics(config, model, prompts, checker[1], samples, k, mesh,
+                                             where=f"rl eval ({name}, eval.checker={checker[0]})")
+            report.update({f"{key}_{name}": value for key, value in sampled[name].items()})
+    if checker is not None:
+        report["sampling"] = {"samples_per_problem": samples, "k": k, "checker": checker[0],
+                              "temperature": config.rl.temperature, "top_k": config.rl.top_k,
+                              "top_p": config.rl.top_p, "seed": config.eval.seed}
     lines = ["# RL: the starting model and the trained policy on data.eval (greedy)", "",
              f"{len(prompts)} prompts of {config.data.eval}.", "", "| reward | start | rl |", "|---|---|---|"]
     lines += [f"| {n} | {report[f'{n}_start']:.4f} | {report[f'{n}_rl']:.4f} |" for n, _, _ in rewards]
+    if sampled:
+        lines += ["", f"{samples} samples per prompt at temperature {config.rl.temperature} (top_k {config.rl.top_k}, "
+                  f"top_p {config.rl.top_p}), judged by {checker[0]}; maj@{k}: majority stripped completion of "
+                  f"the first {k} samples.", "", "| metric | start | rl |", "|---|---|---|"]
+        lines += [f"| {key} | {sampled['start'][key]:.4f} | {sampled['rl'][key]:.4f} |" for key in sampled["start"]]
     write_report(os.path.join(workdir, "eval"), report, "\n".join(lines) + "\n")
     return report
 
 
-def greedy_completions(model, prompts: list[dict], max_new_tokens: int, batch_size: int,
-                       mesh) -> tuple[list[str], np.ndarray]:
+def _checker(config: ml_collections.ConfigDict, rewards, prompts: list[dict]):
+    """(name, reward function) of eval.checker, the reward of rl.rewards of that name or else one
+    built alone; None when eval.checker is empty, or is exact_match and an eval row has no answer."""
+    name = str(config.eval.checker or "").strip()
+    if not name or (name == "exact_match" and not all("answer" in p for p in prompts)):
+        return None
+    fn = next((f for n, _, f in rewards if n == name), None)
+    if fn is None:
+        rl = config.rl
+        (_, _, fn), = build_rewards(name, "", format_pattern=rl.format_pattern, max_new_tokens=rl.max_new_tokens,
+                                    length_buffer=rl.length_buffer, reward_model=rl.reward_model)
+    if isinstance(fn, LengthPenalty):
+        raise RlftError(f"eval.checker={name!r}: a length penalty judges no correctness; name a reward that "
+                        "gives 1.0 for a correct completion (e.g. exact_match), or set eval.samples_per_problem=0")
+    return name, fn
+
+
+def _sampled_metrics(config: ml_collections.ConfigDict, model, prompts: list[dict], checker, samples: int,
+                     k: int, mesh, where: str) -> dict:
+    """pass@1, pass@k, maj@k, mean_reward (`sampled_accuracy`) of `samples` completions per prompt
+    sampled at rl.temperature / top_k / top_p from the key eval.seed; correct: the checker gives 1.0."""
+    rl = config.rl
+    repeated = [p for p in prompts for _ in range(samples)]
+    texts, _ = policy_completions(model, repeated, rl.max_new_tokens, config.eval.batch_size, mesh,
+                                  sampling=SamplingParams(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p),
+                                  rng=jax.random.key(config.eval.seed))
+    values = np.asarray(score_completions(checker, texts, repeated, where=where), np.float64)
+    values = values.reshape(len(prompts), samples)
+    answers = [[t.strip() for t in texts[i * samples:(i + 1) * samples]] for i in range(len(prompts))]
+    return sampled_accuracy(answers, values == 1.0, k, values)
+
+
+def policy_completions(model, prompts: list[dict], max_new_tokens: int, batch_size: int,
+                       mesh, *, sampling: SamplingParams = SamplingParams(temperature=0.0),
+                       rng=None) -> tuple[list[str], np.ndarray]:
     """(texts, completion_mask [n, max_new_tokens]) of each prompt's greedy completion, in
-    fixed-shape batches (the last one filled with copies of the first prompt)."""
+    fixed-shape batches (the last one filled with copies of the first prompt). With `sampling`
+    (temperature > 0) and `rng`, sampled completions instead: the batch starting at prompt i uses the
+    key fold_in(rng, i), so the same rng gives the same completions."""
     ways = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
     batch_size = -(-min(batch_size, len(prompts)) // ways) * ways
     width = max(len(p["ids"]) for p in prompts)
@@ -158,8 +223,9 @@ def greedy_completions(model, prompts: list[dict], max_new_tokens: int, batch_si
         chunk = [p["ids"] for p in prompts[first:first + batch_size]]
         real = len(chunk)
         tokens, mask, _ = pad_left(chunk + [chunk[0]] * (batch_size - real), width, model.pad_id)
-        out = sample(model.graphdef, model.params, tokens, mask, None, max_new_tokens=max_new_tokens,
-                     eos_id=model.eos_ids, pad_id=model.pad_id, sampling=SamplingParams(temperature=0.0), mesh=mesh)
+        key = None if rng is None else jax.random.fold_in(rng, first)
+        out = sample(model.graphdef, model.params, tokens, mask, key, max_new_tokens=max_new_tokens,
+                     eos_id=model.eos_ids, pad_id=model.pad_id, sampling=sampling, mesh=mesh)
         completion, completion_mask = to_host((out.tokens, out.mask))
         texts += decode_completions(model.tokenizer, completion[:real], completion_mask[:real])
         masks.append(completion_mask[:real])

@@ -8,11 +8,15 @@ never shows a silently wrong number. What each one measures (DESIGN.md §7):
     perplexity    corpus-level perplexity of held-out text under a model
     sequence_kl   KL(policy‖reference) per sampled sequence, with training's estimators
     summary       mean, std, standard error and count of any per-item metric, for report tables
+    pass_at_k     unbiased pass@k from n samples per problem with c correct (Chen et al. 2021)
+    majority_at_k maj@k: share of problems whose most frequent answer among k samples is correct
+    sampled_accuracy  pass@1, pass@k, maj@k and mean reward of n samples per problem, for reports
+    check_sample_counts  the eval.samples_per_problem / eval.k flags of an experiment (k <= n)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -171,3 +175,135 @@ def summary(values: ArrayLike) -> dict[str, Any]:
     n = int(x.size)
     std = float(np.std(x, ddof=1)) if n > 1 else float("nan")
     return {"mean": float(np.mean(x)), "std": std, "sem": std / float(np.sqrt(n)), "n": n}
+
+
+def _counts(name: str, value: ArrayLike) -> np.ndarray:
+    """`value` as an int64 array, or RlftError naming `name` when it is not whole numbers."""
+    array = np.asarray(value)
+    if array.dtype == bool or array.dtype.kind not in "iuf":
+        raise RlftError(f"pass_at_k: {name}={value!r}: expected integers")
+    if array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+        raise RlftError(f"pass_at_k: {name}={value!r}: expected integers")
+    return array.astype(np.int64)
+
+
+def pass_at_k(n: ArrayLike, c: ArrayLike, k: ArrayLike) -> float | np.ndarray:
+    """Unbiased estimate of pass@k from n samples of a problem of which c are correct (Chen et al. 2021).
+
+    pass@k is the probability that at least one of k samples is correct. Drawing k of the n samples
+    without replacement, the estimate is
+
+        1 − C(n − c, k) / C(n, k)  =  1 − ∏_{i = n−c+1}^{n} (1 − k / i)      (1.0 when n − c < k),
+
+    computed in the product form (as in the Codex paper's code): no binomial coefficient is formed,
+    so it neither overflows nor loses precision for large n. Average it over problems for a
+    benchmark's pass@k; pass_at_k(n, c, 1) == c / n.
+
+    n, c and k are integers or integer arrays that broadcast together (e.g. c [problems] with scalar
+    n and k); returns a Python float when all three are scalars, else a float64 array of the
+    broadcast shape. Raises RlftError, naming the argument, unless 1 <= k <= n and 0 <= c <= n.
+    """
+    n_arr, c_arr, k_arr = _counts("n", n), _counts("c", c), _counts("k", k)
+    try:
+        n_arr, c_arr, k_arr = np.broadcast_arrays(n_arr, c_arr, k_arr)
+    except ValueError:
+        raise RlftError(f"pass_at_k: n, c and k have shapes {np.shape(n)}, {np.shape(c)}, {np.shape(k)}, "
+                        "which do not broadcast together") from None
+    for bad, message in ((n_arr < 1, "n={}: expected at least one sample (n >= 1)"),
+                         (c_arr < 0, "c={}: the number of correct samples cannot be negative"),
+                         (c_arr > n_arr, "c={} > n={}: more correct samples than samples"),
+                         (k_arr < 1, "k={}: expected k >= 1"),
+                         (k_arr > n_arr, "k={} > n={}: pass@k needs at least k samples per problem")):
+        if bad.any():
+            first = np.argwhere(bad)[0] if bad.ndim else ()
+            values = [int(x[tuple(first)]) for x in ((c_arr if message.startswith("c") else
+                                                      k_arr if message.startswith("k") else n_arr), n_arr)]
+            raise RlftError("pass_at_k: " + message.format(*values))
+    out = np.ones(n_arr.shape, np.float64)
+    for index in np.ndindex(out.shape):
+        n_i, c_i, k_i = int(n_arr[index]), int(c_arr[index]), int(k_arr[index])
+        if n_i - c_i >= k_i:
+            out[index] = 1.0 - float(np.prod(1.0 - k_i / np.arange(n_i - c_i + 1, n_i + 1, dtype=np.float64)))
+    return float(out) if out.ndim == 0 else out
+
+
+def majority_vote(answers: Sequence[Hashable | None], k: int) -> int | None:
+    """Index of the majority answer among the first k of `answers` (one problem's samples), or None.
+
+    None entries abstain (e.g. a completion with no well-formed answer): they never win. The answer
+    given most often wins; a tie goes to the tied answer that occurs FIRST among the k samples, and
+    the index returned is that first occurrence. None when all k abstain. Raises RlftError unless
+    1 <= k <= len(answers).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(answers):
+        raise RlftError(f"majority_vote: k={k!r}: expected an integer in [1, {len(answers)}] "
+                        f"(the number of samples)")
+    votes: dict[Hashable, list[int]] = {}  # answer -> [count, first index]; dicts keep first-seen order
+    for i, answer in enumerate(answers[:k]):
+        if answer is not None:
+            votes.setdefault(answer, [0, i])[0] += 1
+    if not votes:
+        return None
+    return max(votes.values(), key=lambda v: (v[0], -v[1]))[1]
+
+
+def majority_at_k(answers: Sequence[Sequence[Hashable | None]], correct: ArrayLike, k: int) -> float:
+    """maj@k: the share of problems whose majority answer among their FIRST k samples is correct.
+
+    `answers[i]` holds problem i's n >= k sampled answers (hashable, e.g. the stripped completion
+    text; None: no answer, abstains) and `correct` [problems, n] (bool or 0/1) whether each sample is
+    correct. For each problem the majority answer of answers[i][:k] is chosen by `majority_vote`
+    (most frequent; a tie goes to the answer seen first; abstentions never win) and the problem
+    counts as solved when that answer's first sample is correct; a problem whose k samples all
+    abstain counts as unsolved. Using the first k of n i.i.d. samples makes this an unbiased estimate
+    of maj@k (one vote of k samples per problem), noisier than averaging over all k-subsets.
+
+    Raises RlftError when the shapes disagree, there are no problems, or k is not in [1, n].
+    """
+    hit = np.asarray(correct)
+    if hit.ndim != 2 or hit.shape[0] != len(answers) or any(len(a) != hit.shape[1] for a in answers):
+        raise RlftError(f"majority_at_k: correct has shape {hit.shape}; expected [problems, n] = "
+                        f"[{len(answers)}, n] matching answers (n answers per problem)")
+    if hit.shape[0] == 0:
+        raise RlftError("majority_at_k: no problems")
+    if hit.dtype != bool and not np.isin(hit, (0, 1)).all():
+        raise RlftError("majority_at_k: correct must be booleans (or 0/1)")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= hit.shape[1]:
+        raise RlftError(f"majority_at_k: k={k!r}: expected an integer in [1, n={hit.shape[1]}] (samples per problem)")
+    solved = 0
+    for problem, row in zip(answers, hit):
+        winner = majority_vote(list(problem), k)
+        solved += winner is not None and bool(row[winner])
+    return solved / hit.shape[0]
+
+
+def sampled_accuracy(answers: Sequence[Sequence[Hashable | None]], correct: ArrayLike, k: int,
+                     rewards: ArrayLike | None = None) -> dict[str, float]:
+    """{"pass@1", f"pass@{k}", f"maj@{k}", "mean_reward"} of n samples per problem, as Python floats.
+
+    `answers` [problems][n] and `correct` [problems, n] as for `majority_at_k`; pass@1 and pass@k
+    are `pass_at_k` averaged over problems (c = correct samples of each); mean_reward is the mean of
+    `rewards` [problems, n] over all samples (default: of `correct`, i.e. the exact-match mean).
+    """
+    hit = np.asarray(correct)
+    maj = majority_at_k(answers, hit, k)  # checks shapes and k
+    problems, n = hit.shape
+    c = hit.astype(np.int64).sum(axis=1)
+    scores = hit.astype(np.float64) if rewards is None else np.asarray(rewards, np.float64)
+    if scores.shape != hit.shape:
+        raise RlftError(f"sampled_accuracy: rewards has shape {scores.shape}, correct {hit.shape}")
+    _no_nan("sampled_accuracy: rewards", scores)
+    return {"pass@1": float(np.mean(pass_at_k(n, c, 1))), f"pass@{k}": float(np.mean(pass_at_k(n, c, k))),
+            f"maj@{k}": maj, "mean_reward": float(scores.mean())}
+
+
+def check_sample_counts(samples_per_problem: Any, k: Any, *, section: str = "eval") -> tuple[int, int]:
+    """(n, k) of the flags `{section}.samples_per_problem` (n >= 0; 0 turns sampled evaluation
+    off) and `{section}.k` (1 <= k <= n when n > 0), or an RlftError naming the flags."""
+    for name, value in (("samples_per_problem", samples_per_problem), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise RlftError(f"{section}.{name}={value!r}: expected a non-negative integer")
+    if samples_per_problem and not 1 <= k <= samples_per_problem:
+        raise RlftError(f"{section}.k={k} must be in [1, {section}.samples_per_problem={samples_per_problem}]: "
+                        f"pass@k and maj@k need at least k samples per problem")
+    return int(samples_per_problem), int(k)

@@ -180,3 +180,94 @@ def test_summary_by_hand():
 def test_summary_errors(values, message):
     with pytest.raises(RlftError, match=message):
         metrics.summary(values)
+
+
+# --- pass_at_k, majority_vote, majority_at_k, sampled_accuracy ------------------------------------
+
+def _pass_at_k_by_enumeration(n, c, k):
+    """The share of all k-subsets of n samples (the first c correct) holding a correct one."""
+    import itertools
+
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_enumeration_of_all_k_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                expected = _pass_at_k_by_enumeration(n, c, k)
+                assert metrics.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+                assert metrics.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+    # by hand: 10 samples, 3 correct, k = 2: 1 − C(7,2)/C(10,2) = 1 − 21/45 = 24/45
+    assert metrics.pass_at_k(10, 3, 2) == pytest.approx(24 / 45)
+    assert metrics.pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c / n
+    assert isinstance(metrics.pass_at_k(4, 1, 2), float)
+
+
+def test_pass_at_k_is_vectorised_and_stable_for_large_n():
+    c = np.array([0, 1, 5, 8])
+    out = metrics.pass_at_k(8, c, 4)
+    assert out.shape == (4,) and out.dtype == np.float64
+    np.testing.assert_allclose(out, [_pass_at_k_by_enumeration(8, int(x), 4) for x in c])
+    np.testing.assert_allclose(metrics.pass_at_k(np.array([[4], [6]]), 2, np.array([1, 2])),
+                               [[0.5, 1 - 1 / 6], [1 / 3, 1 - 6 / 15]])
+    # C(2000, 1000) overflows a float64; the product form does not need it.
+    big = metrics.pass_at_k(2000, 3, 1000)
+    assert big == pytest.approx(1 - (1000 * 999 * 998) / (2000 * 1999 * 1998)) and math.isfinite(big)
+    assert metrics.pass_at_k(2000, 0, 1000) == 0.0 and metrics.pass_at_k(2000, 1001, 1000) == 1.0
+
+
+@pytest.mark.parametrize("n, c, k, message", [
+    (4, 1, 5, "k=5 > n=4"), (4, 5, 2, "c=5 > n=4"), (4, -1, 2, "c=-1"), (4, 1, 0, "k=0"), (-2, 0, 1, "n=-2"),
+    (0, 0, 1, "n=0"), (4.5, 1, 1, "n=4.5: expected integers"), (4, True, 1, "c=True: expected integers"),
+    (np.array([4, 4]), np.array([1, 2, 3]), 1, "do not broadcast"),
+])
+def test_pass_at_k_errors(n, c, k, message):
+    with pytest.raises(RlftError, match=message):
+        metrics.pass_at_k(n, c, k)
+
+
+def test_majority_vote_by_hand():
+    votes = ["3", "4", "4", "3", "5"]
+    assert metrics.majority_vote(votes, 5) == 0  # "3" and "4" tie 2:2: "3" is seen first (index 0)
+    assert metrics.majority_vote(votes, 3) == 1  # first 3: "4" twice wins; its first sample is index 1
+    assert metrics.majority_vote(votes, 1) == 0
+    assert metrics.majority_vote([None, "x", None, None], 4) == 1  # None abstains, even as the most frequent
+    assert metrics.majority_vote([None, None], 2) is None
+    with pytest.raises(RlftError, match=r"k=3: expected an integer in \[1, 2\]"):
+        metrics.majority_vote(["a", "b"], 3)
+
+
+def test_majority_at_k_by_hand():
+    answers = [["7", "8", "8", "7", "7"],   # first 4: "7" 2, "8" 2: tie -> "7" (seen first), correct
+               ["1", "2", "2", "2", "1"],   # first 4: "2" x3 wins, wrong (answer is "1")
+               [None, None, "5", None, "5"],  # first 4: only "5" votes (None abstains), correct
+               [None, None, None, None, "9"],  # first 4: all abstain: unsolved
+               ["0", "6", "6", "6", "6"]]   # first 4: "6" x3 wins, correct
+    truth = ["7", "1", "5", "9", "6"]
+    correct = np.array([[a == t for a in row] for row, t in zip(answers, truth)])
+    assert metrics.majority_at_k(answers, correct, 4) == pytest.approx(3 / 5)
+    # k = 1: the first sample alone; k = 5: problem 1 becomes "2" x3 (still wrong), problem 3 "9" (solved)
+    assert metrics.majority_at_k(answers, correct, 1) == pytest.approx(2 / 5)
+    assert metrics.majority_at_k(answers, correct, 5) == pytest.approx(4 / 5)
+    out = metrics.sampled_accuracy(answers, correct, 4)
+    # c = [3, 2, 2, 1, 4] of n = 5; pass@1 = mean c/n = 12/25; pass@4 per problem: 1 where n − c < 4,
+    # and for c = 1: 1 − C(4,4)/C(5,4) = 4/5; mean (4 + 4/5) / 5 = 0.96
+    assert out == pytest.approx({"pass@1": 12 / 25, "pass@4": 0.96, "maj@4": 3 / 5, "mean_reward": 12 / 25})
+    assert list(out) == ["pass@1", "pass@4", "maj@4", "mean_reward"]
+    json.dumps(out)
+    rewards = correct * 0.5
+    assert metrics.sampled_accuracy(answers, correct, 2, rewards)["mean_reward"] == pytest.approx(6 / 25)
+
+
+@pytest.mark.parametrize("answers, correct, k, message", [
+    ([["a", "b"]], [[True, False]], 3, r"k=3: expected an integer in \[1, n=2\]"),
+    ([["a", "b"]], [[True, False]], 0, r"k=0"),
+    ([["a", "b"]], [[True, False, True]], 1, r"correct has shape \(1, 3\)"),
+    ([], np.zeros((0, 2), bool), 1, "no problems"),
+    ([["a", "b"]], [[2, 0]], 1, "booleans"),
+])
+def test_majority_at_k_errors(answers, correct, k, message):
+    with pytest.raises(RlftError, match=message):
+        metrics.majority_at_k(answers, correct, k)

@@ -35,6 +35,15 @@ def test_tiny_run_report_and_stages(tiny_run):
     assert report["format_sft"] > report["format_init"] + 0.5
     assert report["accuracy_sft"] >= report["accuracy_init"]
     assert "| SFT (" in open(os.path.join(tiny_run, "eval", "report.md")).read()
+    # eval.samples_per_problem=4, eval.k=2 in the tiny preset: pass@1 <= pass@2, both in [0, 1]
+    assert report["sampling"]["samples_per_problem"] == 4 and report["sampling"]["k"] == 2
+    for name in ("init", "sft", "rl"):
+        values = [report[f"{key}_{name}"] for key in ("pass@1", "pass@2", "maj@2", "mean_reward")]
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), (name, values)
+        assert report[f"pass@1_{name}"] <= report[f"pass@2_{name}"] + 1e-12
+        assert report[f"mean_reward_{name}"] == pytest.approx(report[f"pass@1_{name}"])  # exact match
+    assert report["pass@2_sft"] > report["pass@2_init"]
+    assert "| pass@1 | pass@2 | maj@2 | mean reward |" in open(os.path.join(tiny_run, "eval", "report.md")).read()
     for stage, steps in (("sft", config["sft"]["steps"]), ("rl", config["rl"]["steps"])):
         lines = [json.loads(line) for line in open(os.path.join(tiny_run, stage, "metrics.jsonl"))]
         assert [line["step"] for line in lines] == list(range(1, steps + 1))
@@ -96,6 +105,12 @@ def test_presets_and_config_errors(tmp_path, capsys):
     module, _, _ = config_lib.load_experiment(f"{EXPERIMENT}:tiny")
     with pytest.raises(RlftError, match="unknown preset"):
         module.get_config("huge")
+    assert (config.eval.samples_per_problem, config.eval.k) == (8, 8)
+    tiny = module.get_config("tiny")
+    assert (tiny.eval.samples_per_problem, tiny.eval.k) == (4, 2)
+    tiny.eval.k = 5
+    with pytest.raises(RlftError, match=r"eval\.k=5 must be in \[1, eval\.samples_per_problem=4\]"):
+        module.evaluate(tiny, str(tmp_path / "k"))  # checked before anything is loaded
     for flag, field in (("--config.task.ops=+/", "task.ops"),
                         ("--config.task.max_operand=0", "task.max_operand"),
                         ("--config.task.num_test=400", "task.num_test"),

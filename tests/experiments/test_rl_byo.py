@@ -84,6 +84,28 @@ def test_the_reward_rises_on_a_hugging_face_checkpoint(byo_run):
     report = json.load(open(workdir / "eval" / "report.json"))
     name = "tests.experiments.test_rl_byo:seven_share"
     assert report["eval_prompts"] == 16 and report[f"{name}_rl"] > report[f"{name}_start"], report
+    # The eval rows have "answer": the default eval.checker=exact_match scores 4 samples per prompt
+    # (tiny: eval.samples_per_problem=4, eval.k=2) from both models.
+    assert report["sampling"]["checker"] == "exact_match" and report["sampling"]["samples_per_problem"] == 4
+    for model in ("start", "rl"):
+        values = [report[f"{key}_{model}"] for key in ("pass@1", "pass@2", "maj@2", "mean_reward")]
+        assert all(0.0 <= v <= 1.0 for v in values) and values[0] <= values[1] + 1e-12, (model, values)
+        assert report[f"mean_reward_{model}"] == pytest.approx(report[f"pass@1_{model}"])  # a 0/1 checker
+    assert "| maj@2 |" in (workdir / "eval" / "report.md").read_text()
+
+
+def test_eval_sampling_flags_are_checked_before_any_work(tmp_path):
+    from rlft import config as config_lib
+    from rlft.errors import RlftError
+
+    module, _, config = config_lib.load_experiment(f"{EXPERIMENT}:tiny")
+    assert (config.eval.samples_per_problem, config.eval.k, config.eval.checker) == (4, 2, "exact_match")
+    config.eval.k = 5
+    with pytest.raises(RlftError, match=r"eval\.k=5 must be in \[1, eval\.samples_per_problem=4\]"):
+        module.evaluate(config, str(tmp_path))
+    config.eval.update(samples_per_problem=-1, k=2)
+    with pytest.raises(RlftError, match=r"eval\.samples_per_problem=-1"):
+        module.evaluate(config, str(tmp_path))
 
 
 @pytest.mark.slow
