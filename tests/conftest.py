@@ -86,12 +86,16 @@ LONGEST_FIRST = (  # measured on 2 cores (docs/testing.md); the rest keep their 
     "sentiment_reward_run",
     "tests/models/test_lora.py",
     "tests/test_multiprocess.py",
+    "tests/experiments/test_rl_byo.py",
+    "tests/experiments/test_general_stages.py",
     "tests/test_pg_step.py",
     "tests/test_rl_stage.py",
     "tests/test_rl_scale.py",
     "tests/test_preemption.py",
     "tests/experiments/test_arithmetic_grpo.py",
     "tests/experiments/test_sentiment_classify.py",
+    "tests/test_sweep.py",
+    "tests/models/test_hf_reward.py",
 )
 
 

@@ -17,7 +17,8 @@ from tests.conftest import TEST_XLA_FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny arithmetic experiment has both an SFT and an RL (GRPO) stage and needs no dataset.
 RUN = [os.path.join(ROOT, "experiments/arithmetic_grpo.py:tiny"), "--config.sft.steps=6",
-       "--config.sft.save_every=3", "--config.rl.steps=2", "--config.rl.save_every=2", "--config.task.num_test=16"]
+       "--config.sft.save_every=3", "--config.rl.steps=2", "--config.rl.save_every=2", "--config.task.num_test=16",
+       "--config.eval.samples_per_problem=0"]
 
 
 def _env(**extra) -> dict:
