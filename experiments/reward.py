@@ -23,25 +23,18 @@ import os
 import ml_collections
 import numpy as np
 
-from rlft.errors import RlftError
 from rlft.eval.report import write_report
 from rlft.generate.scoring import read_reward_stats, sequence_scores, write_reward_stats
 from rlft.parallel.sharding import make_mesh
-from rlft.recipes.general import (check_paths, data_config, data_rows, encoded_pairs, load_starting_model,
-                                  model_config, save_run_files)
+from rlft.recipes.general import (check_paths, data_rows, encoded_pairs, experiment_config, load_starting_model,
+                                  save_run_files)
 from rlft.train.stages import reward_stage_config, run_reward_stage
 from rlft.train.warm_start import load_values, scalar_model_from_lm
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (a small model on one accelerator) and "tiny" (tests)."""
-    if preset not in ("default", "tiny"):
-        raise RlftError(f"reward: unknown preset {preset!r} (default, tiny)")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = model_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.data = data_config()
+    c = experiment_config("reward", preset)
     c.reward = reward_stage_config(steps=1000, batch_size=16, learning_rate=1e-5, max_length=1024, save_every=250)
     c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_pairs=512))
     if preset == "tiny":

@@ -59,8 +59,8 @@ from rlft.eval.report import write_report
 from rlft.generate.sampling import SamplingParams, sample
 from rlft.parallel.distributed import to_host
 from rlft.parallel.sharding import batch_axes, make_mesh
-from rlft.recipes.general import (check_paths, data_config, data_rows, load_starting_model, model_config,
-                                  prompt_records, save_run_files)
+from rlft.recipes.general import (check_paths, data_rows, experiment_config, load_starting_model, prompt_records,
+                                  save_run_files)
 from rlft.rl.config import rl_stage_config
 from rlft.rl.reward_step import decode_completions
 from rlft.rl.rewards import LengthPenalty, build_rewards, score_completions
@@ -69,13 +69,7 @@ from rlft.rl.stage import run_rl_stage
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (GRPO, sized for a small model on one accelerator) and "tiny" (tests)."""
-    if preset not in ("default", "tiny"):
-        raise RlftError(f"rl: unknown preset {preset!r} (default, tiny)")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = model_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.data = data_config(max_eval_prompts=256)
+    c = experiment_config("rl", preset, max_eval_prompts=256)
     c.rl = rl_stage_config(steps=200, prompts_per_step=16, group_size=8, learning_rate=1e-6,
                            max_new_tokens=256, algorithm="grpo", save_every=50, keep=2)
     c.rl.update(rewards="exact_match", reward_weights="", format_pattern="", length_buffer=0, reward_model="")

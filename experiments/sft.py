@@ -26,21 +26,14 @@ import ml_collections
 from rlft.eval.report import write_report
 from rlft.generate.scoring import completion_token_logprobs
 from rlft.parallel.sharding import make_mesh
-from rlft.recipes.general import (check_paths, completion_ids, data_config, data_rows, load_starting_model,
-                                  model_config, prompt_records, save_run_files)
-from rlft.errors import RlftError
+from rlft.recipes.general import (check_paths, completion_ids, data_rows, experiment_config, load_starting_model,
+                                  prompt_records, save_run_files)
 from rlft.train.stages import run_sft_stage, sft_stage_config
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (a small model on one accelerator) and "tiny" (tests)."""
-    if preset not in ("default", "tiny"):
-        raise RlftError(f"sft: unknown preset {preset!r} (default, tiny)")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = model_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.data = data_config()
+    c = experiment_config("sft", preset)
     c.sft = sft_stage_config(steps=1000, batch_size=32, learning_rate=1e-5, max_length=1024, save_every=250)
     c.eval = ml_collections.ConfigDict(dict(batch_size=32, max_examples=512))
     if preset == "tiny":

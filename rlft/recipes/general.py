@@ -102,6 +102,20 @@ def save_run_files(workdir: str, start: StartingModel) -> None:
     barrier(f"tokenizer {workdir}")
 
 
+def experiment_config(name: str, preset: str, **data_fields) -> ml_collections.ConfigDict:
+    """The sections every general experiment has: seed, model (`model_config`), mesh (data
+    parallel over every device), data (`data_config(**data_fields)`); an unknown preset (not
+    "default" or "tiny") is an RlftError naming experiment `name`."""
+    if preset not in ("default", "tiny"):
+        raise RlftError(f"{name}: unknown preset {preset!r} (default, tiny)")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_config()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.data = data_config(**data_fields)
+    return c
+
+
 def data_config(**fields) -> ml_collections.ConfigDict:
     """The `data` section: train / eval (a .jsonl, .json, .csv or .parquet file, or
     tfds:NAME:SPLIT read from data_dir, default TFDS's), the field names (prompt_field,
