@@ -185,6 +185,10 @@ def test_a_weighted_sum_of_rewards_logs_each_mean(reward_model):
     assert alone["length"].min() == -1 and alone["length"].max() == 0
     np.testing.assert_allclose(total, sum(w * alone[n] for n, w, _ in parts), rtol=1e-5, atol=1e-5)
     assert sorted(metrics) == sorted(f"rewards/{n}/mean" for n in alone)
+    single, none = make_rollout_scorer(parts[1:2], tokenizer=TOK, prompts=RECORDS, mesh=mesh)(
+        seqs, np.arange(len(ROWS)), lambda: "rl step 1")  # one reward: weighted, no per-reward metric
+    np.testing.assert_allclose(single, 2.0 * alone["length"], rtol=1e-6)
+    assert none == {}
     for name, values in alone.items():
         np.testing.assert_allclose(metrics[f"rewards/{name}/mean"], values.mean(), rtol=1e-5, atol=1e-6)
 

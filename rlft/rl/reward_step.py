@@ -66,7 +66,8 @@ def make_rollout_scorer(rewards: Reward | Sequence[tuple[str, float, Reward]], *
         host = _HostRows(seqs, index, tokenizer, prompts, mesh)
         scores = {name: fn(seqs, host, where) for name, _, fn in scorers}
         if len(scorers) == 1:
-            return scores[scorers[0][0]], {}
+            name, weight, _ = scorers[0]
+            return (scores[name] if weight == 1.0 else weight * scores[name]), {}
         total = sum(weight * scores[name] for name, weight, _ in scorers)
         return total, {f"rewards/{name}/mean": scores[name].mean() for name, _, _ in scorers}
 
