@@ -51,18 +51,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlft.data.batching import pad_left
 from rlft.data.records import column
 from rlft.errors import RlftError
 from rlft.eval.metrics import check_sample_counts, sampled_accuracy
+from rlft.eval.policies import sample_policy
 from rlft.eval.report import write_report
-from rlft.generate.sampling import SamplingParams, sample
-from rlft.parallel.distributed import to_host
-from rlft.parallel.sharding import batch_axes, make_mesh
+from rlft.generate.sampling import SamplingParams
+from rlft.parallel.sharding import make_mesh
 from rlft.recipes.general import (check_paths, data_rows, experiment_config, load_starting_model, prompt_records,
                                   save_run_files)
 from rlft.rl.config import rl_stage_config
-from rlft.rl.reward_step import decode_completions
 from rlft.rl.rewards import LengthPenalty, build_rewards, score_completions
 from rlft.rl.stage import run_rl_stage
 
@@ -91,12 +89,13 @@ def check(config: ml_collections.ConfigDict) -> None:
     check_sample_counts(config.eval.samples_per_problem, config.eval.k)
 
 
-def rewards_of(config: ml_collections.ConfigDict):
-    """The weighted rewards rl.rewards / rl.reward_weights name (`build_rewards`)."""
+def rewards_of(config: ml_collections.ConfigDict, names: str | None = None, weights: str | None = None):
+    """The weighted rewards rl.rewards / rl.reward_weights name (`build_rewards`), or `names` /
+    `weights` built with the same rl.* options."""
     rl = config.rl
-    return build_rewards(rl.rewards, rl.reward_weights, format_pattern=rl.format_pattern,
-                         max_new_tokens=rl.max_new_tokens, length_buffer=rl.length_buffer,
-                         reward_model=rl.reward_model)
+    return build_rewards(rl.rewards if names is None else names, rl.reward_weights if weights is None else weights,
+                         format_pattern=rl.format_pattern, max_new_tokens=rl.max_new_tokens,
+                         length_buffer=rl.length_buffer, reward_model=rl.reward_model)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -143,7 +142,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report = {"eval_prompts": len(prompts)}
     sampled = {}
     for name, model in (("start", start), ("rl", trained)):
-        texts, mask = policy_completions(model, prompts, config.rl.max_new_tokens, config.eval.batch_size, mesh)
+        greedy = completions(model, prompts, config, mesh, SamplingParams(temperature=0.0), seed=0)
+        texts, mask = greedy.texts, greedy.mask
         for reward_name_, _, fn in rewards:
             if isinstance(fn, LengthPenalty):
                 values = np.asarray(fn(mask))
@@ -178,9 +178,7 @@ def _checker(config: ml_collections.ConfigDict, rewards, prompts: list[dict]):
         return None
     fn = next((f for n, _, f in rewards if n == name), None)
     if fn is None:
-        rl = config.rl
-        (_, _, fn), = build_rewards(name, "", format_pattern=rl.format_pattern, max_new_tokens=rl.max_new_tokens,
-                                    length_buffer=rl.length_buffer, reward_model=rl.reward_model)
+        (_, _, fn), = rewards_of(config, name, "")
     if isinstance(fn, LengthPenalty):
         raise RlftError(f"eval.checker={name!r}: a length penalty judges no correctness; name a reward that "
                         "gives 1.0 for a correct completion (e.g. exact_match), or set eval.samples_per_problem=0")
@@ -193,34 +191,18 @@ def _sampled_metrics(config: ml_collections.ConfigDict, model, prompts: list[dic
     sampled at rl.temperature / top_k / top_p from the key eval.seed; correct: the checker gives 1.0."""
     rl = config.rl
     repeated = [p for p in prompts for _ in range(samples)]
-    texts, _ = policy_completions(model, repeated, rl.max_new_tokens, config.eval.batch_size, mesh,
-                                  sampling=SamplingParams(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p),
-                                  rng=jax.random.key(config.eval.seed))
+    texts = completions(model, repeated, config, mesh, SamplingParams(temperature=rl.temperature, top_k=rl.top_k,
+                                                                      top_p=rl.top_p), seed=config.eval.seed).texts
     values = np.asarray(score_completions(checker, texts, repeated, where=where), np.float64)
     values = values.reshape(len(prompts), samples)
     answers = [[t.strip() for t in texts[i * samples:(i + 1) * samples]] for i in range(len(prompts))]
     return sampled_accuracy(answers, values == 1.0, k, values)
 
 
-def policy_completions(model, prompts: list[dict], max_new_tokens: int, batch_size: int,
-                       mesh, *, sampling: SamplingParams = SamplingParams(temperature=0.0),
-                       rng=None) -> tuple[list[str], np.ndarray]:
-    """(texts, completion_mask [n, max_new_tokens]) of each prompt's greedy completion, in
-    fixed-shape batches (the last one filled with copies of the first prompt). With `sampling`
-    (temperature > 0) and `rng`, sampled completions instead: the batch starting at prompt i uses the
-    key fold_in(rng, i), so the same rng gives the same completions."""
-    ways = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
-    batch_size = -(-min(batch_size, len(prompts)) // ways) * ways
-    width = max(len(p["ids"]) for p in prompts)
-    texts, masks = [], []
-    for first in range(0, len(prompts), batch_size):
-        chunk = [p["ids"] for p in prompts[first:first + batch_size]]
-        real = len(chunk)
-        tokens, mask, _ = pad_left(chunk + [chunk[0]] * (batch_size - real), width, model.pad_id)
-        key = None if rng is None else jax.random.fold_in(rng, first)
-        out = sample(model.graphdef, model.params, tokens, mask, key, max_new_tokens=max_new_tokens,
-                     eos_id=model.eos_ids, pad_id=model.pad_id, sampling=sampling, mesh=mesh)
-        completion, completion_mask = to_host((out.tokens, out.mask))
-        texts += decode_completions(model.tokenizer, completion[:real], completion_mask[:real])
-        masks.append(completion_mask[:real])
-    return texts, np.concatenate(masks)
+def completions(model, prompts: list[dict], config: ml_collections.ConfigDict, mesh, sampling: SamplingParams,
+                seed: int):
+    """`rlft.eval.policies.sample_policy` of `model` (a StartingModel) on the records' ids:
+    rl.max_new_tokens, eval.batch_size, the model's EOS ids; texts, mask [n, max_new_tokens], ended."""
+    return sample_policy(model.graphdef, model.params, [p["ids"] for p in prompts], model.tokenizer,
+                         max_new_tokens=config.rl.max_new_tokens, sampling=sampling, seed=seed, eos_id=model.eos_ids,
+                         pad_id=model.pad_id, mesh=mesh, batch_size=config.eval.batch_size)
