@@ -23,13 +23,15 @@ import os
 import ml_collections
 import numpy as np
 
+import rlft
+
 from rlft.eval.report import write_report
 from rlft.generate.scoring import read_reward_stats, sequence_scores, write_reward_stats
 from rlft.parallel.sharding import make_mesh
 from rlft.recipes.general import (check_paths, data_rows, encoded_pairs, experiment_config, load_starting_model,
                                   save_run_files)
 from rlft.train.stages import reward_stage_config, run_reward_stage
-from rlft.train.warm_start import load_values, scalar_model_from_lm
+from rlft.train.warm_start import scalar_model_from_lm
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
@@ -54,23 +56,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check(config)
     mesh = make_mesh(dict(config.mesh))
     start = load_starting_model(config.model, mesh)
-    pairs = encoded_pairs(data_rows(config.data, "train"), config.data, start, "data.train")
+    train_rows = data_rows(config.data, "train")
+    pairs = encoded_pairs(train_rows, config.data, start, "data.train")
     save_run_files(workdir, start)
     graphdef, params = scalar_model_from_lm(start.config, start.params, mesh, seed=config.seed)
     params = run_reward_stage(name="reward", workdir=workdir, graphdef=graphdef, params=params, pairs=pairs,
                               cfg=config.reward, mesh=mesh, seed=config.seed, pad_id=start.pad_id, base=start.path)
     stage_dir = os.path.join(workdir, "reward")
     if read_reward_stats(stage_dir) is None:
-        reference = config.data.eval or config.data.train
-        flag = "data.eval" if config.data.eval else "data.train"
-        rows = data_rows(config.data, flag.split(".")[1])[:config.eval.max_pairs or None]
-        sides = [side for pair in encoded_pairs(rows, config.data, start, flag) for side in pair]
-        scores = sequence_scores(graphdef, params, sides, config.reward.max_length, start.pad_id, mesh,
-                                 min(config.eval.batch_size, len(sides)))
+        which = "eval" if config.data.eval else "train"
+        rows = (data_rows(config.data, "eval") if config.data.eval else train_rows)[:config.eval.max_pairs or None]
+        scores = pair_scores(graphdef, params, encoded_pairs(rows, config.data, start, f"data.{which}"), config,
+                             start.pad_id, mesh)
         # The prompt carries the tokenizer's own special tokens (render_prompt); EOS closes completions.
-        write_reward_stats(stage_dir, scores, f"chosen and rejected completions of {reference}", add_bos=False,
-                           add_eos=True, max_length=config.reward.max_length)
+        write_reward_stats(stage_dir, scores.reshape(-1), f"chosen and rejected completions of "
+                           f"{config.data[which]}", add_bos=False, add_eos=True, max_length=config.reward.max_length)
     return evaluate(config, workdir) if config.data.eval else {"reward_steps": config.reward.steps}
+
+
+def pair_scores(graphdef, params, pairs: list, config: ml_collections.ConfigDict, pad_id: int, mesh) -> np.ndarray:
+    """float32 [pairs, 2]: the reward model's scores of each pair's chosen and rejected sequences."""
+    sides = [side for pair in pairs for side in pair]
+    return sequence_scores(graphdef, params, sides, config.reward.max_length, pad_id, mesh,
+                           min(config.eval.batch_size, len(sides))).reshape(-1, 2)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -80,13 +88,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = load_starting_model(config.model, mesh)
     rows = data_rows(config.data, "eval")[:config.eval.max_pairs or None]
     pairs = encoded_pairs(rows, config.data, start, "data.eval")
-    graphdef, params = scalar_model_from_lm(start.config, start.params, mesh, seed=config.seed)
-    from flax import nnx
-
-    nnx.replace_by_pure_dict(params, load_values(os.path.join(workdir, "reward")))
-    sides = [side for pair in pairs for side in pair]
-    scores = sequence_scores(graphdef, params, sides, config.reward.max_length, start.pad_id, mesh,
-                             min(config.eval.batch_size, len(sides))).reshape(-1, 2)
+    stage = rlft.load(os.path.join(workdir, "reward"))
+    scores = pair_scores(stage.graphdef, stage.params, pairs, config, start.pad_id, mesh)
     margin = scores[:, 0] - scores[:, 1]
     report = {"eval_pairs": len(pairs), "accuracy": float(np.mean(margin > 0)), "margin": float(np.mean(margin))}
     lines = ["# Reward model on data.eval's pairs", "", f"{len(pairs)} pairs of {config.data.eval}: the "

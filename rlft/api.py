@@ -229,7 +229,7 @@ class Model:
         `normalize` maps scores to (s - mean) / std of the recorded reference set.
         """
         from rlft.generate.scoring import has_reference_stats, reward_examples, sequence_scores
-        from rlft.parallel.sharding import make_mesh
+        from rlft.parallel.sharding import local_device_mesh
 
         if self.kind != "scalar":
             raise RlftError("score() needs a reward (scalar) model; this is a language model")
@@ -247,7 +247,7 @@ class Model:
             return np.zeros((0,), np.float32)
         longest = max(max(len(p) + len(c) for p, c in examples), 1)
         length = min(1 << (longest - 1).bit_length(), self.config.max_positions)  # few shapes
-        mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+        mesh = local_device_mesh()
         scores = sequence_scores(self.graphdef, self.params, examples, length, tok.pad_token_id, mesh,
                                  min(batch_size, len(examples)))
         if normalize:

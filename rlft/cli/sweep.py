@@ -54,8 +54,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
-import math
 import os
 import re
 import shlex

@@ -61,6 +61,12 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def local_device_mesh() -> Mesh:
+    """A (data 1, fsdp 1, tensor 1) mesh of this process's first device: where a model used outside
+    a run (rlft.load, a reward model before a stage places it) computes."""
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+
+
 def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] = RULES, what: str = "") -> PartitionSpec:
     """PartitionSpec for logical axis names; an unknown name is an error naming `what`."""
     spec = []

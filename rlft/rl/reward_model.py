@@ -42,7 +42,7 @@ from rlft.generate.scoring import has_reference_stats, reward_examples, reward_i
 from rlft.models.decoder import positions_from_mask
 from rlft.models.heads import last_token_scores
 from rlft.parallel.distributed import put_global
-from rlft.parallel.sharding import make_mesh, state_shardings
+from rlft.parallel.sharding import local_device_mesh, state_shardings
 from rlft.train.steps import map_row_chunks
 
 Array = jax.Array
@@ -126,7 +126,7 @@ class ModelReward:
         examples = reward_examples(self.tokenizer, completions, prompts, self.stats, self.config.max_positions)
         if not examples:
             return np.zeros((0,), np.float32)
-        mesh = self.mesh or make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+        mesh = self.mesh or local_device_mesh()
         reward = self.on_mesh(mesh)
         scores = sequence_scores(self.graphdef, reward.params, examples, self.max_length,
                                  self.tokenizer.pad_token_id, mesh, min(self.batch_size, len(examples)))
@@ -162,7 +162,7 @@ def load_reward_model(path: str, normalize: bool | None = None, batch_size: int 
         raise RlftError(f"reward_model batch_size={batch_size!r}: must be an integer >= 1")
     if normalize is None:
         normalize = has_reference_stats(model.reward_stats)
-    mesh = mesh or make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+    mesh = mesh or local_device_mesh()
     params = put_global(model.params, state_shardings(model.params, mesh))
     return ModelReward(graphdef=model.graphdef, params=params, tokenizer=model.tokenizer, stats=model.reward_stats,
                        normalize=normalize, batch_size=batch_size, name=f"reward_model({path})")
