@@ -20,13 +20,16 @@ sampler's own, which are those of the same distribution; trl's PPO does this; sa
 | clip_eps_low/high | 0.2/0.2    | 0.2/0.2   | 0.2/0.2    | 0.2/0.2    | 3e-4/4e-4 | 0.2/0.28   | 0.2/0.28   | 0.2/0.2      |
 | policy_loss       | clipped    | clipped   | clipped    | clipped    | clipped   | clipped    | cispo      | clipped      |
 | ratio_level       | token      | token     | token      | token      | sequence  | token      | token      | token        |
+| dynamic_sampling  | False      | False     | False      | False      | False     | True       | False      | False        |
 | grpo_scale_by_std | True       | True      | True       | True       | True      | True       | True       | False        |
 | epochs            | 4          | 1         | 1          | 1          | 1         | 1          | 1          | 1            |
 
 Beside them: `rl.tis=none|token|sequence` with `rl.tis_cap` (truncated importance sampling of the
 loss by min(π_trainer/π_sampler, cap) against the sampler/trainer mismatch; logged as
 policy/sampler_mismatch_kl either way) and `rl.mask_truncated` (completions that reach
-max_new_tokens without EOS are left out of the loss). DAPO's dynamic sampling is not built yet.
+max_new_tokens without EOS are left out of the loss). `rl.dynamic_sampling` (DAPO's; group
+estimators) keeps only groups whose scores differ and draws up to `rl.max_resample_rounds` extra
+rounds of prompts to fill the batch (`rlft.rl.dynamic_sampling`).
 
 `resolve_pg_config(section)` validates everything before any work starts and returns a frozen,
 hashable `PGConfig` (a static argument of the jitted step). Errors name the field.
@@ -70,7 +73,7 @@ ALGORITHM_DEFAULTS: dict[str, dict] = {
     "gspo": dict(_GROUP, kl_coef=0.0, loss_aggregation="seq-mean-token-mean", ratio_level="sequence",
                  clip_eps_low=3e-4, clip_eps_high=4e-4),
     # DAPO (Yu et al. 2025): clip-higher, token-level loss, no KL (pair it with the `length` reward).
-    "dapo": dict(_GROUP, kl_coef=0.0, loss_aggregation="token-mean", clip_eps_high=0.28),
+    "dapo": dict(_GROUP, kl_coef=0.0, loss_aggregation="token-mean", clip_eps_high=0.28, dynamic_sampling=True),
     # CISPO (MiniMax-M1 2025): a clipped, constant importance weight on every token's log-prob.
     "cispo": dict(_GROUP, kl_coef=0.0, loss_aggregation="token-mean", policy_loss="cispo", clip_eps_high=0.28),
     # Dr. GRPO (Liu et al. 2025): no std scaling of the advantages, a constant length normaliser.
@@ -78,7 +81,7 @@ ALGORITHM_DEFAULTS: dict[str, dict] = {
 }
 # Fields every algorithm shares unless its row above says otherwise.
 COMMON_DEFAULTS = dict(policy_loss="clipped", ratio_level="token", clip_eps_low=0.2, clip_eps_high=0.2,
-                       grpo_scale_by_std=True)
+                       grpo_scale_by_std=True, dynamic_sampling=False)
 for _row in ALGORITHM_DEFAULTS.values():
     for _field, _value in COMMON_DEFAULTS.items():
         _row.setdefault(_field, _value)
@@ -105,7 +108,7 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
         grpo_scale_by_std=placeholder(bool), grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
         clip=placeholder(bool), clip_eps_low=placeholder(float), clip_eps_high=placeholder(float),
         policy_loss=placeholder(str), ratio_level=placeholder(str), tis="none", tis_cap=2.0,
-        mask_truncated=False, vf_coef=0.1, vf_clip=0.2,
+        mask_truncated=False, dynamic_sampling=placeholder(bool), max_resample_rounds=4, vf_coef=0.1, vf_clip=0.2,
         entropy_coef=0.0, loss_aggregation=placeholder(str), epochs=placeholder(int), minibatches=1,
         old_logprobs="recompute", no_eos_penalty=0.0,
         kl=ml_collections.ConfigDict(dict(coef=placeholder(float), estimator=placeholder(str),
@@ -145,6 +148,8 @@ class PGConfig:
     tis: str  # truncated importance sampling against the sampler: "none", "token", "sequence"
     tis_cap: float
     mask_truncated: bool  # completions cut at max_new_tokens (no EOS) are left out of the loss
+    dynamic_sampling: bool  # DAPO: only groups whose scores differ; extra rounds fill the batch
+    max_resample_rounds: int
     vf_coef: float
     vf_clip: float
     entropy_coef: float
@@ -255,6 +260,10 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence
     if section.tis not in ("none", "token", "sequence"):
         raise RlftError(f"{prefix}.tis={section.tis!r}: expected one of ['none', 'token', 'sequence']")
     epochs = _positive_int(_pick(section, d, "epochs"), f"{prefix}.epochs")
+    dynamic = _flag(_pick(section, d, "dynamic_sampling"), f"{prefix}.dynamic_sampling")
+    if dynamic and (advantage == "gae" or group < 2):
+        raise RlftError(f"{prefix}.dynamic_sampling=true keeps the groups whose scores differ: it needs a group "
+                        f"estimator (advantage={advantage!r}) and group_size >= 2 (group_size={group})")
     rows = section.prompts_per_step * group
     if rows % section.minibatches:
         raise RlftError(f"{prefix}.minibatches={section.minibatches} does not divide the rollout of "
@@ -294,6 +303,8 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence
         clip_eps_high=float(eps_high), policy_loss=policy_loss, ratio_level=ratio_level, tis=section.tis,
         tis_cap=_in_range(section.tis_cap, f"{prefix}.tis_cap", 1.0),
         mask_truncated=_flag(section.mask_truncated, f"{prefix}.mask_truncated"),
+        dynamic_sampling=dynamic,
+        max_resample_rounds=_non_negative_int(section.max_resample_rounds, f"{prefix}.max_resample_rounds"),
         vf_coef=_in_range(section.vf_coef, f"{prefix}.vf_coef", 0.0),
         vf_clip=float(section.vf_clip or 0.0),
         entropy_coef=_in_range(section.entropy_coef, f"{prefix}.entropy_coef", 0.0),

@@ -21,9 +21,10 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -34,8 +35,9 @@ from rlft.errors import RlftError
 from rlft.generate.sampling import Sequences
 from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
-from rlft.parallel.distributed import local_rows, local_to_host
-from rlft.parallel.sharding import MeshJit, batch_sharding, sharded_init
+from rlft.parallel.distributed import local_rows, local_to_host, put_global, to_host
+from rlft.parallel.sharding import MeshJit, batch_sharding, replicated, shard_batch, sharded_init
+from rlft.rl import dynamic_sampling
 from rlft.rl.config import PGConfig, resolve_pg_config
 from rlft.rl.pg_step import PGState, init_pg_state, pg_step
 from rlft.rl.reward_model import ModelReward
@@ -83,7 +85,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                  prompts: Sequence[dict], reward_fn: RewardFn | ModelReward, tokenizer, mesh: Mesh,
                  pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
                  frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None,
-                 name: str = "rl", stage_dir: str | None = None):
+                 name: str = "rl", stage_dir: str | None = None,
+                 resample: Callable[[int, int], dict] | None = None):
     """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> scores -> pg_step (jit).
 
     Scores come from `rlft.rl.reward_step.make_rollout_scorer`: a ModelReward on the mesh, or a text
@@ -95,8 +98,12 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     `shardings`: the PGState's. `frozen`: the base of a LoRA policy (the state holds its adapters;
     the reference is then the base with the adapters off). With `timings`, each phase's wall time is
     appended to timings["sampling_s" | "reward_s" | "update_s"] (the device is synchronised
-    between phases, which costs a little overlap; for benchmarks only).
+    between phases, which costs a little overlap; for benchmarks only). With
+    `config.dynamic_sampling`, `resample(step, round)` gives the host batch of this process's rows
+    of the extra round's prompts (`rlft.rl.dynamic_sampling`; required then).
     """
+    if config.dynamic_sampling and resample is None:
+        raise ValueError("make_rl_step: dynamic sampling needs `resample`")
     rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id,
                                                 max_new_tokens=config.max_new_tokens,
                                                 sampling=config.sampling, mesh=mesh)), mesh)
@@ -106,6 +113,26 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                   graphdef=graphdef, critic_graphdef=critic_graphdef, tx=tx, critic_tx=critic_tx, config=config)
     score = make_rollout_scorer(reward_fn, tokenizer=tokenizer, prompts=prompts, mesh=mesh,
                                 chunk_rows=config.experience_chunk, stage_dir=stage_dir)
+    rows_of = MeshJit(jax.jit(lambda rounds, rows: jax.tree.map(lambda *xs: jnp.concatenate(xs)[rows], *rounds),
+                              out_shardings=rollout_shardings(mesh)), mesh)
+
+    def dynamic_batch(state: PGState, seqs: Sequences, scores: jax.Array, where) -> tuple[dict, dict]:
+        """DAPO's batch: the rollout's informative groups, topped up from extra rounds."""
+        group, prompts_per_step = config.group_size, scores.shape[0] // config.group_size
+        rounds, host_scores = [{"sequences": seqs, "scores": scores}], [to_host(scores)]
+        step_number = int(jax.device_get(state.step)) + 1
+        while (len(rounds) <= config.max_resample_rounds
+               and not dynamic_sampling.enough(host_scores, group, prompts_per_step)):
+            extra = shard_batch(resample(step_number, len(rounds)), mesh)
+            more = rollout(state, frozen, extra["prompt_tokens"], extra["prompt_mask"], jnp.int32(len(rounds)))
+            more_scores, _ = score(more, local_to_host(extra["index"], mesh), where)
+            rounds.append({"sequences": more, "scores": more_scores})
+            host_scores.append(to_host(more_scores))
+        chosen = dynamic_sampling.select_groups(host_scores, group, prompts_per_step)
+        batch = rows_of(rounds, put_global(chosen.rows, replicated(mesh)))
+        return batch, {"rollout/dropped_groups": np.float32(chosen.dropped),
+                       "rollout/filled_groups": np.float32(chosen.filled),
+                       "rollout/resample_rounds": np.float32(len(rounds) - 1)}
 
     def timed(name, start):
         if timings is not None:
@@ -120,11 +147,15 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         t0 = time.perf_counter()
         where = lambda: f"{name} step {int(jax.device_get(state.step)) + 1}"  # read only on an error
         scores, reward_metrics = score(seqs, local_to_host(batch["index"], mesh), where)
+        rollout_batch = {"sequences": seqs, "scores": scores}
+        if config.dynamic_sampling:  # reward_metrics stay those of the prompts as drawn
+            rollout_batch, dynamic_metrics = dynamic_batch(state, seqs, scores, where)
+            reward_metrics = {**reward_metrics, **dynamic_metrics}
         if timings is not None:
-            jax.block_until_ready(scores)
+            jax.block_until_ready(rollout_batch)
         timed("reward_s", t0)
         t0 = time.perf_counter()
-        state, metrics = pg(state, {"sequences": seqs, "scores": scores}, *extra_args)
+        state, metrics = pg(state, rollout_batch, *extra_args)
         if timings is not None:
             jax.block_until_ready(metrics)
         timed("update_s", t0)
@@ -182,22 +213,27 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
             config=config, graphdef=graphdef, shardings=shardings, prompts=prompts, reward_fn=reward_fn,
             tokenizer=tokenizer, mesh=mesh, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
             critic_tx=critic_tx, reference=None if frozen is not None else reference, frozen=frozen, name=name,
-            stage_dir=os.path.join(workdir, name))
+            stage_dir=os.path.join(workdir, name), resample=resample)
         return StageProgram(with_shardings(abstract, shardings),
                             lambda: jax.jit(init, out_shardings=shardings)(trainable, critic_params), make_step)
 
     rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
     host_batch = lambda indices: jax.tree.map(lambda x: x[rows], prompt_batch(prompts, indices, config.group_size,
                                                                                width, pad_id))
+    resample = lambda step, round_: host_batch(dynamic_sampling.resample_indices(
+        len(prompts), cfg.prompts_per_step, seed, step, round_))
     return train_stage(name=name, workdir=workdir, kind="lm", graphdef=graphdef, params=params, cfg=cfg, mesh=mesh,
                        seed=seed, base=base, num_examples=len(prompts), batch_size=cfg.prompts_per_step,
                        host_batch=host_batch, build=build, metric_prefix=None)
 
 
-def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, *, eos_id, pad_id,
-             max_new_tokens, sampling, mesh):
+def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, resample_round=None, *, eos_id,
+             pad_id, max_new_tokens, sampling, mesh):
     """sample_rollout of the state's policy (joined with a LoRA base `frozen`, if any) with the
-    step's key `step_key(state, salt=SAMPLE_SALT)`."""
+    step's key `step_key(state, salt=SAMPLE_SALT)`, folded with `resample_round` (int32 []) for the
+    extra rounds of dynamic sampling."""
     key = step_key(state, salt=SAMPLE_SALT)
+    if resample_round is not None:
+        key = jax.random.fold_in(key, resample_round)
     return sample_rollout(graphdef, combine(frozen, state.params), prompt_tokens, prompt_mask, key, eos_id=eos_id,
                           pad_id=pad_id, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
