@@ -76,8 +76,8 @@ from rlft.files import read_json, write_json
 from rlft.eval.compare import EvalTask, evaluate_run
 from rlft.generate.logprobs import SamplingParams
 from rlft.recipes import sentiment
-from rlft.rl.reward_model import ModelReward
-from rlft.rl.rewards import build_reward, vader
+from rlft.rl.reward_model import ModelReward, load_reward_model
+from rlft.rl.rewards import vader
 from rlft.rl.config import rl_stage_config
 from rlft.rl.stage import run_rl_stage
 from rlft.generate.scoring import read_reward_stats, sequence_scores, write_reward_stats
@@ -234,7 +234,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reward_dir = os.path.join(workdir, "reward")
     proxy, extra = None, ""
     if os.path.isfile(os.path.join(reward_dir, "reward_stats.json")):
-        proxy = build_reward("reward_model", path=reward_dir)  # scores record["text"] + completion
+        proxy = load_reward_model(reward_dir)  # scores record["text"] + completion
         generalization = read_json(os.path.join(reward_dir, "generalization.json"))
         extra = (f"\n## The reward model beyond its training corpus\n\nTrained on "
                  f"{', '.join(generalization['trained_on'])} ({generalization['train_pairs']} pairs); test "

@@ -12,7 +12,7 @@ RLFT = pathlib.Path(__file__).resolve().parent.parent / "rlft"
 
 LAYERS = [
     {"errors"},
-    {"files", "ops", "host"},  # helpers that know nothing else
+    {"files", "ops", "host", "registry"},  # helpers that know nothing else
     {"parallel"},
     {"config"},
     {"models"},

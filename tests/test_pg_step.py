@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -273,3 +274,53 @@ def test_mask_truncated_leaves_cut_completions_out_of_the_loss():
         (a, ga), (b, gb) = loss_and_grad(pc, 5.0), loss_and_grad(pc, -5.0)
         gap = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)))
         assert (abs(float(a - b)) < 1e-6 and gap < 1e-6) == same, (masked, float(a - b), gap)
+
+
+USER = "tests.fixtures.user_algorithms"
+
+
+def first_step(pc):
+    graphdef, params, cg, cp = models(pc)
+    tx = make_optimizer(3e-3, 0, 2)
+    state = init_pg_state(params, tx, cp, tx, pc.kl_coef, 0)
+    seqs = rollout(pc, graphdef, params, jax.random.key(0))
+    step = jax.jit(functools.partial(pg_step, graphdef=graphdef, critic_graphdef=cg, tx=tx, critic_tx=tx, config=pc))
+    return step(state, {"sequences": seqs, "scores": scores_of(seqs)}, params)[1], seqs
+
+
+def test_user_entries_from_flags_dispatch_like_builtins():
+    """A user's advantage estimator, policy loss, KL estimator and aggregation named as module:function
+    are the ones the step calls: each effect shows in the metrics."""
+    from tests.fixtures import user_algorithms
+
+    user_algorithms.CALLS.clear()
+    pc = config("grpo", advantage=f"{USER}:optimistic_advantage", policy_loss=f"{USER}:plain_pg_loss",
+                kl=dict(coef=0.1, estimator=f"{USER}:half_k1"))
+    metrics, _ = first_step(pc)
+    assert set(user_algorithms.CALLS) == {"advantage", "policy_loss", "kl"}
+    # ratio 1 on the first update: the loss is −mean over sequences of A, and every group's mean is 1
+    np.testing.assert_allclose(metrics["loss/policy"], -1.0, rtol=1e-5)
+    assert float(metrics["policy/clipfrac"]) == 1.0
+    # the KL term is the user's: at the first update logp == ref, so half_k1 adds exactly 0 (k3 too);
+    # with the user's aggregation, the loss is a sum over all tokens instead of a mean
+    summed = config("grpo", advantage=f"{USER}:optimistic_advantage", policy_loss=f"{USER}:plain_pg_loss",
+                    loss_aggregation=f"{USER}:sum_over_tokens")
+    metrics_sum, seqs = first_step(summed)
+    assert user_algorithms.CALLS["aggregation"] > 0
+    scores = np.asarray(scores_of(seqs)).reshape(PROMPTS, GROUP)
+    advantages = (scores - scores.mean(-1, keepdims=True) + 1.0).reshape(-1)
+    lengths = np.asarray(seqs.completion_mask).sum(-1)
+    np.testing.assert_allclose(metrics_sum["loss/policy"], -np.sum(advantages * lengths), rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,field,message", [
+    (dict(advantage=f"{USER}:flat_advantage"), "rl.advantage", "returned shape (4,), expected shape (4, 4)"),
+    (dict(policy_loss=f"{USER}:loss_without_options"), "rl.policy_loss", "calling it as a policy loss failed"),
+    (dict(advantage=f"{USER}:no_such_function"), "rl.advantage", "cannot import it"),
+    (dict(loss_aggregation="no_such_module:f"), "rl.loss_aggregation", "cannot import it"),
+])
+def test_a_user_entry_that_breaks_the_contract_is_a_clear_error(overrides, field, message):
+    with pytest.raises(RlftError, match=re.escape(message)) as e:
+        first_step(config("grpo", **overrides))
+    assert str(e.value).startswith(f"{field}=")
+    assert "cannot import" in message or "the contract is fn(" in str(e.value)

@@ -195,7 +195,7 @@ def test_a_weighted_sum_of_rewards_logs_each_mean(reward_model):
 
 @pytest.mark.parametrize("names, weights, error", [
     ("", "", "rl.rewards is empty"),
-    ("exact_match,bleu", "", "unknown reward 'bleu'"),
+    ("exact_match,bleu", "", "rl.rewards='bleu': expected one of"),
     ("exact_match,exact_match", "", "named twice"),
     ("exact_match,format", "1", "expected 2 finite numbers"),
     ("exact_match", "x", "expected comma-separated numbers"),

@@ -131,12 +131,12 @@ def test_reward_registry():
                                   [1.0, 0.0, 1.0])
     vader = build_reward("vader")(["a wonderful, lovely film", "a horrible, awful film"], [{}, {}])
     assert vader[0] > 0.5 and vader[1] < -0.5
-    fn = build_reward("python", spec="tests.test_rl_stage:char_reward")
+    fn = build_reward("tests.test_rl_stage:char_reward")
     assert fn is char_reward
     with pytest.raises(RlftError, match="expected one of"):
         build_reward("bleu")
     with pytest.raises(RlftError, match="cannot import"):
-        build_reward("python", spec="no_such_module:f")
+        build_reward("no_such_module:f")
 
 
 def _scores(workdir):

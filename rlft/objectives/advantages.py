@@ -9,6 +9,10 @@ completion's tokens):
     rloo(scores [prompts, group])        r − mean of the group's *other* samples (Ahmadian et al. 2024)
     reinforce(scores, baseline)          r − b, b an exponential moving average of past scores
 
+`ESTIMATORS` (a `rlft.registry.Registry`) is the dispatch of rl.advantage: a user's sequence-level
+estimator is "module:function" with the contract of `ESTIMATORS.contract`, called through
+`sequence_advantages` like the built-ins.
+
 `whiten` normalises advantages with masked statistics; PPO applies it after the returns have been
 computed from the raw advantages, so the value targets are not whitened.
 
@@ -18,13 +22,12 @@ scalar that lives in the RL state and is threaded through `update_baseline`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
 from rlft.errors import RlftError
 from rlft.ops import masked_mean
+from rlft.registry import Registry
 
 Array = jax.Array
 
@@ -81,7 +84,7 @@ def _group_size(scores: Array, minimum: int, what: str) -> int:
     return group
 
 
-def grpo(scores: Array, *, scale_by_std: bool = True, ddof: int = 1, eps: float = 1e-4) -> Array:
+def grpo(scores: Array, *, scale_by_std: bool = True, ddof: int = 1, eps: float = 1e-4, **_options) -> Array:
     """Group-relative advantages [prompts, group] of scores [prompts, group].
 
     (r − mean_group) / (std_group + eps), the std computed with `ddof` (1 = unbiased sample std,
@@ -101,7 +104,7 @@ def grpo(scores: Array, *, scale_by_std: bool = True, ddof: int = 1, eps: float 
     return centred / (std + eps)
 
 
-def rloo(scores: Array) -> Array:
+def rloo(scores: Array, **_options) -> Array:
     """Leave-one-out advantages [prompts, group]: r_i − mean_{j≠i} r_j within each group.
 
     Equals G/(G − 1)·(r_i − mean_group) for group size G >= 2; no sample is its own baseline,
@@ -113,7 +116,7 @@ def rloo(scores: Array) -> Array:
     return scores - (total - scores) / (group - 1)
 
 
-def reinforce(scores: Array, baseline: Array | float | None = None) -> Array:
+def reinforce(scores: Array, baseline: Array | float | None = None, **_options) -> Array:
     """REINFORCE advantages: scores minus a scalar baseline (None = no baseline), same shape."""
     scores = _f32(scores)
     return scores if baseline is None else scores - _f32(baseline)
@@ -143,16 +146,31 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) ->
     return jnp.where(keep, out, 0.0)
 
 
-ESTIMATORS: dict[str, Callable[..., Array | tuple[Array, Array]]] = {
-    "gae": gae,
-    "grpo": grpo,
-    "rloo": rloo,
-    "reinforce": reinforce,
-}
+TOKEN_LEVEL = "gae"  # the token-level estimator (it needs a critic); every other entry is sequence-level
 
+ESTIMATORS = Registry(
+    "advantage estimator",
+    "fn(scores, **options) -> advantages: scores float32 [prompts, group] (each completion's total reward, "
+    "a prompt's completions in one row), advantages of the same shape, broadcast over each completion's "
+    "tokens; options by keyword: baseline (float32 [], the moving average of past scores), scale_by_std, "
+    "ddof, eps (rl.grpo_*): take **options and ignore what you do not use",
+    {"gae": gae, "grpo": grpo, "rloo": rloo, "reinforce": reinforce})
+"""rl.advantage: "gae" (token-level: gae(rewards, values, mask, gamma, lam) -> (advantages, returns)) or
+a sequence-level estimator, built in (grpo, rloo, reinforce) or a user's "module:function", with the
+contract fn(scores [prompts, group], **options) -> advantages [prompts, group] (ESTIMATORS.contract)."""
+
+
+def sequence_advantages(name: str, scores: Array, field: str = "rl.advantage", **options) -> Array:
+    """Advantages [prompts, group] of scores [prompts, group] by the sequence-level estimator `name`
+    (a built-in or "module:function"), its return shape checked (a clear error at the first step)."""
+    if name == TOKEN_LEVEL:
+        raise RlftError(f"{field}={name!r} is token-level (it reads a critic's values), not sequence-level")
+    out = ESTIMATORS.call(name, field, scores, **options)
+    ESTIMATORS.expect_shape(out, scores.shape, name, field)
+    return jnp.asarray(out, jnp.float32)
 
 
 def check_estimator(name: str, field: str = "rl.advantage") -> None:
-    """Raises RlftError naming `field` when `name` is not a key of ESTIMATORS."""
-    if name not in ESTIMATORS:
-        raise RlftError(f"{field}={name!r}: expected one of {sorted(ESTIMATORS)}")
+    """Raises RlftError naming `field` unless `name` is an entry of ESTIMATORS or an importable
+    "module:function"."""
+    ESTIMATORS.check(name, field)

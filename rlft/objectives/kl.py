@@ -9,6 +9,8 @@ With samples from the policy π and r = π_ref/π (log r = ref_logp − logp), p
 k3 exponentiates log r clipped to [−20, 20], so it never overflows: exact below −20 (the policy
 far more confident than the reference), continued linearly with slope 1 above +20.
 
+`KL_ESTIMATORS` is a `rlft.registry.Registry`: rl.kl.estimator may name a user's "module:function".
+
 Placements (`KL_PLACEMENTS`): "reward" subtracts β·k per token from the reward (PPO/RLHF; k1 there
 gives the right gradient), "loss" adds β·mean(k) to the loss (GRPO; k3 as a loss is biased).
 
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlft.errors import RlftError
+from rlft.registry import Registry
 
 Array = jax.Array
 
@@ -47,26 +50,32 @@ def _k3(log_ratio: Array) -> Array:
     return jnp.expm1(clipped) - clipped + jnp.abs(log_ratio - clipped)
 
 
-KL_ESTIMATORS: dict[str, Callable[[Array], Array]] = {"k1": _k1, "k2": _k2, "k3": _k3}
+KL_ESTIMATORS = Registry(
+    "KL estimator",
+    "fn(log_ratio) -> kl: log_ratio float32 [...] = log π_ref − log π of the sampled tokens (sampled from "
+    "π), kl the per-token estimate of KL(π‖π_ref), same shape (masking is the caller's)",
+    {"k1": _k1, "k2": _k2, "k3": _k3})
+"""rl.kl.estimator: k1, k2, k3 or a user's "module:function" (KL_ESTIMATORS.contract)."""
 
 KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss")
 
 
-def kl_estimate(logp: Array, ref_logp: Array, estimator: str) -> Array:
+def kl_estimate(logp: Array, ref_logp: Array, estimator: str, field: str = "rl.kl.estimator") -> Array:
     """Per-token KL estimate [...] (float32) from policy and reference log-probs of the sampled tokens.
 
     `logp` and `ref_logp` have the same shape (e.g. [batch, length]); masking is the caller's.
-    `estimator` is a static name from KL_ESTIMATORS.
+    `estimator` is a static entry of KL_ESTIMATORS or a "module:function" (its return shape checked).
     """
-    check_kl_estimator(estimator)
     log_ratio = jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32)
-    return KL_ESTIMATORS[estimator](log_ratio)
+    out = KL_ESTIMATORS.call(estimator, field, log_ratio)
+    KL_ESTIMATORS.expect_shape(out, log_ratio.shape, estimator, field)
+    return jnp.asarray(out, jnp.float32)
 
 
 def check_kl_estimator(name: str, field: str = "rl.kl.estimator") -> None:
-    """Raises RlftError naming `field` when `name` is not a key of KL_ESTIMATORS."""
-    if name not in KL_ESTIMATORS:
-        raise RlftError(f"{field}={name!r}: expected one of {sorted(KL_ESTIMATORS)}")
+    """Raises RlftError naming `field` unless `name` is an entry of KL_ESTIMATORS or an importable
+    "module:function"."""
+    KL_ESTIMATORS.check(name, field)
 
 
 def check_kl_placement(name: str, field: str = "rl.kl.placement") -> None:

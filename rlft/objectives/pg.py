@@ -1,7 +1,11 @@
 """Policy-gradient losses: the PPO clipped surrogate, CISPO, GSPO's sequence ratio, truncated
 importance sampling, the clipped value loss, entropy, aggregation.
 
-Policy losses by name (`POLICY_LOSSES`, rl.policy_loss), each fn(logp, old_logp, advantages,
+Each family is a `rlft.registry.Registry` that is also the dispatch, so a flag may name a user's own
+"module:function" with the family's contract: policy losses (`POLICY_LOSSES`, rl.policy_loss,
+called through `policy_loss`) and aggregations (`AGGREGATIONS`, rl.loss_aggregation, `aggregate`).
+
+Policy losses by name, each fn(logp, old_logp, advantages,
 log_ratio, *, eps_low, eps_high, clip) -> (loss [B, T], stats) with `log_ratio` [B, T] from
 `log_ratios` (rl.ratio_level: per token, or GSPO's sequence ratio on every token):
 
@@ -23,15 +27,13 @@ split of the batch never changes the normaliser.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
 from rlft.errors import RlftError
+from rlft.registry import Registry
 
 Array = jax.Array
-Aggregation = Callable[[Array, Array, int], tuple[Array, Array]]
 
 
 def _masked(per_token: Array, mask: Array) -> tuple[Array, Array]:
@@ -72,28 +74,37 @@ def _fixed_length(per_token: Array, mask: Array, max_length: int) -> tuple[Array
     return jnp.sum(x), _rows(x) * float(max_length)
 
 
-AGGREGATIONS: dict[str, Aggregation] = {
-    "token-mean": _token_mean,
-    "seq-mean-token-mean": _seq_mean_token_mean,
-    "seq-mean-token-sum": _seq_mean_token_sum,
-    "fixed-length": _fixed_length,
-}
+AGGREGATIONS = Registry(
+    "loss aggregation",
+    "fn(per_token, mask, max_length) -> (loss_sum, count): per_token and mask float32 [rows, length] "
+    "(mask 1 on the tokens in the loss), max_length the completion width (rl.max_new_tokens); two float32 "
+    "scalars that add across micro-batches and devices (the loss is Σ loss_sum / Σ count)",
+    {"token-mean": _token_mean, "seq-mean-token-mean": _seq_mean_token_mean,
+     "seq-mean-token-sum": _seq_mean_token_sum, "fixed-length": _fixed_length})
+"""rl.loss_aggregation: the built-ins above, or a user's "module:function" (AGGREGATIONS.contract)."""
 
 
 def check_aggregation(name: str, field: str = "rl.loss_aggregation") -> None:
-    """Raises RlftError naming `field` when `name` is not a key of AGGREGATIONS."""
-    if name not in AGGREGATIONS:
-        raise RlftError(f"{field}={name!r}: expected one of {sorted(AGGREGATIONS)}")
+    """Raises RlftError naming `field` unless `name` is an entry of AGGREGATIONS or an importable
+    "module:function"."""
+    AGGREGATIONS.check(name, field)
 
 
-def aggregate(per_token: Array, mask: Array, mode: str, max_length: int) -> tuple[Array, Array]:
-    """(sum, count) float32 scalars of per_token [B, T] under mask [B, T] for a static `mode`.
+def aggregate(per_token: Array, mask: Array, mode: str, max_length: int,
+              field: str = "rl.loss_aggregation") -> tuple[Array, Array]:
+    """(sum, count) float32 scalars of per_token [B, T] under mask [B, T] for a static `mode`
+    (an entry of AGGREGATIONS or "module:function", its return checked).
 
     `max_length` is the completion length normaliser of "fixed-length" (usually the sampler's
     max_new_tokens); the other modes ignore it.
     """
-    check_aggregation(mode)
-    return AGGREGATIONS[mode](per_token, mask, max_length)
+    out = AGGREGATIONS.call(mode, field, per_token, mask, max_length)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise RlftError(f"{field}={mode!r} returned a {type(out).__name__}, expected a pair (loss_sum, count); "
+                        f"the contract is {AGGREGATIONS.contract}")
+    for part in out:
+        AGGREGATIONS.expect_shape(part, (), mode, field, "returned a part of")
+    return jnp.asarray(out[0], jnp.float32), jnp.asarray(out[1], jnp.float32)
 
 
 def sequence_log_ratio(logp: Array, old_logp: Array, mask: Array) -> Array:
@@ -207,16 +218,39 @@ def cispo_loss(logp: Array, old_logp: Array, advantages: Array, log_ratio: Array
     return loss, stats
 
 
-POLICY_LOSSES: dict[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
-    "clipped": clipped_surrogate,
-    "cispo": cispo_loss,
-}
+POLICY_LOSSES = Registry(
+    "policy loss",
+    "fn(logp, old_logp, advantages, log_ratio, *, eps_low, eps_high, clip) -> (loss, stats): logp [rows, "
+    "length] the sampled tokens' log-probs under the policy being updated (differentiate through it or "
+    "through log_ratio, rl.ratio_level's log-ratios), old_logp and advantages [rows, length] constants, "
+    "eps_low/eps_high/clip rl.clip_eps_low/high and rl.clip; loss float32 [rows, length] per token "
+    "(aggregated by rl.loss_aggregation), stats a dict of [rows, length] arrays, any of 'ratio', "
+    "'clipped', 'approx_kl' (logged as policy/ratio, policy/clipfrac, policy/approxkl)",
+    {"clipped": clipped_surrogate, "cispo": cispo_loss})
+"""rl.policy_loss: the built-ins above, or a user's "module:function" (POLICY_LOSSES.contract)."""
 
 
 def check_policy_loss(name: str, field: str = "rl.policy_loss") -> None:
-    """Raises RlftError naming `field` when `name` is not a key of POLICY_LOSSES."""
-    if name not in POLICY_LOSSES:
-        raise RlftError(f"{field}={name!r}: expected one of {sorted(POLICY_LOSSES)}")
+    """Raises RlftError naming `field` unless `name` is an entry of POLICY_LOSSES or an importable
+    "module:function"."""
+    POLICY_LOSSES.check(name, field)
+
+
+def policy_loss(name: str, logp: Array, old_logp: Array, advantages: Array, log_ratio: Array, *,
+                eps_low: float, eps_high: float, clip: bool,
+                field: str = "rl.policy_loss") -> tuple[Array, dict[str, Array]]:
+    """(loss [B, T], stats) of the policy loss `name` (an entry of POLICY_LOSSES or "module:function"),
+    its return checked against the contract (a clear error while the first step compiles)."""
+    out = POLICY_LOSSES.call(name, field, logp, old_logp, advantages, log_ratio, eps_low=eps_low,
+                             eps_high=eps_high, clip=clip)
+    if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[1], dict):
+        raise RlftError(f"{field}={name!r} returned a {type(out).__name__}, expected a pair (loss, stats dict); "
+                        f"the contract is {POLICY_LOSSES.contract}")
+    loss, stats = out
+    POLICY_LOSSES.expect_shape(loss, logp.shape, name, field, "returned a loss of")
+    for key, value in stats.items():
+        POLICY_LOSSES.expect_shape(value, logp.shape, name, field, f"returned stats[{key!r}] of")
+    return jnp.asarray(loss, jnp.float32), stats
 
 
 def value_loss(values: Array, old_values: Array, returns: Array, *,

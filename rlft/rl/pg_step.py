@@ -25,7 +25,7 @@ from flax import nnx, struct
 from rlft.models.lora import adapters_off, combine
 from rlft.ops import masked_mean
 from rlft.objectives.kl import KL_CONTROLLERS, kl_estimate
-from rlft.objectives.pg import POLICY_LOSSES, aggregate, log_ratios, truncated_is_weights, value_loss
+from rlft.objectives.pg import aggregate, policy_loss, log_ratios, truncated_is_weights, value_loss
 from rlft.rl.config import PGConfig
 from rlft.rl.rollout import Experience, ended_with_eos, make_experience, policy_outputs
 from rlft.train.steps import apply_update, mean_gradients, step_key
@@ -91,9 +91,8 @@ def pg_loss(trainable: tuple[nnx.State, Any], mb: Experience, *, graphdef: nnx.G
     keep = mask > 0
     old = jax.lax.stop_gradient(logp) if config.single_update else mb.old_logprobs
     log_ratio = log_ratios(logp, old, mask, config.ratio_level)
-    per_token, stats = POLICY_LOSSES[config.policy_loss](logp, old, mb.advantages, log_ratio,
-                                                         eps_low=config.clip_eps_low,
-                                                         eps_high=config.clip_eps_high, clip=config.clip)
+    per_token, stats = policy_loss(config.policy_loss, logp, old, mb.advantages, log_ratio,
+                                   eps_low=config.clip_eps_low, eps_high=config.clip_eps_high, clip=config.clip)
     # The trainer's log-probs before the update against the sampler's: the mismatch (k3 estimate of
     # KL(sampler‖trainer) on the sampled tokens) and, with rl.tis, the capped weights on the loss.
     trainer_ratio = jnp.exp(jax.lax.stop_gradient(old) - mb.sampler_logprobs)

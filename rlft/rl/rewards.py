@@ -13,7 +13,8 @@ any other fields, e.g. "answer"), like trl's reward functions receive the datase
     format           1.0 when the stripped completion matches rl.format_pattern whole (a regex)
     length           DAPO's soft over-length penalty (`LengthPenalty`, scored on the mesh from the
                      completion lengths): 0 up to max_new_tokens - rl.length_buffer, -1 at the limit
-    python           any importable function "module:function" with the signature above
+    module:function  any importable function with the signature above (`REWARDS` is a
+                     `rlft.registry.Registry`: built-in names and user entries dispatch the same way)
 
 `build_reward(name, **options)` returns one; `build_rewards("a,b,mod:fn", "1,0.5,2", ...)` the
 weighted list rl.rewards / rl.reward_weights name (the RL step sums them and logs each one's mean
@@ -30,10 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlft.errors import RlftError, log_traceback, one_line
+from rlft.registry import Registry, is_user_entry
 from rlft.rl.reward_model import load_reward_model
 
 RewardFn = Callable[[Sequence[str], Sequence[dict]], np.ndarray]
@@ -98,31 +97,39 @@ class LengthPenalty:
         return -jnp.clip((length - free) / self.buffer, 0.0, 1.0)
 
 
-def python_function(spec: str) -> RewardFn:
-    """The function named by "package.module:function" (imported once; the current directory is
-    on the import path, as for `python -m`)."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise RlftError(f"reward python={spec!r}: expected 'module:function'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise RlftError(f"reward python={spec!r}: cannot import it ({e})") from None
-    if not callable(fn):
-        raise RlftError(f"reward python={spec!r}: not callable")
-    return fn
+def _format(format_pattern: str = "", **_options) -> RewardFn:
+    return format_match(format_pattern)
 
 
-REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "exact_match": lambda: exact_match,
-    "vader": lambda: vader,
-    "format": format_match,
-    "length": LengthPenalty,
-    "reward_model": load_reward_model,
-    "python": python_function,
-}
+def _length(max_new_tokens: int | None = None, length_buffer: int | None = None, **_options) -> LengthPenalty:
+    if max_new_tokens is None:
+        raise RlftError("reward length: needs the stage's max_new_tokens")
+    return LengthPenalty(int(max_new_tokens), length_buffer)
+
+
+def _reward_model(reward_model: str | None = None, **_options):
+    if not reward_model:
+        raise RlftError("reward reward_model: set rl.reward_model to a reward stage or a Hugging Face "
+                        "sequence-classification checkpoint directory")
+    return load_reward_model(reward_model)
+
+
+REWARDS = Registry(
+    "reward",
+    "fn(completions, records) -> scores: completions list[str] (decoded, special tokens dropped), records "
+    "list[dict] (the prompt records they answer: 'text', 'ids' and the data's other fields, e.g. "
+    "'answer'), scores one finite number per completion (float32 [n])",
+    {"exact_match": lambda **_options: exact_match, "vader": lambda **_options: vader, "format": _format,
+     "length": _length, "reward_model": _reward_model})
+"""rl.rewards: built-in names map to factories factory(**options) -> reward (options: format_pattern,
+max_new_tokens, length_buffer, reward_model); a user's "module:function" is the reward function itself."""
+
+
+def build_reward(name: str, field: str = "rl.rewards", **options) -> RewardFn:
+    """The reward `name`: a built-in of REWARDS built with the `options` it reads, or a user's
+    "module:function" (REWARDS.contract; imported, the current directory on the import path)."""
+    entry = REWARDS.resolve(name, field)
+    return entry if is_user_entry(name) else entry(**options)
 
 
 def build_rewards(names: str, weights: str = "", **options) -> list[tuple[str, float, RewardFn]]:
@@ -144,41 +151,12 @@ def build_rewards(names: str, weights: str = "", **options) -> list[tuple[str, f
                             f"reward of rl.rewards={names!r}")
     else:
         values = [1.0] * len(parts)
-    built = []
-    for name in parts:
-        if ":" in name:
-            fn = python_function(name)
-        elif name == "format":
-            fn = format_match(options.get("format_pattern", ""))
-        elif name == "length":
-            fn = LengthPenalty(int(options["max_new_tokens"]), options.get("length_buffer"))
-        elif name == "reward_model":
-            if not options.get("reward_model"):
-                raise RlftError("reward reward_model: set rl.reward_model to a reward stage or a Hugging Face "
-                                "sequence-classification checkpoint directory")
-            fn = load_reward_model(options["reward_model"])
-        elif name in REWARDS and name != "python":
-            fn = build_reward(name)
-        else:
-            raise RlftError(f"rl.rewards: unknown reward {name!r}: expected one of "
-                            f"{sorted(set(REWARDS) - {'python'})} or module:function")
-        built.append((name, values[len(built)], fn))
-    return built
-
-
-def build_reward(name: str, **options) -> RewardFn:
-    """The reward function registered as `name`, built with `options` (e.g. path=..., spec=...)."""
-    if name not in REWARDS:
-        raise RlftError(f"reward={name!r}: expected one of {sorted(REWARDS)}")
-    try:
-        return REWARDS[name](**options)
-    except TypeError as e:
-        raise RlftError(f"reward={name!r}: bad options {sorted(options)} ({e})") from None
+    return [(name, weight, build_reward(name, **options)) for name, weight in zip(parts, values)]
 
 
 def reward_name(fn: Callable) -> str:
     """How messages name a reward function: its registered name (exact_match, vader,
-    reward_model(PATH)), else module:function as a "python" spec would name it."""
+    reward_model(PATH)), else module:function as rl.rewards would name it."""
     name = getattr(fn, "rlft_name", None)
     if isinstance(name, str):
         return name

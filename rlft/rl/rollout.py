@@ -170,19 +170,15 @@ def make_experience(config: PGConfig, graphdef: nnx.GraphDef, params: nnx.State,
     kl_pen = jnp.where(keep, kl_estimate(old_logprobs, ref_logprobs, config.kl_estimator), 0.0)
     coef = kl_coef if config.kl_placement == "reward" else 0.0
     rewards = token_rewards(scores, kl_pen, mask, coef)
-    new_baseline = baseline
-    if config.advantage == "gae":
+    if config.advantage == adv.TOKEN_LEVEL:
         advantages, returns = adv.gae(rewards, values, mask, config.gamma, config.lam)
+        new_baseline = baseline
     else:
         totals = jnp.sum(rewards, axis=-1).reshape(rows // config.group_size, config.group_size)
-        if config.advantage == "grpo":
-            seq = adv.grpo(totals, scale_by_std=config.grpo_scale_by_std, ddof=config.grpo_ddof,
-                           eps=config.grpo_eps)
-        elif config.advantage == "rloo":
-            seq = adv.rloo(totals)
-        else:
-            seq = adv.reinforce(totals, baseline)
-            new_baseline = adv.update_baseline(baseline, totals, config.baseline_decay)
+        seq = adv.sequence_advantages(config.advantage, totals, baseline=baseline,
+                                      scale_by_std=config.grpo_scale_by_std, ddof=config.grpo_ddof,
+                                      eps=config.grpo_eps)
+        new_baseline = adv.update_baseline(baseline, totals, config.baseline_decay)
         advantages = jnp.where(keep, seq.reshape(rows, 1), 0.0)
         returns = advantages
     if config.whiten_advantages:

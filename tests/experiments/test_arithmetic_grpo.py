@@ -117,3 +117,27 @@ def test_presets_and_config_errors(tmp_path, capsys):
                         ("--config.task.max_operand=999", "sft.max_length")):
         assert main(["run", f"{EXPERIMENT}:tiny", flag, "--workdir", str(tmp_path / field)]) == 2
         assert field in capsys.readouterr().err
+
+
+def test_user_algorithm_pieces_selected_by_flags_only(tiny_run, tmp_path):
+    """A test-local module's advantage estimator and policy loss, named by --config flags on the tiny
+    preset (the SFT stage reused from the tiny run), are what the RL stage trains with: both were
+    called, loss/policy is −1 (every group's mean advantage is 1 under optimistic_advantage, the
+    ratio 1) and policy/clipfrac is 1 (plain_pg_loss marks every token) at every step."""
+    import shutil
+
+    from tests.fixtures import user_algorithms
+
+    user_algorithms.CALLS.clear()
+    shutil.copytree(os.path.join(tiny_run, "sft"), tmp_path / "sft")
+    user = "tests.fixtures.user_algorithms"
+    assert main(["run", f"{EXPERIMENT}:tiny", "--workdir", str(tmp_path),
+                 f"--config.rl.advantage={user}:optimistic_advantage",
+                 f"--config.rl.policy_loss={user}:plain_pg_loss"]) == 0
+    assert user_algorithms.CALLS["advantage"] >= 1 and user_algorithms.CALLS["policy_loss"] >= 1
+    logged = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl")]
+    assert len(logged) == 4
+    for record in logged:
+        np.testing.assert_allclose(record["loss/policy"], -1.0, rtol=1e-5)
+        assert record["policy/clipfrac"] == 1.0
+    assert json.load(open(tmp_path / "run_config.json"))["rl"]["advantage"] == f"{user}:optimistic_advantage"

@@ -132,7 +132,7 @@ def test_the_trained_stage_exports_to_transformers(byo_run, tmp_path):
     (["--config.data.prompt_field=nope"], {}, "data.prompt_field='nope': row 1 of data.train="),
     (["--config.data.chat_template=false"], {"chat.jsonl": '{"question": [{"role": "user", "content": "1+1"}]}\n'},
      "set --config.data.chat_template=true"),
-    (["--config.rl.rewards=no_such_module:score"], {}, "reward python='no_such_module:score': cannot import it"),
+    (["--config.rl.rewards=no_such_module:score"], {}, "rl.rewards='no_such_module:score': cannot import it"),
     (["--config.rl.rewards=length"], {}, "rl.length_buffer=0: expected an integer in [1, rl.max_new_tokens=8]"),
     (["--config.rl.rewards=exact_match", "--config.data.answer_field=solution"], {},
      "data.answer_field='solution': row 1 of data.train="),
