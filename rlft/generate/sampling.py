@@ -18,7 +18,7 @@ Conventions (DESIGN.md section 6):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,10 +102,35 @@ def completion_mask(tokens: Array, eos_id: Array | int | Sequence[int]) -> Array
     return (jnp.cumsum(eos, axis=-1) - eos == 0).astype(jnp.int32)
 
 
+def prefill(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, cache_length: int,
+            group_size: int = 1, constrain_cache: Callable[[KVCache], KVCache] = lambda cache: cache
+            ) -> tuple[Array, KVCache]:
+    """The prompts' pass through the model: last-column logits [batch, vocab] and a KV cache of
+    `cache_length` slots holding left-padded prompts [batch, prompt_len] (`prompt_mask` 0/1).
+
+    group_size G > 1: rows p·G .. p·G + G − 1 hold the same prompt (RL's prompt-major groups), so
+    only row p·G runs the model and its cache rows and logits are copied to the group: prefill
+    FLOPs divided by G, the same values (each row's computation does not depend on the others).
+    `constrain_cache` places the empty cache of the rows that run (e.g. a sharding constraint).
+    """
+    batch = prompt_tokens.shape[0]
+    if batch % group_size:
+        raise RlftError(f"sampling: group_size={group_size} does not divide the batch of {batch} rows")
+    unique_tokens, unique_mask = prompt_tokens[::group_size], prompt_mask[::group_size]
+    cache = constrain_cache(KVCache.zeros(model.config, batch // group_size, cache_length))
+    hidden, cache = model.hidden(unique_tokens, positions_from_mask(unique_mask), unique_mask, cache)
+    # Left padding: the last column holds every row's last real token; the LM head runs only there.
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+    if group_size > 1:
+        cache = cache.map_arrays(lambda x, axes: jnp.repeat(x, group_size, axis=axes.index("batch")))
+        logits = jnp.repeat(logits, group_size, axis=0)
+    return logits, cache
+
+
 def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
                      prompt_mask: Array, rng: Array, eos_id: Array | int | Sequence[int], pad_id: Array | int, *,
                      max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                     mesh: Mesh | None = None) -> SampleOutput:
+                     mesh: Mesh | None = None, group_size: int = 1) -> SampleOutput:
     """Prefill + while-loop decode of left-padded prompts [batch, prompt_len]: a pure function.
 
     Jittable and meant to be called inside a jitted rollout (graphdef, max_new_tokens, sampling
@@ -113,7 +138,9 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
     traced int32 arrays. With a mesh (Auto axes),
     the KV cache and every batch-major array are constrained by the same logical-axis rules as
     training (batch over ('data', 'fsdp'), kv_heads over 'tensor'). No argument checks: `sample`
-    does those for callers outside jit.
+    does those for callers outside jit. group_size G > 1 (static): rows come in groups of G copies
+    of one prompt (prompt-major), each prompt is prefilled once (`prefill`); the completions are
+    the same as with G = 1.
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_tokens.shape
@@ -130,11 +157,10 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
 
     prompt_mask = (prompt_mask > 0).astype(jnp.int32)
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)
-    cache = constrain_cache(KVCache.zeros(model.config, batch, prompt_len + steps))
-    hidden, cache = model.hidden(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
+    ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    placed = constrain_cache if (batch // group_size) % ways == 0 else (lambda cache: cache)
+    logits, cache = prefill(model, prompt_tokens, prompt_mask, prompt_len + steps, group_size, placed)
     cache = constrain_cache(cache)
-    # Left padding: the last column holds every row's last real token; the LM head runs only there.
-    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
     token, logprob = _choose(logits, jax.random.fold_in(rng, 0), sampling)
     tokens = constrain(jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(token), ("batch", "length"))
     logprobs = constrain(jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(logprob), ("batch", "length"))
@@ -164,7 +190,8 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
                         lengths=constrain(jnp.sum(mask, axis=-1), ("batch",)), steps=steps_run)
 
 
-_sample_jit = jax.jit(sample_sequences, static_argnames=("graphdef", "max_new_tokens", "sampling", "mesh"))
+_sample_jit = jax.jit(sample_sequences, static_argnames=("graphdef", "max_new_tokens", "sampling", "mesh",
+                                                       "group_size"))
 
 
 @struct.dataclass
@@ -221,13 +248,15 @@ def _check_prompts(graphdef, params, prompt_tokens, prompt_mask, total_len: int)
 def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
            rng: Array | None, *, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
            sampling: SamplingParams = SamplingParams(), mesh: Mesh | None = None,
-           param_shardings=None) -> SampleOutput:
+           param_shardings=None, group_size: int = 1) -> SampleOutput:
     """Sample [batch, max_new_tokens] completions of left-padded prompts [batch, prompt_len].
 
     Every row needs at least one real prompt token (mask 1). `rng` may be None for greedy
     decoding. `eos_id`: one id or several (generation stops at any); a negative id never fires. With `mesh`, every
     batch-major array (prompts, KV cache, outputs) is sharded over the mesh's ('data', 'fsdp') axes;
     parameters keep the shardings they carry, or are put on `param_shardings` when given.
+    group_size G > 1: the rows are groups of G identical prompts (row p·G + g is copy g of prompt
+    p; checked for host arrays), each prefilled once; the completions are those of G = 1.
     """
     if max_new_tokens < 1:
         raise RlftError(f"sampling: max_new_tokens={max_new_tokens} must be >= 1")
@@ -235,6 +264,14 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     as_array = lambda x, dtype: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x, dtype)
     prompt_tokens, prompt_mask = as_array(prompt_tokens, np.int32), as_array(prompt_mask, np.int32)
     _check_prompts(graphdef, params, prompt_tokens, prompt_mask, prompt_tokens.shape[1] + max_new_tokens)
+    if group_size < 1 or prompt_tokens.shape[0] % group_size:
+        raise RlftError(f"sampling: group_size={group_size} must be >= 1 and divide the batch of "
+                        f"{prompt_tokens.shape[0]} rows")
+    if group_size > 1 and isinstance(prompt_tokens, np.ndarray):
+        grouped = lambda x: x.reshape(-1, group_size, x.shape[1])
+        if not all((grouped(x) == grouped(x)[:, :1]).all() for x in (prompt_tokens, prompt_mask)):
+            raise RlftError(f"sampling: group_size={group_size} needs each group of {group_size} consecutive "
+                            f"rows to hold one prompt")
     if rng is None:
         if not sampling.greedy:
             raise RlftError("sampling: an rng key is required unless temperature == 0 (greedy)")
@@ -254,4 +291,4 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng,
                        jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)), jnp.int32(pad_id),
                        max_new_tokens=max_new_tokens,
-                       sampling=sampling, mesh=mesh)
+                       sampling=sampling, mesh=mesh, group_size=group_size)

@@ -36,10 +36,13 @@ Array = jax.Array
 
 def sample_rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
                    key: Array, *, eos_id: int | Sequence[int], pad_id: int, max_new_tokens: int,
-                   sampling: SamplingParams, mesh: Mesh | None = None) -> Sequences:
-    """Sampled completions of left-padded prompts [rows, prompt_len] in the training layout."""
+                   sampling: SamplingParams, mesh: Mesh | None = None, group_size: int = 1) -> Sequences:
+    """Sampled completions of left-padded prompts [rows, prompt_len] in the training layout.
+
+    group_size G > 1: rows are prompt-major groups of G copies of a prompt, each prefilled once
+    (`rlft.generate.sampling.prefill`); the completions are those of G = 1."""
     out = sample_sequences(graphdef, params, prompt_tokens, prompt_mask, key, eos_id, pad_id,
-                           max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
+                           max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh, group_size=group_size)
     return Sequences.from_sample(prompt_tokens, prompt_mask, out)
 
 

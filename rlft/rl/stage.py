@@ -106,7 +106,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         raise ValueError("make_rl_step: dynamic sampling needs `resample`")
     rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id,
                                                 max_new_tokens=config.max_new_tokens,
-                                                sampling=config.sampling, mesh=mesh)), mesh)
+                                                sampling=config.sampling, mesh=mesh,
+                                                group_size=config.group_size)), mesh)
     extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
     pg = jit_step(pg_step, shardings, rollout_shardings(mesh), mesh,
                   tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
@@ -228,7 +229,7 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
 
 
 def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, resample_round=None, *, eos_id,
-             pad_id, max_new_tokens, sampling, mesh):
+             pad_id, max_new_tokens, sampling, mesh, group_size):
     """sample_rollout of the state's policy (joined with a LoRA base `frozen`, if any) with the
     step's key `step_key(state, salt=SAMPLE_SALT)`, folded with `resample_round` (int32 []) for the
     extra rounds of dynamic sampling."""
@@ -236,4 +237,5 @@ def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, resam
     if resample_round is not None:
         key = jax.random.fold_in(key, resample_round)
     return sample_rollout(graphdef, combine(frozen, state.params), prompt_tokens, prompt_mask, key, eos_id=eos_id,
-                          pad_id=pad_id, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
+                          pad_id=pad_id, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh,
+                          group_size=group_size)
