@@ -17,6 +17,8 @@ from rlft.errors import RlftError
 from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
 from rlft.models import hf
 
+AUTO_SLOTS = 64  # Model.generate: more prompts than this go through the continuous-batching engine
+
 
 def _shown(value: Any) -> str:
     """A short repr of an argument for an error message."""
@@ -168,7 +170,7 @@ class Model:
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> dict:
+                 seed: int = 0, mesh: jax.sharding.Mesh | None = None, slots: int | None = None) -> dict:
         """Sample completions of text or token-id prompts (temperature=0: greedy).
 
         prompts: a non-empty list of non-empty prompts, either all str (needs a tokenizer) or all
@@ -181,8 +183,13 @@ class Model:
         max_new_tokens] under the distribution sampled from}. With `mesh` (from
         `rlft.parallel.sharding.make_mesh`), the prompts are split over its data axes and the parameters
         replicated; the number of prompts must divide evenly. Same results as without.
+        slots: run the prompts through the continuous-batching engine with that many slots
+        (`rlft.generate.engine`: a finished row's slot takes the next prompt; memory for `slots`
+        rows, not for every prompt); 0 = one static batch; None (default) = the engine with
+        AUTO_SLOTS slots for more than AUTO_SLOTS prompts without a mesh. Same results either way.
         """
         from rlft.data.batching import pad_left
+        from rlft.generate.engine import generate_continuous
         from rlft.generate.sampling import SamplingParams, sample
         from rlft.parallel.sharding import replicated
 
@@ -193,7 +200,8 @@ class Model:
                 ("temperature", temperature, _real(temperature) and temperature >= 0, "a number >= 0 (0 = greedy)"),
                 ("top_k", top_k, _integer(top_k, 0), "an integer >= 0 (0 = off)"),
                 ("top_p", top_p, _real(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1 = off)"),
-                ("seed", seed, _integer(seed, 0), "an integer >= 0")):
+                ("seed", seed, _integer(seed, 0), "an integer >= 0"),
+                ("slots", slots, slots is None or _integer(slots, 0), "None or an integer >= 0 (0 = static)")):
             if not ok:
                 raise RlftError(f"generate({arg}={_shown(value)}): must be {rule}")
         ids, as_text = self._prompt_ids(prompts)
@@ -205,12 +213,21 @@ class Model:
         eos_id = self.eos_ids or (-1 if tok is None or tok.eos_token_id is None else tok.eos_token_id)  # -1: never
         pad_id = 0 if tok is None or tok.pad_token_id is None else tok.pad_token_id
         tokens, mask, _ = pad_left(ids, longest, pad_id)
-        param_shardings = None if mesh is None else jax.tree.map(lambda _: replicated(mesh), self.params)
-        out = sample(self.graphdef, self.params, tokens, mask, jax.random.key(int(seed)),
-                     max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=pad_id,
-                     sampling=SamplingParams(temperature=float(temperature), top_k=int(top_k),
-                                             top_p=float(top_p)),
-                     mesh=mesh, param_shardings=param_shardings)
+        sampling = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+        if slots is None:
+            slots = AUTO_SLOTS if mesh is None and len(ids) > AUTO_SLOTS else 0
+        if slots and mesh is not None:
+            raise RlftError(f"generate(slots={slots}): the continuous-batching engine runs on one device; "
+                            f"pass slots=0 with a mesh")
+        if slots:
+            out = generate_continuous(self.graphdef, self.params, tokens, mask, jax.random.key(int(seed)),
+                                      slots=int(slots), max_new_tokens=int(max_new_tokens), eos_id=eos_id,
+                                      pad_id=pad_id, sampling=sampling)
+        else:
+            param_shardings = None if mesh is None else jax.tree.map(lambda _: replicated(mesh), self.params)
+            out = sample(self.graphdef, self.params, tokens, mask, jax.random.key(int(seed)),
+                         max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=pad_id, sampling=sampling,
+                         mesh=mesh, param_shardings=param_shardings)
         result = {"tokens": np.asarray(out.tokens), "mask": np.asarray(out.mask),
                   "logprobs": np.asarray(out.logprobs)}
         if as_text:

@@ -401,6 +401,33 @@ def test_model_generate_on_a_mesh_equals_one_device(checkpoint_with_tokenizer):
         model.generate(prompts[:3], mesh=make_mesh((-1, 1, 1)), **kw)
 
 
+def test_model_generate_of_many_prompts_runs_the_continuous_engine_with_the_same_results(
+        checkpoint_with_tokenizer, monkeypatch):
+    """More than AUTO_SLOTS prompts go through the continuous-batching engine (spied), and the
+    completions are those of one static batch (slots=0) and of an explicit slot count."""
+    import rlft
+    from rlft import api
+    from rlft.generate import engine
+
+    model = rlft.load(checkpoint_with_tokenizer)
+    prompts = [f"the film was {w}" if i % 3 else w for i, w in enumerate(["good", "bad", "long"] * 24)]
+    assert len(prompts) > api.AUTO_SLOTS
+    calls = []
+    real = engine.generate_continuous
+    monkeypatch.setattr(engine, "generate_continuous", lambda *a, **kw: calls.append(kw["slots"]) or real(*a, **kw))
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=3)
+    auto, static, eight = model.generate(prompts, **kw), model.generate(prompts, slots=0, **kw), \
+        model.generate(prompts, slots=8, **kw)
+    assert calls == [api.AUTO_SLOTS, 8]
+    assert auto["text"] == static["text"] == eight["text"]
+    np.testing.assert_array_equal(auto["tokens"], static["tokens"])
+    np.testing.assert_allclose(eight["logprobs"], static["logprobs"], atol=1e-5, rtol=0)
+    with pytest.raises(RlftError, match="slots"):
+        model.generate(prompts[:8], slots=-1, **kw)
+    with pytest.raises(RlftError, match="runs on one device"):
+        model.generate(prompts[:8], slots=4, mesh=make_mesh((-1, 1, 1)), **kw)
+
+
 def test_sample_command_errors(checkpoint_with_tokenizer, tmp_path):
     from rlft.cli.main import main
     from rlft.cli.sample import sample_command

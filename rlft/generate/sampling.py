@@ -11,8 +11,10 @@ Conventions (DESIGN.md section 6):
 - `sample_sequences` is the pure, jittable sampler (call it inside a jitted rollout);
   `Sequences.from_sample` lays prompt + completion out as a training batch on device;
   `sample` is the checked, compiled entry point for callers outside jit.
-- RNG is explicit: step s draws with `jax.random.fold_in(rng, s)`; the draws do not depend on
-  how the batch is sharded (JAX's partitionable threefry).
+- RNG is explicit and per row: row r draws its token s with `fold_in(fold_in(rng, r), s)`
+  (`row_keys`, `step_uniforms`), so a row's completion depends on its index and the key alone:
+  not on the batch it shares, how that is sharded, or (`rlft.generate.engine`) which slot of a
+  continuous batch it runs in and when.
 """
 
 from __future__ import annotations
@@ -54,8 +56,20 @@ def _last_positive(w: Array) -> Array:
     return jnp.max(jnp.where(w > 0, iota, 0), axis=-1)
 
 
-def _draw(key: Array, logits: Array) -> Array:
-    """One token [batch] per row of logits [batch, vocab] (-inf = excluded), by inverse CDF.
+def row_keys(rng: Array, rows: Array) -> Array:
+    """Typed PRNG keys [n]: the stream of each row index of `rows` int [n], fold_in(rng, row)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, rows)
+
+
+def step_uniforms(keys: Array, steps: Array) -> Array:
+    """float32 [n]: each row's uniform for its token `steps` (int [] or [n]) from its key (`row_keys`)."""
+    steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), keys.shape)
+    return jax.vmap(lambda key, step: jax.random.uniform(jax.random.fold_in(key, step), ()))(keys, steps)
+
+
+def _draw(uniforms: Array, logits: Array) -> Array:
+    """One token [batch] per row of logits [batch, vocab] (-inf = excluded), by inverse CDF of the
+    row's uniform [batch].
 
     One uniform per row and a two-level (block, then within-block) cumulative sum: the Gumbel
     trick of `jax.random.categorical` draws a uniform per vocabulary entry, which on CPU costs
@@ -68,7 +82,7 @@ def _draw(key: Array, logits: Array) -> Array:
     weights = jnp.pad(weights, ((0, 0), (0, n_blocks * block - vocab))).reshape(batch, n_blocks, block)
     block_mass = jnp.sum(weights, axis=-1)
     block_cdf = jnp.cumsum(block_mass, axis=-1)
-    target = jax.random.uniform(key, (batch, 1)) * block_cdf[:, -1:]
+    target = uniforms[:, None] * block_cdf[:, -1:]
     b = jnp.minimum(jnp.sum(block_cdf <= target, axis=-1), _last_positive(block_mass))
     in_block = jnp.take_along_axis(weights, b[:, None, None], axis=1)[:, 0]  # [batch, block]
     previous = jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None], axis=-1)[:, 0]
@@ -77,13 +91,14 @@ def _draw(key: Array, logits: Array) -> Array:
     return b * block + jnp.minimum(i, _last_positive(in_block))
 
 
-def _choose(logits: Array, key: Array, sampling: SamplingParams) -> tuple[Array, Array]:
-    """Next tokens [batch] and their logprobs [batch] from float32 logits [batch, vocab]."""
+def choose_tokens(logits: Array, uniforms: Array, sampling: SamplingParams) -> tuple[Array, Array]:
+    """Next tokens [batch] and their logprobs [batch] from float32 logits [batch, vocab] and each
+    row's uniform [batch] (`step_uniforms`; unused when greedy)."""
     if sampling.greedy:
         tokens = first_argmax(logits)
     else:
         logits = sampling_logits(logits, sampling)
-        tokens = _draw(key, logits)
+        tokens = _draw(uniforms, logits)
     picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -161,7 +176,8 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
     placed = constrain_cache if (batch // group_size) % ways == 0 else (lambda cache: cache)
     logits, cache = prefill(model, prompt_tokens, prompt_mask, prompt_len + steps, group_size, placed)
     cache = constrain_cache(cache)
-    token, logprob = _choose(logits, jax.random.fold_in(rng, 0), sampling)
+    keys = row_keys(rng, jnp.arange(batch))
+    token, logprob = choose_tokens(logits, step_uniforms(keys, 0), sampling)
     tokens = constrain(jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(token), ("batch", "length"))
     logprobs = constrain(jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(logprob), ("batch", "length"))
 
@@ -174,7 +190,7 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
         # Feed the previous token (position prompt_length + step - 1); finished rows feed segment 0.
         logits, cache = model.decode(last[:, None], (prompt_lengths + step - 1)[:, None],
                                      (~done).astype(jnp.int32)[:, None], cache)
-        token, logprob = _choose(logits[:, 0], jax.random.fold_in(rng, step), sampling)
+        token, logprob = choose_tokens(logits[:, 0], step_uniforms(keys, step), sampling)
         token = jnp.where(done, pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))

@@ -146,13 +146,18 @@ class KVCache:
     k and v are tuples of one array per layer, or (`ModelConfig.scan_layers`) one array each with
     a leading layer axis [n_layers, ...], which the scanned decoder updates in place.
     segment_ids: [batch, max_len] (0 = empty slot or padding); index: int32 scalar, the next slot
-    to write.
+    to write. ring (static): a ring buffer of slots for continuous batching (`rlft.generate.engine`):
+    it takes one token per call, written at `index` (then index + 1 mod max_len), which attends to
+    every slot of its row's segment whatever the slot order; rows keep only their own live tokens
+    in non-zero segments (attention does not depend on the slots' order: positions are in the
+    keys and inputs).
     """
 
     k: tuple | Array
     v: tuple | Array
     segment_ids: Array
     index: Array
+    ring: bool = struct.field(pytree_node=False, default=False)
 
     K_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes (rlft.parallel.sharding.RULES)
     V_AXES = ("batch", "kv_heads", "head_dim", "length")
@@ -381,7 +386,11 @@ class Decoder(nnx.Module):
         else:
             key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                         (0, cache.index))
-            allowed = attention_weights_mask(segment_ids, key_segments, cache.index + jnp.arange(length))
+            if cache.ring and length != 1:
+                raise ValueError(f"a ring KV cache takes one token per call, got {length}")
+            # A ring's slots are not in time order: every slot of the row's segment is earlier.
+            q_slots = jnp.full((1,), key_segments.shape[1] - 1) if cache.ring else cache.index + jnp.arange(length)
+            allowed = attention_weights_mask(segment_ids, key_segments, q_slots)
         # RoPE angles depend only on positions: computed once here, shared by every layer.
         rope = (rope_cos_sin(positions, rope_inverse_frequencies(self.config))
                 if self.config.uses_rope else None)
@@ -391,7 +400,8 @@ class Decoder(nnx.Module):
             x, new_k, new_v = self._unrolled_blocks(x, allowed, cache, rope)
         x = self.final_norm(x)
         if cache is not None:
-            cache = KVCache(k=new_k, v=new_v, segment_ids=key_segments, index=cache.index + length)
+            index = (cache.index + length) % key_segments.shape[1] if cache.ring else cache.index + length
+            cache = KVCache(k=new_k, v=new_v, segment_ids=key_segments, index=index, ring=cache.ring)
         return x, cache
 
     def _remat(self, fn: Callable, prevent_cse: bool = True) -> Callable:

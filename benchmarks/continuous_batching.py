@@ -1,0 +1,108 @@
+"""New tokens per second of the continuous-batching engine beside the static sampler, same queue.
+
+The queue: `--prompts` prompts of 4..16 tokens for a GPT-2-layout model with random weights (the
+`tiny` shape of benchmarks/sampling.py: 4 layers, d_model 256, vocabulary 512) sampled at
+temperature 1 with a near-uniform next-token distribution. Workloads:
+
+    long-tail   `--eos-ids` of the 512 tokens end a completion, so lengths are geometric (mean ~
+                512 / eos_ids) and cut at `--new-tokens`: a static batch runs until its longest row
+                ends, while the continuous engine refills a finished row's slot
+    uniform     no EOS: every row runs to `--new-tokens` (the engine's overhead, nothing to gain)
+
+Static = `rlft.generate.sampling.sample` over the queue in batches of `--slots` rows; continuous =
+`rlft.generate.engine.generate_continuous` with `--slots` slots (tests/test_engine.py proves it gives
+the static sampler's tokens for the same keys); new tokens/s = Σ lengths / seconds of each. A, B alternate; medians
+after one warm-up call each (compiles excluded).
+
+    python benchmarks/continuous_batching.py
+    python benchmarks/continuous_batching.py --slots 16 --prompts 128 --new-tokens 128 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from rlft.host import tune_host_malloc
+
+if __name__ == "__main__":
+    tune_host_malloc()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from rlft.generate.engine import generate_continuous  # noqa: E402
+from rlft.generate.sampling import SamplingParams, sample  # noqa: E402
+from rlft.models import Decoder, ModelConfig  # noqa: E402
+
+PAD = 0
+
+
+def queue(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n left-padded prompts of 4..16 random tokens (ids 1..511) in a [n, 16] batch."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((n, 16), np.int32)
+    mask = np.zeros((n, 16), np.int32)
+    for i, length in enumerate(rng.integers(4, 17, size=n)):
+        tokens[i, 16 - length:] = rng.integers(1, 512, size=length)
+        mask[i, 16 - length:] = 1
+    return tokens, mask
+
+
+def static(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling):
+    """Lengths [n] of the queue through `sample` in consecutive batches of `slots` rows (batch i's key
+    folded with i: the draws differ from the engine's, the length distribution does not)."""
+    outs = [sample(graphdef, params, tokens[i:i + slots], mask[i:i + slots], jax.random.fold_in(key, i),
+                   max_new_tokens=new_tokens, eos_id=eos, pad_id=PAD, sampling=sampling)
+            for i in range(0, len(tokens), slots)]
+    return np.concatenate([np.asarray(o.lengths) for o in outs])
+
+
+def continuous(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling, chunk):
+    out = generate_continuous(graphdef, params, tokens, mask, key, slots=slots, max_new_tokens=new_tokens,
+                              eos_id=eos, pad_id=PAD, sampling=sampling, chunk_steps=chunk)
+    return np.asarray(out.lengths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--eos-ids", type=int, default=16, help="how many token ids end a completion")
+    parser.add_argument("--chunk", type=int, default=8, help="the engine's decode steps per jitted call")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+
+    cfg = ModelConfig.gpt2(vocab_size=512, d_model=256, n_layers=4, n_heads=4, max_positions=256)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    model.embed[...] = model.embed[...] * 0.05  # tied head: near-uniform next-token distributions
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(jnp.asarray, params)
+    tokens, mask = queue(args.prompts)
+    sampling = SamplingParams(temperature=1.0)
+    key = jax.random.key(0)
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}; queue {args.prompts} prompts, {args.slots} slots, "
+          f"max_new_tokens {args.new_tokens}, chunk {args.chunk}, median of {args.reps}")
+    for workload, eos in (("long-tail", list(range(500, 500 + args.eos_ids))), ("uniform", [-1])):
+        runs = {"static": lambda: static(graphdef, params, tokens, mask, key, args.slots, args.new_tokens, eos, sampling),
+                "continuous": lambda: continuous(graphdef, params, tokens, mask, key, args.slots, args.new_tokens,
+                                                 eos, sampling, args.chunk)}
+        seconds = {name: [] for name in runs}
+        lengths = {name: fn() for name, fn in runs.items()}  # warm-up: compiles
+        for _ in range(args.reps):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - start)
+        rate = {name: lengths[name].sum() / statistics.median(seconds[name]) for name in runs}
+        print(f"{workload:9s}  lengths mean {lengths['continuous'].mean():5.1f} max {lengths['continuous'].max():3d}"
+              f"  static {rate['static']:8.0f} tok/s  continuous {rate['continuous']:8.0f} tok/s"
+              f"  ratio {rate['continuous'] / rate['static']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

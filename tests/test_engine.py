@@ -1,0 +1,85 @@
+"""Continuous batching (rlft.generate.engine): the same completions as the static sampler, token for
+token, whatever the slot count and chunk size, for RoPE and absolute-position models and stacked caches."""
+
+import jax
+import numpy as np
+import pytest
+
+from rlft.errors import RlftError
+from rlft.generate.engine import generate_continuous
+from rlft.generate.sampling import SamplingParams, sample
+from rlft.models import ModelConfig
+from tests.test_sampling import PAD, _init, _left_padded
+
+EOS = (5, 9)  # two EOS ids: a row ends at either
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2-scan"])
+def model(request):
+    if request.param == "llama":
+        cfg = ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                max_positions=64)
+    else:  # absolute positions, tied head, one stacked [layers, ...] cache
+        cfg = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64,
+                               scan_layers=True)
+    graphdef, params = _init(cfg, seed=1, head_scale=20) if request.param == "llama" else _gpt2(cfg)
+    return graphdef, params
+
+
+def _gpt2(cfg):
+    from flax import nnx
+
+    from rlft.models import Decoder
+
+    graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(1)))
+    return graphdef, state
+
+
+def _queue(n=13, seed=3):
+    lengths = np.random.RandomState(seed).randint(1, 7, size=n)
+    return _left_padded(list(lengths), 6, 64, seed=seed)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+                                      SamplingParams(temperature=0.8, top_k=10, top_p=0.9)],
+                         ids=["greedy", "t1", "truncated"])
+def test_continuous_equals_static_whatever_the_slots(model, sampling):
+    graphdef, params = model
+    tokens, mask = _queue()
+    ref = sample(graphdef, params, tokens, mask, jax.random.key(2), max_new_tokens=12, eos_id=EOS, pad_id=PAD,
+                 sampling=sampling)
+    lengths = np.asarray(ref.lengths)
+    assert lengths.min() < lengths.max()  # a long-tailed queue: rows end at different steps
+    for slots, chunk in ((1, 3), (5, 3), (16, 4)):
+        out = generate_continuous(graphdef, params, tokens, mask, jax.random.key(2), slots=slots,
+                                  max_new_tokens=12, eos_id=EOS, pad_id=PAD, sampling=sampling, chunk_steps=chunk)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens), err_msg=f"slots={slots}")
+        np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(ref.mask))
+        np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5, rtol=0)
+        assert int(out.steps) == int(ref.steps)
+
+
+def test_rows_do_not_depend_on_their_neighbours(model):
+    """A row's completion is a function of (key, its queue index, its prompt): the first rows of a
+    longer queue are those of the short queue."""
+    graphdef, params = model
+    tokens, mask = _queue()
+    run = lambda n: generate_continuous(graphdef, params, tokens[:n], mask[:n], jax.random.key(7), slots=3,
+                                        max_new_tokens=8, eos_id=EOS, pad_id=PAD,
+                                        sampling=SamplingParams(temperature=1.0))
+    short, long = run(4), run(13)
+    np.testing.assert_array_equal(np.asarray(long.tokens)[:4], np.asarray(short.tokens))
+
+
+def test_bad_arguments_are_clear_errors(model):
+    graphdef, params = model
+    tokens, mask = _queue(4)
+    call = lambda **kw: generate_continuous(graphdef, params, tokens, kw.pop("mask", mask), kw.pop("rng", None),
+                                            **{**dict(slots=2, max_new_tokens=4, eos_id=EOS, pad_id=PAD), **kw})
+    with pytest.raises(RlftError, match="slots=0"):
+        call(slots=0, rng=jax.random.key(0))
+    with pytest.raises(RlftError, match="rng key is required"):
+        call(sampling=SamplingParams(temperature=1.0))
+    with pytest.raises(RlftError, match="at least one real token"):
+        call(mask=np.zeros_like(mask))
