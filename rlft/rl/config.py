@@ -31,6 +31,13 @@ max_new_tokens without EOS are left out of the loss). `rl.dynamic_sampling` (DAP
 estimators) keeps only groups whose scores differ and draws up to `rl.max_resample_rounds` extra
 rounds of prompts to fill the batch (`rlft.rl.dynamic_sampling`).
 
+Asynchronous RL: `rl.max_staleness=K` (0: the synchronous loop) samples the rollouts of steps
+t+1..t+K while step t updates (`rlft.rl.stage`), so step t trains on a rollout of the policy K
+versions old (logged as async/staleness); `rl.off_policy=none|tis|decoupled` corrects for it:
+"tis" puts rl.tis's capped weights min(π_old/π_behaviour, rl.tis_cap) on the loss (token level
+unless rl.tis=sequence), "decoupled" is AReaL's decoupled PPO: the clip around the current
+(proximal) policy, times the uncapped π_proximal/π_behaviour per token.
+
 `resolve_pg_config(section)` validates everything before any work starts and returns a frozen,
 hashable `PGConfig` (a static argument of the jitted step). Errors name the field.
 """
@@ -108,7 +115,8 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
         grpo_scale_by_std=placeholder(bool), grpo_ddof=1, grpo_eps=1e-4, baseline_decay=0.9,
         clip=placeholder(bool), clip_eps_low=placeholder(float), clip_eps_high=placeholder(float),
         policy_loss=placeholder(str), ratio_level=placeholder(str), tis="none", tis_cap=2.0,
-        mask_truncated=False, dynamic_sampling=placeholder(bool), max_resample_rounds=4, vf_coef=0.1, vf_clip=0.2,
+        mask_truncated=False, dynamic_sampling=placeholder(bool), max_resample_rounds=4,
+        max_staleness=0, off_policy="none", vf_coef=0.1, vf_clip=0.2,
         entropy_coef=0.0, loss_aggregation=placeholder(str), epochs=placeholder(int), minibatches=1,
         old_logprobs="recompute", no_eos_penalty=0.0,
         kl=ml_collections.ConfigDict(dict(coef=placeholder(float), estimator=placeholder(str),
@@ -150,6 +158,7 @@ class PGConfig:
     mask_truncated: bool  # completions cut at max_new_tokens (no EOS) are left out of the loss
     dynamic_sampling: bool  # DAPO: only groups whose scores differ; extra rounds fill the batch
     max_resample_rounds: int
+    max_staleness: int  # asynchronous RL: rollouts sampled this many policy versions ahead (0 = synchronous)
     vf_coef: float
     vf_clip: float
     entropy_coef: float
@@ -259,8 +268,26 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence
         raise RlftError(f"{prefix}.ratio_level={ratio_level!r}: expected one of {list(RATIO_LEVELS)}")
     if section.tis not in ("none", "token", "sequence"):
         raise RlftError(f"{prefix}.tis={section.tis!r}: expected one of ['none', 'token', 'sequence']")
+    staleness = _non_negative_int(section.max_staleness, f"{prefix}.max_staleness")
+    off_policy = section.off_policy
+    if off_policy not in ("none", "tis", "decoupled"):
+        raise RlftError(f"{prefix}.off_policy={off_policy!r}: expected one of ['none', 'tis', 'decoupled']")
+    if off_policy != "none" and not staleness:
+        raise RlftError(f"{prefix}.off_policy={off_policy!r} corrects stale rollouts and needs {prefix}.max_staleness "
+                        f">= 1; against the sampler/trainer mismatch alone use {prefix}.tis")
+    tis, tis_cap = section.tis, _in_range(section.tis_cap, f"{prefix}.tis_cap", 1.0)
+    if off_policy == "tis":
+        tis = "token" if tis == "none" else tis
+    elif off_policy == "decoupled":
+        if tis != "none":
+            raise RlftError(f"{prefix}.off_policy='decoupled' sets its own token-level weights; leave {prefix}.tis "
+                            f"at 'none' (got {tis!r})")
+        tis, tis_cap = "token", math.inf
     epochs = _positive_int(_pick(section, d, "epochs"), f"{prefix}.epochs")
     dynamic = _flag(_pick(section, d, "dynamic_sampling"), f"{prefix}.dynamic_sampling")
+    if dynamic and section.max_staleness:
+        raise RlftError(f"{prefix}.dynamic_sampling=true with {prefix}.max_staleness={section.max_staleness}: dynamic "
+                        f"sampling draws its extra rounds from the current policy inside the step; use one of them")
     if dynamic and (advantage == "gae" or group < 2):
         raise RlftError(f"{prefix}.dynamic_sampling=true keeps the groups whose scores differ: it needs a group "
                         f"estimator (advantage={advantage!r}) and group_size >= 2 (group_size={group})")
@@ -300,11 +327,12 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence
         kl_controller=section.kl.controller, kl_target=float(section.kl.target),
         kl_horizon=float(section.kl.horizon),
         clip=_flag(_pick(section, d, "clip"), f"{prefix}.clip"), clip_eps_low=float(eps_low),
-        clip_eps_high=float(eps_high), policy_loss=policy_loss, ratio_level=ratio_level, tis=section.tis,
-        tis_cap=_in_range(section.tis_cap, f"{prefix}.tis_cap", 1.0),
+        clip_eps_high=float(eps_high), policy_loss=policy_loss, ratio_level=ratio_level, tis=tis,
+        tis_cap=tis_cap,
         mask_truncated=_flag(section.mask_truncated, f"{prefix}.mask_truncated"),
         dynamic_sampling=dynamic,
         max_resample_rounds=_non_negative_int(section.max_resample_rounds, f"{prefix}.max_resample_rounds"),
+        max_staleness=staleness,
         vf_coef=_in_range(section.vf_coef, f"{prefix}.vf_coef", 0.0),
         vf_clip=float(section.vf_clip or 0.0),
         entropy_coef=_in_range(section.entropy_coef, f"{prefix}.entropy_coef", 0.0),

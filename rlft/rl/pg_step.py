@@ -40,7 +40,10 @@ class PGState:
     params/opt_state: the policy; critic_params/critic_opt_state: a ScalarModel ("separate") or a
     ScalarHead on the policy's trunk ("shared"), None without a critic; kl_coef: float32 [], the
     current KL coefficient; baseline: float32 [], REINFORCE's moving average; step: int32 [];
-    rng: uint32 [2] key data.
+    rng: uint32 [2] key data; pending: with rl.max_staleness = K > 0, the K rollouts sampled ahead
+    (`rlft.rl.stage`: {"sequences": Sequences [K, rows, ...], "scores": [K, rows], "version": int32
+    [K], the policy version that sampled each}), checkpointed with the rest so a resumed run
+    trains on exactly the rollouts an uninterrupted one would; None in a synchronous run.
     """
 
     step: Array
@@ -51,6 +54,7 @@ class PGState:
     critic_opt_state: Any
     kl_coef: Array
     baseline: Array
+    pending: Any = None
 
 
 def init_pg_state(params: nnx.State, tx: optax.GradientTransformation, critic_params: Any,

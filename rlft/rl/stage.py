@@ -7,8 +7,11 @@ One stage on the skeleton every stage shares (`rlft.train.stages.train_stage`), 
        reward function on each process's decoded rows)
     -> pg_step (jit: experience, epochs × minibatches updates, KL controller)
 
+Asynchronous RL (`rl.max_staleness` = K > 0, `rlft.rl.pending`): step t trains on the rollout of
+step t sampled K steps earlier while the rollout of step t + K is sampled and scored.
+
 Everything resumes exactly: the PGState (policy, critic, optimizers, KL coefficient, baseline,
-RNG, step) is checkpointed whole, the prompt order is a pure function of (seed, position), and
+RNG, step, the rollouts in flight) is checkpointed whole, the prompt order is a pure function of (seed, position), and
 the sampling key of a step is derived from the state's RNG and step. SIGINT and SIGTERM save; so
 does an error inside the stage (a reward function that raises or returns bad scores becomes an
 RlftError naming it, the stage and the step, after the last completed step is saved).
@@ -37,7 +40,9 @@ from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
 from rlft.parallel.distributed import local_rows, local_to_host, put_global, to_host
 from rlft.parallel.sharding import MeshJit, batch_sharding, replicated, shard_batch, sharded_init
-from rlft.rl import dynamic_sampling
+from rlft.data.loader import epoch_batches
+from rlft.rl import dynamic_sampling, pending
+from rlft.rl.pending import PendingOps
 from rlft.rl.config import PGConfig, resolve_pg_config
 from rlft.rl.pg_step import PGState, init_pg_state, pg_step
 from rlft.rl.reward_model import ModelReward
@@ -86,7 +91,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                  pad_id: int, tx, critic_graphdef=None, critic_tx=None, reference: nnx.State | None = None,
                  frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None,
                  name: str = "rl", stage_dir: str | None = None,
-                 resample: Callable[[int, int], dict] | None = None):
+                 resample: Callable[[int, int], dict] | None = None,
+                 prompts_at: Callable[[int], dict] | None = None, pending_ops: PendingOps | None = None):
     """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> scores -> pg_step (jit).
 
     Scores come from `rlft.rl.reward_step.make_rollout_scorer`: a ModelReward on the mesh, or a text
@@ -100,10 +106,15 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     appended to timings["sampling_s" | "reward_s" | "update_s"] (the device is synchronised
     between phases, which costs a little overlap; for benchmarks only). With
     `config.dynamic_sampling`, `resample(step, round)` gives the host batch of this process's rows
-    of the extra round's prompts (`rlft.rl.dynamic_sampling`; required then).
+    of the extra round's prompts (`rlft.rl.dynamic_sampling`; required then). With
+    `config.max_staleness` K > 0 the step is asynchronous (`rlft.rl.pending`): `prompts_at(position)`
+    gives the host batch of any step's prompts (step s is position s − 1) and `pending_ops` the
+    jitted moves of the rollouts in flight; the loop's own batch is not used.
     """
     if config.dynamic_sampling and resample is None:
         raise ValueError("make_rl_step: dynamic sampling needs `resample`")
+    if config.max_staleness and (prompts_at is None or pending_ops is None):
+        raise ValueError("make_rl_step: max_staleness > 0 needs `prompts_at` and `pending_ops`")
     rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id,
                                                 max_new_tokens=config.max_new_tokens,
                                                 sampling=config.sampling, mesh=mesh,
@@ -162,7 +173,41 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         timed("update_s", t0)
         return state, {**metrics, **reward_metrics}
 
-    return step
+    def sampled(state: PGState, step_number: int) -> tuple[Sequences, dict]:
+        """(the rollout of step `step_number` by the state's policy, its prompt batch); dispatched, not waited for."""
+        batch = shard_batch(prompts_at(step_number - 1), mesh)
+        seqs = rollout(state, frozen, batch["prompt_tokens"], batch["prompt_mask"], None, jnp.int32(step_number - 1))
+        return seqs, batch
+
+    def scored(seqs: Sequences, batch: dict, version: int, where) -> tuple[dict, dict]:
+        """(the rollout with its scores and the policy version that sampled it, reward metrics)."""
+        scores, reward_metrics = score(seqs, local_to_host(batch["index"], mesh), where)
+        return {"sequences": seqs, "scores": scores, "version": put_global(np.int32(version), replicated(mesh))}, \
+            reward_metrics
+
+    def async_step(state: PGState, batch: dict) -> tuple[PGState, dict]:
+        """Train on the rollout of step t (sampled K steps ago) while sampling that of step t + K."""
+        del batch  # the prompts come from prompts_at(position)
+        k = config.max_staleness
+        t = int(jax.device_get(state.step)) + 1
+        where = lambda: f"{name} step {t}"
+        if t == 1:  # nothing in flight yet: the rollouts of steps 1 .. K + 1, all by the initial policy
+            started = [sampled(state, s) for s in range(1, k + 2)]
+            rollouts = [scored(seqs, b, 0, where) for seqs, b in started]
+            current, reward_metrics = rollouts[0]
+            state = state.replace(pending=pending_ops.stack(*[r for r, _ in rollouts[1:]]))
+            new = None
+        else:
+            current, reward_metrics = pending_ops.oldest(state.pending), {}
+            new = sampled(state, t + k)  # dispatched before the update: the two may overlap
+        version = int(jax.device_get(current["version"]))
+        state, metrics = pg(state, {"sequences": current["sequences"], "scores": current["scores"]}, *extra_args)
+        if new is not None:  # the host scores the new rollout while the device updates
+            rollout_new, reward_metrics = scored(*new, t - 1, where)
+            state = state.replace(pending=pending_ops.push(state.pending, rollout_new))
+        return state, {**metrics, **reward_metrics, "async/staleness": np.float32(t - 1 - version)}
+
+    return async_step if config.max_staleness else step
 
 
 def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
@@ -210,30 +255,47 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
         init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
         abstract = jax.eval_shape(init, trainable, critic_params)
         shardings = train_state_shardings(abstract, mesh)
+        ops = None
+        if config.max_staleness:  # the rollouts in flight are part of the state (rlft.rl.pending)
+            rows = cfg.prompts_per_step * config.group_size
+            prompt = jax.ShapeDtypeStruct((rows, width), jnp.int32)
+            sequences = jax.eval_shape(functools.partial(
+                _rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id, max_new_tokens=config.max_new_tokens,
+                sampling=config.sampling, mesh=None, group_size=config.group_size), abstract, frozen, prompt, prompt)
+            ops = PendingOps(pending.rollout_abstract(sequences), config.max_staleness, mesh)
+            abstract = abstract.replace(pending=pending.pending_abstract(pending.rollout_abstract(sequences),
+                                                                         config.max_staleness))
+            shardings = shardings.replace(pending=ops.shardings)
+            start = jax.jit(init, out_shardings=shardings.replace(pending=None))
+            initial = lambda: start(trainable, critic_params).replace(pending=ops.empty())
+        else:
+            initial = lambda: jax.jit(init, out_shardings=shardings)(trainable, critic_params)
         make_step = lambda template: make_rl_step(
             config=config, graphdef=graphdef, shardings=shardings, prompts=prompts, reward_fn=reward_fn,
             tokenizer=tokenizer, mesh=mesh, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
             critic_tx=critic_tx, reference=None if frozen is not None else reference, frozen=frozen, name=name,
-            stage_dir=os.path.join(workdir, name), resample=resample)
-        return StageProgram(with_shardings(abstract, shardings),
-                            lambda: jax.jit(init, out_shardings=shardings)(trainable, critic_params), make_step)
+            stage_dir=os.path.join(workdir, name), resample=resample, prompts_at=prompts_at, pending_ops=ops)
+        return StageProgram(with_shardings(abstract, shardings), initial, make_step)
 
     rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
     host_batch = lambda indices: jax.tree.map(lambda x: x[rows], prompt_batch(prompts, indices, config.group_size,
                                                                                width, pad_id))
     resample = lambda step, round_: host_batch(dynamic_sampling.resample_indices(
         len(prompts), cfg.prompts_per_step, seed, step, round_))
+    prompts_at = lambda position: host_batch(next(epoch_batches(len(prompts), cfg.prompts_per_step, seed,
+                                                                start_index=position))[1])
     return train_stage(name=name, workdir=workdir, kind="lm", graphdef=graphdef, params=params, cfg=cfg, mesh=mesh,
                        seed=seed, base=base, num_examples=len(prompts), batch_size=cfg.prompts_per_step,
                        host_batch=host_batch, build=build, metric_prefix=None)
 
 
-def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, resample_round=None, *, eos_id,
-             pad_id, max_new_tokens, sampling, mesh, group_size):
+def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, resample_round=None, sample_step=None,
+             *, eos_id, pad_id, max_new_tokens, sampling, mesh, group_size):
     """sample_rollout of the state's policy (joined with a LoRA base `frozen`, if any) with the
     step's key `step_key(state, salt=SAMPLE_SALT)`, folded with `resample_round` (int32 []) for the
-    extra rounds of dynamic sampling."""
-    key = step_key(state, salt=SAMPLE_SALT)
+    extra rounds of dynamic sampling; `sample_step` (int32 []): the key of that step instead of the
+    state's (asynchronous RL samples ahead)."""
+    key = step_key(state if sample_step is None else state.replace(step=sample_step), salt=SAMPLE_SALT)
     if resample_round is not None:
         key = jax.random.fold_in(key, resample_round)
     return sample_rollout(graphdef, combine(frozen, state.params), prompt_tokens, prompt_mask, key, eos_id=eos_id,
