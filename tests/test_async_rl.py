@@ -11,6 +11,7 @@ import pytest
 
 from rlft.errors import RlftError
 from rlft.rl.config import resolve_pg_config
+from rlft.train.checkpoints import Checkpointer
 from tests.test_rl_stage import TOK, char_reward, run, stage_config
 
 
@@ -46,20 +47,23 @@ def test_a_frozen_policy_gives_the_synchronous_run(tmp_path):
 
 
 def test_async_run_resumes_exactly(tmp_path):
-    """Interrupted in the reward of a step (the rollouts in flight are in the checkpoint), resumed:
-    params and every metric equal an uninterrupted run's."""
+    """Interrupted in the reward of step 4: step 3 is saved (nothing was donated yet), with the
+    rollouts in flight; resumed, params and every metric equal an uninterrupted run's."""
     cfg = lambda: config(max_staleness=1, off_policy="decoupled", steps=6)
     straight = run(tmp_path / "straight", cfg=cfg())
     calls = {"n": 0}
 
     def interrupted(completions, recs):
         calls["n"] += 1
-        if calls["n"] == 5:  # step 4's new rollout (step 1 scores two): steps 1-3 done, 2 saved
+        if calls["n"] == 4:  # one reward call per step: this is step 4
             raise KeyboardInterrupt
         return char_reward(completions, recs)
 
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", interrupted, cfg=cfg())
+    checkpoints = Checkpointer(tmp_path / "resumed" / "rl" / "checkpoints")
+    assert checkpoints.all_steps() == [2, 3]  # the periodic save and the one the interrupt made
+    checkpoints.close()
     resumed = run(tmp_path / "resumed", cfg=cfg())
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(a, b)

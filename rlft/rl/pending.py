@@ -2,14 +2,15 @@
 
 Step t trains on the rollout of step t, which the policy after step t − K − 1 sampled (the initial
 policy for t <= K + 1; async/staleness = (t − 1) − that version), while the rollout of step t + K is
-sampled by the current policy: the update does not wait for the sampler and the reward of the
-new rollout is computed on the host while the update runs. The K rollouts in flight are
+sampled by the current policy: the host scores step t's rollout while the device samples, and
+the update does not wait for a sampler of its own policy. The K rollouts in flight are
 `PGState.pending`, checkpointed with the state, so a resumed run trains on exactly the rollouts
 an uninterrupted one would (the determinism rule: a rollout is a pure function of (the policy
 version that sampled it, the seed, its step), none of timing).
 
-A rollout here is {"sequences": Sequences [rows, ...], "scores": float32 [rows], "version": int32 []};
-pending stacks K of them on a leading axis, oldest first.
+A rollout here is {"sequences": Sequences [rows, ...], "version": int32 []} (scored when it is
+consumed: a reward is a deterministic function of the completions, so a resumed run gets the same
+scores); pending stacks K of them on a leading axis, oldest first.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ Array = jax.Array
 
 def rollout_abstract(sequences: Any) -> dict:
     """The abstract rollout (ShapeDtypeStructs) of abstract Sequences [rows, ...]."""
-    rows = sequences.tokens.shape[0]
-    return {"sequences": sequences, "scores": jax.ShapeDtypeStruct((rows,), jnp.float32),
-            "version": jax.ShapeDtypeStruct((), jnp.int32)}
+    return {"sequences": sequences, "version": jax.ShapeDtypeStruct((), jnp.int32)}
 
 
 def pending_abstract(rollout: dict, k: int) -> dict:

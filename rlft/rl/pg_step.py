@@ -41,8 +41,8 @@ class PGState:
     ScalarHead on the policy's trunk ("shared"), None without a critic; kl_coef: float32 [], the
     current KL coefficient; baseline: float32 [], REINFORCE's moving average; step: int32 [];
     rng: uint32 [2] key data; pending: with rl.max_staleness = K > 0, the K rollouts sampled ahead
-    (`rlft.rl.stage`: {"sequences": Sequences [K, rows, ...], "scores": [K, rows], "version": int32
-    [K], the policy version that sampled each}), checkpointed with the rest so a resumed run
+    (`rlft.rl.pending`: {"sequences": Sequences [K, rows, ...], "version": int32 [K], the policy
+    version that sampled each}), checkpointed with the rest so a resumed run
     trains on exactly the rollouts an uninterrupted one would; None in a synchronous run.
     """
 

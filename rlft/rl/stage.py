@@ -7,8 +7,8 @@ One stage on the skeleton every stage shares (`rlft.train.stages.train_stage`), 
        reward function on each process's decoded rows)
     -> pg_step (jit: experience, epochs × minibatches updates, KL controller)
 
-Asynchronous RL (`rl.max_staleness` = K > 0, `rlft.rl.pending`): step t trains on the rollout of
-step t sampled K steps earlier while the rollout of step t + K is sampled and scored.
+Asynchronous RL (`rl.max_staleness` = K > 0, `rlft.rl.pending`): step t scores and trains on the
+rollout of step t, sampled K steps earlier, while the rollout of step t + K is sampled.
 
 Everything resumes exactly: the PGState (policy, critic, optimizers, KL coefficient, baseline,
 RNG, step, the rollouts in flight) is checkpointed whole, the prompt order is a pure function of (seed, position), and
@@ -173,38 +173,35 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         timed("update_s", t0)
         return state, {**metrics, **reward_metrics}
 
-    def sampled(state: PGState, step_number: int) -> tuple[Sequences, dict]:
-        """(the rollout of step `step_number` by the state's policy, its prompt batch); dispatched, not waited for."""
+    def sampled(state: PGState, step_number: int) -> dict:
+        """The rollout of step `step_number` by the state's policy (dispatched, not waited for)."""
         batch = shard_batch(prompts_at(step_number - 1), mesh)
         seqs = rollout(state, frozen, batch["prompt_tokens"], batch["prompt_mask"], None, jnp.int32(step_number - 1))
-        return seqs, batch
-
-    def scored(seqs: Sequences, batch: dict, version: int, where) -> tuple[dict, dict]:
-        """(the rollout with its scores and the policy version that sampled it, reward metrics)."""
-        scores, reward_metrics = score(seqs, local_to_host(batch["index"], mesh), where)
-        return {"sequences": seqs, "scores": scores, "version": put_global(np.int32(version), replicated(mesh))}, \
-            reward_metrics
+        version = put_global(np.int32(int(jax.device_get(state.step))), replicated(mesh))
+        return {"sequences": seqs, "version": version}
 
     def async_step(state: PGState, batch: dict) -> tuple[PGState, dict]:
-        """Train on the rollout of step t (sampled K steps ago) while sampling that of step t + K."""
+        """Score and train on the rollout of step t (sampled K steps ago) while step t + K's samples.
+
+        Order: the rollout of step t + K is dispatched, the host scores step t's rollout while the
+        device samples, then the update is dispatched. A reward that fails does so before anything
+        is donated, so the last completed step stays intact (and is saved), as in the synchronous step.
+        """
         del batch  # the prompts come from prompts_at(position)
         k = config.max_staleness
         t = int(jax.device_get(state.step)) + 1
         where = lambda: f"{name} step {t}"
         if t == 1:  # nothing in flight yet: the rollouts of steps 1 .. K + 1, all by the initial policy
             started = [sampled(state, s) for s in range(1, k + 2)]
-            rollouts = [scored(seqs, b, 0, where) for seqs, b in started]
-            current, reward_metrics = rollouts[0]
-            state = state.replace(pending=pending_ops.stack(*[r for r, _ in rollouts[1:]]))
-            new = None
+            current, in_flight = started[0], pending_ops.stack(*started[1:])
         else:
-            current, reward_metrics = pending_ops.oldest(state.pending), {}
-            new = sampled(state, t + k)  # dispatched before the update: the two may overlap
+            current, in_flight = pending_ops.oldest(state.pending), None
+            new = sampled(state, t + k)  # the device samples while the host scores `current`
+        index = local_to_host(shard_batch(prompts_at(t - 1), mesh)["index"], mesh)
+        scores, reward_metrics = score(current["sequences"], index, where)
         version = int(jax.device_get(current["version"]))
-        state, metrics = pg(state, {"sequences": current["sequences"], "scores": current["scores"]}, *extra_args)
-        if new is not None:  # the host scores the new rollout while the device updates
-            rollout_new, reward_metrics = scored(*new, t - 1, where)
-            state = state.replace(pending=pending_ops.push(state.pending, rollout_new))
+        state, metrics = pg(state, {"sequences": current["sequences"], "scores": scores}, *extra_args)
+        state = state.replace(pending=in_flight if in_flight is not None else pending_ops.push(state.pending, new))
         return state, {**metrics, **reward_metrics, "async/staleness": np.float32(t - 1 - version)}
 
     return async_step if config.max_staleness else step
