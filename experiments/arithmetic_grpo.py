@@ -59,7 +59,7 @@ from rlft.rl.rewards import exact_match
 from rlft.rl.config import rl_stage_config
 from rlft.rl.stage import run_rl_stage
 from rlft.generate.sampling import SamplingParams, sample
-from rlft.parallel.sharding import batch_axes, make_mesh, sharded_init
+from rlft.parallel.sharding import batch_axes, make_mesh, rollout_mesh, sharded_init
 from rlft.train.stages import run_sft_stage, sft_stage_config
 from rlft.train.warm_start import decoder_state
 
@@ -81,7 +81,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
                                             num_test=64 if tiny else 500, num_train=0))
     prompt_len, completion_len = _lengths(c.task)
     c.model = model_section(d_model=128, n_layers=3, n_heads=4, max_positions=64)
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # rollout: devices left to the RL sampler (0: colocated; `rlft.parallel.sharding.rollout_mesh`)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rollout=0))
     # The learning rate warms up over the whole SFT budget (no decay): measured, this makes the
     # SFT accuracy after the budget far less seed-dependent than warm-up + cosine (module doc).
     c.sft = sft_stage_config(steps=500, batch_size=64, learning_rate=1e-3, warmup_steps=500,
@@ -198,7 +199,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     records = [p.record(tokenizer) for p in train]
     run_rl_stage(name="rl", workdir=workdir, graphdef=graphdef, params=sft_params, prompts=records,
                  reward_fn=exact_match, cfg=config.rl, mesh=mesh, seed=config.seed + 2, eos_id=eos,
-                 pad_id=pad, tokenizer=tokenizer, base=os.path.join(workdir, "sft"))
+                 pad_id=pad, tokenizer=tokenizer, base=os.path.join(workdir, "sft"),
+                 rollout_mesh=rollout_mesh(dict(config.mesh)))
     seconds["rl"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

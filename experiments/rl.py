@@ -57,7 +57,7 @@ from rlft.eval.metrics import check_sample_counts, sampled_accuracy
 from rlft.eval.policies import sample_policy
 from rlft.eval.report import write_report
 from rlft.generate.sampling import SamplingParams
-from rlft.parallel.sharding import make_mesh
+from rlft.parallel.sharding import make_mesh, rollout_mesh
 from rlft.recipes.general import (check_paths, data_rows, experiment_config, load_starting_model, prompt_records,
                                   save_run_files)
 from rlft.rl.config import rl_stage_config
@@ -68,6 +68,7 @@ from rlft.rl.stage import run_rl_stage
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (GRPO, sized for a small model on one accelerator) and "tiny" (tests)."""
     c = experiment_config("rl", preset, max_eval_prompts=256)
+    c.mesh.rollout = 0  # devices left to the RL sampler (0: colocated; rlft.parallel.sharding.rollout_mesh)
     c.rl = rl_stage_config(steps=200, prompts_per_step=16, group_size=8, learning_rate=1e-6,
                            max_new_tokens=256, algorithm="grpo", save_every=50, keep=2)
     c.rl.update(rewards="exact_match", reward_weights="", format_pattern="", length_buffer=0, reward_model="")
@@ -116,7 +117,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     save_run_files(workdir, start)
     run_rl_stage(name="rl", workdir=workdir, graphdef=start.graphdef, params=start.params, prompts=prompts,
                  reward_fn=rewards, cfg=config.rl, mesh=mesh, seed=config.seed, eos_id=start.eos_ids,
-                 pad_id=start.pad_id, tokenizer=start.tokenizer, base=start.path)
+                 pad_id=start.pad_id, tokenizer=start.tokenizer, base=start.path,
+                 rollout_mesh=rollout_mesh(dict(config.mesh)))
     if not config.data.eval:
         return {"rl_steps": config.rl.steps}
     if jax.process_count() > 1:

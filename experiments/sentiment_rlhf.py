@@ -71,6 +71,7 @@ import ml_collections
 from rlft.data.human_ratings import load_split
 from rlft.data.preferences import encode_pairs, preference_data_config
 from rlft.parallel.distributed import is_primary
+from rlft.parallel.sharding import rollout_mesh
 from rlft.errors import RlftError
 from rlft.files import read_json, write_json
 from rlft.eval.compare import EvalTask, evaluate_run
@@ -175,7 +176,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_rl_stage(name="rl", workdir=workdir, graphdef=base.graphdef, params=sft, prompts=prompts,
                  reward_fn=proxy, cfg=config.rl, mesh=base.mesh, seed=config.seed + 3, eos_id=base.eos_id,
                  pad_id=base.pad_id, tokenizer=tok, reference_params=sft,
-                 critic_init=(proxy.graphdef, proxy.params), base=os.path.join(workdir, "sft"))
+                 critic_init=(proxy.graphdef, proxy.params), base=os.path.join(workdir, "sft"),
+                 rollout_mesh=rollout_mesh(dict(config.mesh)))
     seconds["rl"] = time.perf_counter() - clock
 
     if jax.process_count() > 1:  # the evaluation is single-process (launch/README.md)

@@ -85,3 +85,52 @@ def test_off_policy_settings_and_errors():
                         (dict(algorithm="dapo", max_staleness=1), "use one of them")):
         with pytest.raises(RlftError, match=message):
             resolve(**kw)
+
+
+def run_placed(workdir, cfg, rollout_devices):
+    """The test_rl_stage run on a (data 2) training mesh of devices 0-1, the sampler on devices 2-3
+    (`rollout_devices`) or colocated (None)."""
+    from flax import nnx
+
+    from rlft.models import Decoder
+    from rlft.parallel.sharding import make_mesh, state_shardings
+    from rlft.rl.stage import run_rl_stage
+    from tests.pairs_util import random_params
+    from tests.test_rl_stage import CFG, records
+
+    mesh = make_mesh((2, 1, 1), jax.devices()[:2])
+    sampler = None if rollout_devices is None else make_mesh((2, 1, 1), rollout_devices)
+    graphdef, host = random_params(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), seed=3)
+    params = jax.device_put(host, state_shardings(host, mesh))
+    out = run_rl_stage(name="rl", workdir=str(workdir), graphdef=graphdef, params=params, prompts=records(),
+                       reward_fn=char_reward, cfg=cfg, mesh=mesh, seed=4, eos_id=TOK.eos_token_id,
+                       pad_id=TOK.pad_token_id, tokenizer=TOK, rollout_mesh=sampler)
+    return jax.tree.map(np.asarray, out)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_sampler_on_its_own_devices_equals_colocated(tmp_path, k):
+    """mesh.rollout: the sampler on devices 2-3 and the trainer on 0-1 give exactly the colocated
+    run (the policy is copied to the sampler before each rollout, the completions copied back)."""
+    assert jax.device_count() >= 4
+    cfg = lambda: config(max_staleness=k, steps=4)
+    colocated = run_placed(tmp_path / "colocated", cfg(), None)
+    placed = run_placed(tmp_path / "placed", cfg(), jax.devices()[2:4])
+    for a, b in zip(jax.tree.leaves(colocated), jax.tree.leaves(placed)):
+        np.testing.assert_array_equal(a, b)
+    for c, p in zip(metrics(tmp_path / "colocated"), metrics(tmp_path / "placed")):
+        assert p["async/weight_sync_s"] > 0
+        assert {n: v for n, v in p.items() if n != "async/weight_sync_s"} == c
+
+
+def test_rollout_devices_come_from_the_mesh_section():
+    from rlft.parallel.sharding import make_mesh, rollout_mesh
+
+    section = {"data": -1, "fsdp": 1, "tensor": 1, "rollout": 3}
+    train, sampler = make_mesh(section), rollout_mesh(section)
+    assert train.devices.size == jax.device_count() - 3 and sampler.devices.size == 3
+    assert not set(train.devices.flat) & set(sampler.devices.flat)
+    assert rollout_mesh({**section, "rollout": 0}) is None
+    assert make_mesh({**section, "rollout": 0}).devices.size == jax.device_count()
+    with pytest.raises(RlftError, match="mesh.rollout=8"):
+        make_mesh({**section, "rollout": jax.device_count()})

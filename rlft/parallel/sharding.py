@@ -41,11 +41,17 @@ WEIGHT_AXES = tuple(sorted({a for name, entry in RULES.items() if name != "batch
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1, meaning "all remaining devices"."""
+    """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1, meaning "all remaining devices".
+
+    A mapping (an experiment's `mesh` section) may also hold `rollout`: that many devices, the
+    last ones, are left to the RL sampler (`rollout_mesh`) and the mesh spans the others.
+    """
     sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
     if len(sizes) != len(MESH_AXES):
         raise RlftError(f"mesh: expected sizes for {MESH_AXES}, got {list(sizes)}")
     devices = list(devices if devices is not None else jax.devices())
+    if isinstance(shape, Mapping) and shape.get("rollout"):
+        devices = devices[:len(devices) - _rollout_count(shape, len(devices))]
     if sizes.count(-1) > 1:
         raise RlftError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
@@ -59,6 +65,24 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
     # Auto axes: shardings propagate through the program as with pjit (not sharding-in-types).
     return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _rollout_count(shape: Mapping[str, int], available: int) -> int:
+    count = shape.get("rollout", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < available:
+        raise RlftError(f"mesh.rollout={count!r}: must be an integer in [0, {available - 1}] (devices left to the "
+                        f"RL sampler, out of {available}; 0 = sampler and trainer share every device)")
+    if count and jax.process_count() > 1:
+        raise RlftError(f"mesh.rollout={count}: disjoint sampler devices are built for one process only")
+    return count
+
+
+def rollout_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """The RL sampler's own mesh: the last `shape["rollout"]` devices as (data N, fsdp 1, tensor 1),
+    disjoint from `make_mesh(shape)`'s; None when `rollout` is 0 or absent (colocated)."""
+    devices = list(devices if devices is not None else jax.devices())
+    count = _rollout_count(shape, len(devices)) if shape.get("rollout") else 0
+    return make_mesh((count, 1, 1), devices[len(devices) - count:]) if count else None
 
 
 def local_device_mesh() -> Mesh:

@@ -39,7 +39,8 @@ from rlft.generate.sampling import Sequences
 from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
 from rlft.parallel.distributed import local_rows, local_to_host, put_global, to_host
-from rlft.parallel.sharding import MeshJit, batch_sharding, replicated, shard_batch, sharded_init
+from rlft.parallel.sharding import (MeshJit, batch_sharding, replicated, shard_batch, sharded_init,
+                                   state_shardings)
 from rlft.data.loader import epoch_batches
 from rlft.rl import dynamic_sampling, pending
 from rlft.rl.pending import PendingOps
@@ -92,7 +93,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                  frozen: nnx.State | None = None, timings: dict[str, list[float]] | None = None,
                  name: str = "rl", stage_dir: str | None = None,
                  resample: Callable[[int, int], dict] | None = None,
-                 prompts_at: Callable[[int], dict] | None = None, pending_ops: PendingOps | None = None):
+                 prompts_at: Callable[[int], dict] | None = None, pending_ops: PendingOps | None = None,
+                 rollout_mesh: Mesh | None = None):
     """step(state, prompt_batch) -> (state, metrics): rollout (jit) -> scores -> pg_step (jit).
 
     Scores come from `rlft.rl.reward_step.make_rollout_scorer`: a ModelReward on the mesh, or a text
@@ -109,16 +111,48 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     of the extra round's prompts (`rlft.rl.dynamic_sampling`; required then). With
     `config.max_staleness` K > 0 the step is asynchronous (`rlft.rl.pending`): `prompts_at(position)`
     gives the host batch of any step's prompts (step s is position s − 1) and `pending_ops` the
-    jitted moves of the rollouts in flight; the loop's own batch is not used.
+    jitted moves of the rollouts in flight; the loop's own batch is not used. `rollout_mesh`:
+    the sampler's own devices (`rlft.parallel.sharding.rollout_mesh`, disjoint from `mesh`): before
+    each step's sampling the policy is copied there (timed as async/weight_sync_s) and the
+    completions come back to `mesh`; None: the sampler runs on `mesh`.
     """
     if config.dynamic_sampling and resample is None:
         raise ValueError("make_rl_step: dynamic sampling needs `resample`")
     if config.max_staleness and (prompts_at is None or pending_ops is None):
         raise ValueError("make_rl_step: max_staleness > 0 needs `prompts_at` and `pending_ops`")
+    sampler_mesh = mesh if rollout_mesh is None else rollout_mesh
     rollout = MeshJit(jax.jit(functools.partial(_rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id,
                                                 max_new_tokens=config.max_new_tokens,
-                                                sampling=config.sampling, mesh=mesh,
-                                                group_size=config.group_size)), mesh)
+                                                sampling=config.sampling, mesh=sampler_mesh,
+                                                group_size=config.group_size)), sampler_mesh)
+    sampler_frozen = frozen if rollout_mesh is None or frozen is None else \
+        jax.device_put(frozen, state_shardings(frozen, rollout_mesh))
+    weight_sync = []  # seconds of each copy of the policy to the sampler's devices
+
+    def sampler_state(state: PGState) -> PGState:
+        """The policy, RNG and step the sampler reads, on its own devices when it has them."""
+        if rollout_mesh is None:
+            return state
+        start = time.perf_counter()
+        light = state.replace(opt_state=None, critic_params=None, critic_opt_state=None, pending=None)
+        one = replicated(rollout_mesh)
+        target = light.replace(params=state_shardings(light.params, rollout_mesh), step=one, rng=one, kl_coef=one,
+                               baseline=one)
+        view = jax.block_until_ready(jax.device_put(light, target))
+        weight_sync.append(time.perf_counter() - start)
+        return view
+
+    def sample(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
+        """The rollout of prompts [rows, width] (on `mesh`) by the sampler; Sequences on `mesh`."""
+        if rollout_mesh is None:
+            return rollout(view, frozen, tokens, mask, *args)
+        place = lambda x: jax.device_put(x, batch_sharding(rollout_mesh, x.ndim))
+        seqs = rollout(view, sampler_frozen, place(tokens), place(mask), *args)
+        return jax.device_put(seqs, rollout_shardings(mesh)["sequences"])
+
+    def placement_metrics() -> dict:
+        return {} if rollout_mesh is None else {"async/weight_sync_s": np.float32(weight_sync[-1])}
+
     extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
     pg = jit_step(pg_step, shardings, rollout_shardings(mesh), mesh,
                   tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
@@ -128,7 +162,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     rows_of = MeshJit(jax.jit(lambda rounds, rows: jax.tree.map(lambda *xs: jnp.concatenate(xs)[rows], *rounds),
                               out_shardings=rollout_shardings(mesh)), mesh)
 
-    def dynamic_batch(state: PGState, seqs: Sequences, scores: jax.Array, where) -> tuple[dict, dict]:
+    def dynamic_batch(state: PGState, view: PGState, seqs: Sequences, scores: jax.Array, where) -> tuple[dict, dict]:
         """DAPO's batch: the rollout's informative groups, topped up from extra rounds."""
         group, prompts_per_step = config.group_size, scores.shape[0] // config.group_size
         rounds, host_scores = [{"sequences": seqs, "scores": scores}], [to_host(scores)]
@@ -136,7 +170,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         while (len(rounds) <= config.max_resample_rounds
                and not dynamic_sampling.enough(host_scores, group, prompts_per_step)):
             extra = shard_batch(resample(step_number, len(rounds)), mesh)
-            more = rollout(state, frozen, extra["prompt_tokens"], extra["prompt_mask"], jnp.int32(len(rounds)))
+            more = sample(view, extra["prompt_tokens"], extra["prompt_mask"], jnp.int32(len(rounds)))
             more_scores, _ = score(more, local_to_host(extra["index"], mesh), where)
             rounds.append({"sequences": more, "scores": more_scores})
             host_scores.append(to_host(more_scores))
@@ -152,7 +186,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
 
     def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
         t0 = time.perf_counter()
-        seqs = rollout(state, frozen, batch["prompt_tokens"], batch["prompt_mask"])
+        view = sampler_state(state)
+        seqs = sample(view, batch["prompt_tokens"], batch["prompt_mask"])
         if timings is not None:
             jax.block_until_ready(seqs)
         timed("sampling_s", t0)
@@ -161,7 +196,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         scores, reward_metrics = score(seqs, local_to_host(batch["index"], mesh), where)
         rollout_batch = {"sequences": seqs, "scores": scores}
         if config.dynamic_sampling:  # reward_metrics stay those of the prompts as drawn
-            rollout_batch, dynamic_metrics = dynamic_batch(state, seqs, scores, where)
+            rollout_batch, dynamic_metrics = dynamic_batch(state, view, seqs, scores, where)
             reward_metrics = {**reward_metrics, **dynamic_metrics}
         if timings is not None:
             jax.block_until_ready(rollout_batch)
@@ -171,12 +206,13 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         if timings is not None:
             jax.block_until_ready(metrics)
         timed("update_s", t0)
-        return state, {**metrics, **reward_metrics}
+        return state, {**metrics, **reward_metrics, **placement_metrics()}
 
     def sampled(state: PGState, step_number: int) -> dict:
         """The rollout of step `step_number` by the state's policy (dispatched, not waited for)."""
         batch = shard_batch(prompts_at(step_number - 1), mesh)
-        seqs = rollout(state, frozen, batch["prompt_tokens"], batch["prompt_mask"], None, jnp.int32(step_number - 1))
+        seqs = sample(sampler_state(state), batch["prompt_tokens"], batch["prompt_mask"], None,
+                      jnp.int32(step_number - 1))
         version = put_global(np.int32(int(jax.device_get(state.step))), replicated(mesh))
         return {"sequences": seqs, "version": version}
 
@@ -202,7 +238,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         version = int(jax.device_get(current["version"]))
         state, metrics = pg(state, {"sequences": current["sequences"], "scores": scores}, *extra_args)
         state = state.replace(pending=in_flight if in_flight is not None else pending_ops.push(state.pending, new))
-        return state, {**metrics, **reward_metrics, "async/staleness": np.float32(t - 1 - version)}
+        return state, {**metrics, **reward_metrics, **placement_metrics(),
+                       "async/staleness": np.float32(t - 1 - version)}
 
     return async_step if config.max_staleness else step
 
@@ -212,7 +249,7 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
                  mesh: Mesh, seed: int, eos_id: int | Sequence[int], pad_id: int, tokenizer,
                  reference_params: nnx.State | None = None,
                  critic_init: tuple[nnx.GraphDef, nnx.State] | None = None,
-                 base: str | None = None) -> nnx.State:
+                 base: str | None = None, rollout_mesh: Mesh | None = None) -> nnx.State:
     """Train the policy `params` with RL on `prompts` for cfg.steps steps; returns its final params.
 
     prompts: records {"ids": prompt token ids, "text": ..., any fields the reward reads};
@@ -271,7 +308,8 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
             config=config, graphdef=graphdef, shardings=shardings, prompts=prompts, reward_fn=reward_fn,
             tokenizer=tokenizer, mesh=mesh, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
             critic_tx=critic_tx, reference=None if frozen is not None else reference, frozen=frozen, name=name,
-            stage_dir=os.path.join(workdir, name), resample=resample, prompts_at=prompts_at, pending_ops=ops)
+            stage_dir=os.path.join(workdir, name), resample=resample, prompts_at=prompts_at, pending_ops=ops,
+            rollout_mesh=rollout_mesh)
         return StageProgram(with_shardings(abstract, shardings), initial, make_step)
 
     rows = local_rows(mesh, cfg.prompts_per_step * config.group_size)  # this process's part of a batch
