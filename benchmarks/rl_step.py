@@ -119,8 +119,13 @@ def rlft_workload() -> dict:
 # rlft's side of a row
 # --------------------------------------------------------------------------------------------
 
-def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
+def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int, staleness: int = 0,
+                 rollout_devices: int = 0) -> dict:
     """Run ``steps`` RL optimizer steps of rlft on the workload and time them.
+
+    staleness: rl.max_staleness (asynchronous RL; 0 = the synchronous step); rollout_devices: that
+    many of this process's devices (the last ones) hold the sampler, the others the trainer
+    (mesh.rollout; 0 = colocated). The asynchronous step reports no breakdown.
 
     The step is the RL stage's own (`rlft.rl.stage.make_rl_step`: jitted rollout -> host decode and
     reward -> jitted `pg_step`), on a mesh over this process's CPU devices (``--host-devices``).
@@ -138,11 +143,10 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
 
     from rlft.data.loader import epoch_batches
     from rlft.models import Decoder, ModelConfig, ScalarModel, positions_from_mask
-    from rlft.rl.pg_step import init_pg_state
     from rlft.rl.config import resolve_pg_config, rl_stage_config
-    from rlft.rl.stage import make_rl_step, prompt_batch
-    from rlft.parallel.sharding import make_mesh, shard_batch, sharded_init
-    from rlft.train.steps import make_optimizer, train_state_shardings
+    from rlft.rl.stage import make_rl_step, pg_state_program, prompt_batch
+    from rlft.parallel.sharding import make_mesh, rollout_mesh, shard_batch, sharded_init
+    from rlft.train.steps import make_optimizer
     from rlft.train.warm_start import scalar_model_from_lm
 
     w = rlft_workload()
@@ -150,7 +154,8 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
     shape = workload.TINY_GPT2
     cfg = ModelConfig.gpt2(vocab_size=shape["vocab_size"], d_model=shape["n_embd"], n_layers=shape["n_layer"],
                            n_heads=shape["n_head"], max_positions=shape["n_positions"])
-    mesh = make_mesh((-1, 1, 1))
+    mesh_section = {"data": -1, "fsdp": 1, "tensor": 1, "rollout": rollout_devices}
+    mesh, sampler_mesh = make_mesh(mesh_section), rollout_mesh(mesh_section)
     graphdef, params = sharded_init(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
     ppo = algorithm == "ppo"
     overrides = dict(loss_aggregation="token-mean") if algorithm == "grpo" else {}
@@ -159,7 +164,8 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
     section = rl_stage_config(steps=steps, prompts_per_step=32 if ppo else workload.PROMPTS_PER_STEP,
                               group_size=1 if ppo else workload.GROUP_SIZE,
                               learning_rate=workload.LEARNING_RATE, max_new_tokens=workload.MAX_NEW_TOKENS,
-                              algorithm=algorithm, temperature=workload.TEMPERATURE, **overrides)
+                              algorithm=algorithm, temperature=workload.TEMPERATURE, max_staleness=staleness,
+                              **overrides)
     section.kl.coef = beta
     config = resolve_pg_config(section, eos_id=tok.eos_token_id)
     prompts = [{"ids": row.tolist(), "text": text} for row, text in zip(w["prompt_ids"], w["prompts"])]
@@ -186,28 +192,34 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int) -> dict:
     if config.critic == "separate":
         critic_graphdef, critic_params = scalar_model_from_lm(cfg, params, mesh, seed=1)
         critic_tx = make_optimizer(workload.LEARNING_RATE, 0, total_updates)
-    init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, 0)
-    shardings = train_state_shardings(jax.eval_shape(init, params, critic_params), mesh)
-    state = jax.jit(init, out_shardings=shardings)(params, critic_params)
+    width = workload.PROMPT_TOKENS
+    rows = section.prompts_per_step * config.group_size
+    _, shardings, initial, ops = pg_state_program(config, graphdef, params, None, critic_params, tx, critic_tx, 0,
+                                                  mesh, rows=rows, width=width, pad_id=tok.pad_token_id)
+    state = initial()
     timings: dict[str, list[float]] = {}
+    host_batch = lambda indices: prompt_batch(prompts, indices, config.group_size, width, tok.pad_token_id)
+    prompts_at = lambda position: host_batch(next(epoch_batches(len(prompts), section.prompts_per_step, seed=0,
+                                                                start_index=position))[1])
     step = make_rl_step(config=config, graphdef=graphdef, shardings=shardings, prompts=prompts,
                         reward_fn=reward_fn, tokenizer=tok, mesh=mesh, pad_id=tok.pad_token_id, tx=tx, critic_graphdef=critic_graphdef,
                         critic_tx=critic_tx, reference=params if config.uses_reference else None,
-                        timings=timings)
-    width = workload.PROMPT_TOKENS
+                        timings=timings, prompts_at=prompts_at, pending_ops=ops, rollout_mesh=sampler_mesh)
     step_s, lengths, scores = [], [], []
     batches = epoch_batches(len(prompts), section.prompts_per_step, seed=0)
     for _ in range(steps):
         _, indices = next(batches)
-        batch = shard_batch(prompt_batch(prompts, indices, config.group_size, width, tok.pad_token_id), mesh)
+        batch = shard_batch(host_batch(indices), mesh)
         start = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready(state)
         step_s.append(time.perf_counter() - start)
         lengths.append(float(metrics["completions/mean_length"]))
         scores.append(float(metrics["objective/scores"]))
-    breakdown = {key: statistics.median(timings[key][skip:]) for key in ("sampling_s", "reward_s", "update_s")}
-    breakdown["scoring_s"] = breakdown["reward_s"]
+    breakdown = {key: statistics.median(timings[key][skip:]) for key in ("sampling_s", "reward_s", "update_s")
+                 if timings.get(key)}
+    if "reward_s" in breakdown:
+        breakdown["scoring_s"] = breakdown["reward_s"]
     return {"median_step_s": statistics.median(step_s[skip:]), "step_s": [round(x, 4) for x in step_s],
             "steps": steps, "breakdown": breakdown, "mean_completion_length": statistics.mean(lengths),
             "scores_first_last": [scores[0], scores[-1]], "devices": len(jax.devices()),
@@ -321,6 +333,28 @@ def print_table(rows: list[dict]) -> None:
             print(f"  {row['name']:<26} {label:<5} {parts}")
 
 
+VARIANTS = {"rlft": {}, "rlft-k1": dict(staleness=1), "rlft-k1-split": dict(staleness=1, rollout_devices=1)}
+VARIANT_HELP = {"rlft": "the synchronous step", "rlft-k1": "asynchronous, rl.max_staleness=1, colocated",
+                "rlft-k1-split": "asynchronous K=1, the sampler on the last device (needs --host-devices 2)"}
+
+
+def print_variants(rows: list[dict]) -> None:
+    """Each rlft variant's step time and its ratio to the peer's and to the synchronous step."""
+    lines = []
+    for row in rows:
+        peer, sync = row["summary"].get("peer"), row["summary"].get("rlft")
+        for name in VARIANTS:
+            ours = row["summary"].get(name)
+            if name == "rlft" or not ours:
+                continue
+            to = lambda other: fmt(ours["median_step_s"] / other["median_step_s"] if other else None, ".2f")
+            lines.append(f"  {row['name']:<26} {name:<14} {fmt(ours['median_step_s'])} s/step, "
+                         f"/trl {to(peer)}, /synchronous {to(sync)}")
+    if lines:
+        print("\nAsynchronous variants (" + "; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items()) + ")")
+        print("\n".join(lines))
+
+
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
@@ -343,6 +377,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every result to this file")
     parser.add_argument("--host-devices", type=int, default=1,
                         help="CPU devices of rlft's mesh (data parallel over the completions)")
+    parser.add_argument("--variants", default="rlft",
+                        help="rlft sides of the GRPO / RLOO rows, comma-separated: " + ", ".join(
+                            f"{k} ({v})" for k, v in VARIANT_HELP.items()))
     a = parser.parse_args()
     if min(a.steps, a.ppo_steps) <= a.skip:
         parser.error("--steps and --ppo-steps must exceed --skip")
@@ -361,9 +398,10 @@ def main() -> None:
 
     meter = LoadMeter()
     for row in rows:
-        row.update(runs={"peer": [], "rlft": []}, notes=[])
+        variants = [v for v in a.variants.split(",") if v] if row["algorithm"] != "ppo" else ["rlft"]
+        row.update(runs={"peer": [], **{v: [] for v in variants}}, notes=[])
         steps = a.ppo_steps if row["algorithm"] == "ppo" else a.steps
-        sides = [side for side, on in (("peer", a.peers), ("rlft", a.rlft)) if on]
+        sides = (["peer"] if a.peers else []) + (variants if a.rlft else [])
         for rnd in range(a.rounds):
             for side in (sides if rnd % 2 == 0 else sides[::-1]):
                 tag = f"{row['algorithm']}-beta{row['beta']:g}-{side}-r{rnd}"
@@ -371,13 +409,14 @@ def main() -> None:
                     call = functools.partial(run_peer, row["algorithm"], row["beta"], steps, a.skip, a.threads,
                                              log_dir, tag)
                 else:
-                    call = functools.partial(rlft_rl_step, row["algorithm"], row["beta"], steps, a.skip)
+                    call = functools.partial(rlft_rl_step, row["algorithm"], row["beta"], steps, a.skip,
+                                             **VARIANTS[side])
                 try:
                     result, wall, load = meter.measure(call)
                 except NotImplementedError as e:
                     row["notes"].append(f"rlft: {e}")
                     print(f"[{row['name']}] rlft: not implemented ({e})", flush=True)
-                    sides = [s for s in sides if s != "rlft"]
+                    sides = [s for s in sides if s != side]
                     continue
                 except RuntimeError as e:
                     row["notes"].append(f"{side}: failed (see {log_dir})")
@@ -399,6 +438,7 @@ def main() -> None:
         row["summary"] = {side: summarise_side(runs) for side, runs in row["runs"].items()}
 
     print_table(rows)
+    print_variants(rows)
     if any((s or {}).get("other_load", 0.0) > QUIET_CORES for r in rows for s in r["summary"].values()):
         print(f"\nOther processes used more than {QUIET_CORES} cores during some runs: those figures are not "
               "comparable (trl's OpenMP threads suffer most); rerun on a quiet machine.")

@@ -14,25 +14,28 @@ from tests.test_sampling import PAD, _init, _left_padded
 EOS = (5, 9)  # two EOS ids: a row ends at either
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2-scan"])
-def model(request):
-    if request.param == "llama":
+def _model(kind: str):
+    """(graphdef, params): a Llama layout (RoPE, GQA) or a GPT-2 layout with absolute positions, a
+    tied head and one stacked [layers, ...] cache (scan_layers)."""
+    if kind == "llama":
         cfg = ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                                 max_positions=64)
-    else:  # absolute positions, tied head, one stacked [layers, ...] cache
-        cfg = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64,
-                               scan_layers=True)
-    graphdef, params = _init(cfg, seed=1, head_scale=20) if request.param == "llama" else _gpt2(cfg)
-    return graphdef, params
-
-
-def _gpt2(cfg):
+        return _init(cfg, seed=1, head_scale=20)
     from flax import nnx
 
     from rlft.models import Decoder
 
-    graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(1)))
-    return graphdef, state
+    cfg = ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_positions=64, scan_layers=True)
+    return nnx.split(Decoder(cfg, rngs=nnx.Rngs(1)))
+
+
+MODELS = {}
+
+
+def model_of(kind: str):
+    if kind not in MODELS:
+        MODELS[kind] = _model(kind)
+    return MODELS[kind]
 
 
 def _queue(n=13, seed=3):
@@ -40,11 +43,11 @@ def _queue(n=13, seed=3):
     return _left_padded(list(lengths), 6, 64, seed=seed)
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
-                                      SamplingParams(temperature=0.8, top_k=10, top_p=0.9)],
-                         ids=["greedy", "t1", "truncated"])
-def test_continuous_equals_static_whatever_the_slots(model, sampling):
-    graphdef, params = model
+@pytest.mark.parametrize("kind,sampling", [
+    ("llama", SamplingParams(temperature=0.0)), ("llama", SamplingParams(temperature=0.8, top_k=10, top_p=0.9)),
+    ("gpt2-scan", SamplingParams(temperature=1.0))], ids=["llama-greedy", "llama-truncated", "gpt2-scan-t1"])
+def test_continuous_equals_static_whatever_the_slots(kind, sampling):
+    graphdef, params = model_of(kind)
     tokens, mask = _queue()
     ref = sample(graphdef, params, tokens, mask, jax.random.key(2), max_new_tokens=12, eos_id=EOS, pad_id=PAD,
                  sampling=sampling)
@@ -60,10 +63,10 @@ def test_continuous_equals_static_whatever_the_slots(model, sampling):
         assert int(out.steps) == int(ref.steps)
 
 
-def test_rows_do_not_depend_on_their_neighbours(model):
+def test_rows_do_not_depend_on_their_neighbours():
     """A row's completion is a function of (key, its queue index, its prompt): the first rows of a
     longer queue are those of the short queue."""
-    graphdef, params = model
+    graphdef, params = model_of("llama")
     tokens, mask = _queue()
     run = lambda n: generate_continuous(graphdef, params, tokens[:n], mask[:n], jax.random.key(7), slots=3,
                                         max_new_tokens=8, eos_id=EOS, pad_id=PAD,
@@ -72,8 +75,8 @@ def test_rows_do_not_depend_on_their_neighbours(model):
     np.testing.assert_array_equal(np.asarray(long.tokens)[:4], np.asarray(short.tokens))
 
 
-def test_bad_arguments_are_clear_errors(model):
-    graphdef, params = model
+def test_bad_arguments_are_clear_errors():
+    graphdef, params = model_of("llama")
     tokens, mask = _queue(4)
     call = lambda **kw: generate_continuous(graphdef, params, tokens, kw.pop("mask", mask), kw.pop("rng", None),
                                             **{**dict(slots=2, max_new_tokens=4, eos_id=EOS, pad_id=PAD), **kw})

@@ -244,6 +244,29 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     return async_step if config.max_staleness else step
 
 
+def pg_state_program(config: PGConfig, graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State | None,
+                     critic_params, tx, critic_tx, seed: int, mesh: Mesh, *, rows: int, width: int,
+                     pad_id: int) -> tuple[PGState, PGState, Callable[[], PGState], PendingOps | None]:
+    """(abstract PGState, its shardings, initial() -> the step-0 state, PendingOps or None) of an RL
+    run on `mesh`: with config.max_staleness K > 0 the state holds K rollouts of [rows, width +
+    max_new_tokens] in flight (`rlft.rl.pending`), all zeros at step 0."""
+    init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
+    abstract = jax.eval_shape(init, trainable, critic_params)
+    shardings = train_state_shardings(abstract, mesh)
+    if not config.max_staleness:
+        return abstract, shardings, lambda: jax.jit(init, out_shardings=shardings)(trainable, critic_params), None
+    prompt = jax.ShapeDtypeStruct((rows, width), jnp.int32)
+    sequences = jax.eval_shape(functools.partial(
+        _rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id, max_new_tokens=config.max_new_tokens,
+        sampling=config.sampling, mesh=None, group_size=config.group_size), abstract, frozen, prompt, prompt)
+    rollout = pending.rollout_abstract(sequences)
+    ops = PendingOps(rollout, config.max_staleness, mesh)
+    start = jax.jit(init, out_shardings=shardings)
+    return (abstract.replace(pending=pending.pending_abstract(rollout, config.max_staleness)),
+            shardings.replace(pending=ops.shardings),
+            lambda: start(trainable, critic_params).replace(pending=ops.empty()), ops)
+
+
 def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx.State,
                  prompts: Sequence[dict], reward_fn: RewardFn | ModelReward, cfg: ml_collections.ConfigDict,
                  mesh: Mesh, seed: int, eos_id: int | Sequence[int], pad_id: int, tokenizer,
@@ -286,24 +309,9 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
     reference = (params if reference_params is None else reference_params) if config.uses_reference else None
 
     def build(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State | None) -> StageProgram:
-        init = lambda p, c: init_pg_state(p, tx, c, critic_tx, config.kl_coef, seed)
-        abstract = jax.eval_shape(init, trainable, critic_params)
-        shardings = train_state_shardings(abstract, mesh)
-        ops = None
-        if config.max_staleness:  # the rollouts in flight are part of the state (rlft.rl.pending)
-            rows = cfg.prompts_per_step * config.group_size
-            prompt = jax.ShapeDtypeStruct((rows, width), jnp.int32)
-            sequences = jax.eval_shape(functools.partial(
-                _rollout, graphdef, eos_id=config.eos_ids, pad_id=pad_id, max_new_tokens=config.max_new_tokens,
-                sampling=config.sampling, mesh=None, group_size=config.group_size), abstract, frozen, prompt, prompt)
-            ops = PendingOps(pending.rollout_abstract(sequences), config.max_staleness, mesh)
-            abstract = abstract.replace(pending=pending.pending_abstract(pending.rollout_abstract(sequences),
-                                                                         config.max_staleness))
-            shardings = shardings.replace(pending=ops.shardings)
-            start = jax.jit(init, out_shardings=shardings.replace(pending=None))
-            initial = lambda: start(trainable, critic_params).replace(pending=ops.empty())
-        else:
-            initial = lambda: jax.jit(init, out_shardings=shardings)(trainable, critic_params)
+        abstract, shardings, initial, ops = pg_state_program(
+            config, graphdef, trainable, frozen, critic_params, tx, critic_tx, seed, mesh,
+            rows=cfg.prompts_per_step * config.group_size, width=width, pad_id=pad_id)
         make_step = lambda template: make_rl_step(
             config=config, graphdef=graphdef, shardings=shardings, prompts=prompts, reward_fn=reward_fn,
             tokenizer=tokenizer, mesh=mesh, pad_id=pad_id, tx=tx, critic_graphdef=critic_graphdef,
