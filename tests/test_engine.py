@@ -86,3 +86,51 @@ def test_bad_arguments_are_clear_errors():
         call(sampling=SamplingParams(temperature=1.0))
     with pytest.raises(RlftError, match="at least one real token"):
         call(mask=np.zeros_like(mask))
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path, k):
+    """rl.rollout_slots=3: the RL stage samples with the continuous engine (spied) and trains exactly
+    as with the static sampler (the same tokens, so the same params; the sampler's log-probs agree to
+    float32 rounding, and so do the metrics, KL and entropy among them, that read them), synchronous and asynchronous."""
+    import json
+
+    from flax import nnx
+
+    from rlft.generate import engine
+    from rlft.models import Decoder
+    from rlft.parallel.sharding import make_mesh, state_shardings
+    from rlft.rl.stage import run_rl_stage
+    from tests.pairs_util import random_params
+    from tests.test_rl_stage import CFG, TOK, char_reward, records, stage_config
+
+    calls = []
+    real = engine.generate_continuous
+
+    def run(workdir, slots):
+        mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+        graphdef, host = random_params(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), seed=3)
+        cfg = stage_config(algorithm="grpo", epochs=1, minibatches=1, kl=dict(controller="fixed"), steps=3,
+                           max_staleness=k, rollout_slots=slots)
+        out = run_rl_stage(name="rl", workdir=str(workdir), graphdef=graphdef,
+                           params=jax.device_put(host, state_shardings(host, mesh)), prompts=records(),
+                           reward_fn=char_reward, cfg=cfg, mesh=mesh, seed=4, eos_id=TOK.eos_token_id,
+                           pad_id=TOK.pad_token_id, tokenizer=TOK)
+        lines = [json.loads(line) for line in (workdir / "rl" / "metrics.jsonl").read_text().splitlines()]
+        return jax.tree.map(np.asarray, out), lines
+
+    import rlft.rl.stage as stage
+    stage.generate_continuous = lambda *a, **kw: calls.append(kw["slots"]) or real(*a, **kw)
+    try:
+        static, static_metrics = run(tmp_path / "static", 0)
+        assert not calls
+        cont, cont_metrics = run(tmp_path / "continuous", 3)
+    finally:
+        stage.generate_continuous = real
+    assert calls and set(calls) == {3}
+    for a, b in zip(jax.tree.leaves(static), jax.tree.leaves(cont)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(static_metrics, cont_metrics):
+        assert a.keys() == b.keys()
+        for n in a:
+            np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-6, err_msg=n)

@@ -36,7 +36,9 @@ t+1..t+K while step t updates (`rlft.rl.stage`), so step t trains on a rollout o
 versions old (logged as async/staleness); `rl.off_policy=none|tis|decoupled` corrects for it:
 "tis" puts rl.tis's capped weights min(π_old/π_behaviour, rl.tis_cap) on the loss (token level
 unless rl.tis=sequence), "decoupled" is AReaL's decoupled PPO: the clip around the current
-(proximal) policy, times the uncapped π_proximal/π_behaviour per token.
+(proximal) policy, times the uncapped π_proximal/π_behaviour per token. `rl.rollout_slots=S` (> 0)
+samples the rollouts with the continuous-batching engine (`rlft.generate.engine`, S slots, one
+device): the same completions as the static sampler, sooner when their lengths differ.
 
 `resolve_pg_config(section)` validates everything before any work starts and returns a frozen,
 hashable `PGConfig` (a static argument of the jitted step). Errors name the field.
@@ -116,7 +118,7 @@ def rl_stage_config(steps: int, prompts_per_step: int, group_size: int, learning
         clip=placeholder(bool), clip_eps_low=placeholder(float), clip_eps_high=placeholder(float),
         policy_loss=placeholder(str), ratio_level=placeholder(str), tis="none", tis_cap=2.0,
         mask_truncated=False, dynamic_sampling=placeholder(bool), max_resample_rounds=4,
-        max_staleness=0, off_policy="none", vf_coef=0.1, vf_clip=0.2,
+        max_staleness=0, off_policy="none", rollout_slots=0, vf_coef=0.1, vf_clip=0.2,
         entropy_coef=0.0, loss_aggregation=placeholder(str), epochs=placeholder(int), minibatches=1,
         old_logprobs="recompute", no_eos_penalty=0.0,
         kl=ml_collections.ConfigDict(dict(coef=placeholder(float), estimator=placeholder(str),
@@ -159,6 +161,7 @@ class PGConfig:
     dynamic_sampling: bool  # DAPO: only groups whose scores differ; extra rounds fill the batch
     max_resample_rounds: int
     max_staleness: int  # asynchronous RL: rollouts sampled this many policy versions ahead (0 = synchronous)
+    rollout_slots: int  # > 0: the rollout runs on the continuous-batching engine with that many slots
     vf_coef: float
     vf_clip: float
     entropy_coef: float
@@ -333,6 +336,7 @@ def resolve_pg_config(section: ml_collections.ConfigDict, eos_id: int | Sequence
         dynamic_sampling=dynamic,
         max_resample_rounds=_non_negative_int(section.max_resample_rounds, f"{prefix}.max_resample_rounds"),
         max_staleness=staleness,
+        rollout_slots=_non_negative_int(section.rollout_slots, f"{prefix}.rollout_slots"),
         vf_coef=_in_range(section.vf_coef, f"{prefix}.vf_coef", 0.0),
         vf_clip=float(section.vf_clip or 0.0),
         entropy_coef=_in_range(section.entropy_coef, f"{prefix}.entropy_coef", 0.0),

@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from rlft.data.batching import pad_left
 from rlft.errors import RlftError
+from rlft.generate.engine import generate_continuous
 from rlft.generate.sampling import Sequences
 from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
@@ -142,8 +143,26 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         weight_sync.append(time.perf_counter() - start)
         return view
 
+    if config.rollout_slots and sampler_mesh.devices.size != 1:
+        raise RlftError(f"{name}.rollout_slots={config.rollout_slots}: the continuous-batching engine runs on one "
+                        f"device; the sampler's mesh has {sampler_mesh.devices.size} (set {name}.rollout_slots=0)")
+    sample_key = jax.jit(lambda state, *args: _rollout_key(state, *args))
+
+    def continuous(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
+        """The rollout through the continuous-batching engine: the static sampler's completions."""
+        out = generate_continuous(graphdef, combine(sampler_frozen, view.params), np.asarray(tokens), np.asarray(mask),
+                                  sample_key(view, *args), slots=config.rollout_slots,
+                                  max_new_tokens=config.max_new_tokens, eos_id=config.eos_ids, pad_id=pad_id,
+                                  sampling=config.sampling)
+        device = sampler_mesh.devices.flat[0]
+        return jax.device_put(Sequences.from_sample(*jax.device_put((tokens, mask, out), device)),
+                              rollout_shardings(sampler_mesh)["sequences"])
+
     def sample(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
         """The rollout of prompts [rows, width] (on `mesh`) by the sampler; Sequences on `mesh`."""
+        if config.rollout_slots:
+            seqs = continuous(view, tokens, mask, *args)
+            return seqs if rollout_mesh is None else jax.device_put(seqs, rollout_shardings(mesh)["sequences"])
         if rollout_mesh is None:
             return rollout(view, frozen, tokens, mask, *args)
         place = lambda x: jax.device_put(x, batch_sharding(rollout_mesh, x.ndim))
@@ -332,15 +351,19 @@ def run_rl_stage(*, name: str, workdir: str, graphdef: nnx.GraphDef, params: nnx
                        host_batch=host_batch, build=build, metric_prefix=None)
 
 
+def _rollout_key(state: PGState, resample_round=None, sample_step=None) -> jax.Array:
+    """The sampling key of a rollout: `step_key(state, salt=SAMPLE_SALT)`, of step `sample_step`
+    (int32 []) instead of the state's when given (asynchronous RL samples ahead), folded with
+    `resample_round` (int32 []) for the extra rounds of dynamic sampling."""
+    key = step_key(state if sample_step is None else state.replace(step=sample_step), salt=SAMPLE_SALT)
+    return key if resample_round is None else jax.random.fold_in(key, resample_round)
+
+
 def _rollout(graphdef, state: PGState, frozen, prompt_tokens, prompt_mask, resample_round=None, sample_step=None,
              *, eos_id, pad_id, max_new_tokens, sampling, mesh, group_size):
-    """sample_rollout of the state's policy (joined with a LoRA base `frozen`, if any) with the
-    step's key `step_key(state, salt=SAMPLE_SALT)`, folded with `resample_round` (int32 []) for the
-    extra rounds of dynamic sampling; `sample_step` (int32 []): the key of that step instead of the
-    state's (asynchronous RL samples ahead)."""
-    key = step_key(state if sample_step is None else state.replace(step=sample_step), salt=SAMPLE_SALT)
-    if resample_round is not None:
-        key = jax.random.fold_in(key, resample_round)
+    """sample_rollout of the state's policy (joined with a LoRA base `frozen`, if any) with the key
+    `_rollout_key(state, resample_round, sample_step)`."""
+    key = _rollout_key(state, resample_round, sample_step)
     return sample_rollout(graphdef, combine(frozen, state.params), prompt_tokens, prompt_mask, key, eos_id=eos_id,
                           pad_id=pad_id, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh,
                           group_size=group_size)
