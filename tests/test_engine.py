@@ -131,6 +131,7 @@ def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path, k):
     for a, b in zip(jax.tree.leaves(static), jax.tree.leaves(cont)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(static_metrics, cont_metrics):
+        assert 0 < b.pop("rollout/slot_occupancy") <= 1
         assert a.keys() == b.keys()
         for n in a:
             np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-6, err_msg=n)

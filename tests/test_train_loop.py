@@ -154,3 +154,18 @@ def test_keyboard_interrupt_saves_the_last_completed_step(job, straight, tmp_pat
     for a, b in zip(jax.tree.leaves(host(final)), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "metrics.jsonl").read_text() == want_metrics
+
+
+def test_wall_clock_metrics_go_to_tensorboard_only(tmp_path):
+    """A metric named "..._s" (seconds, or a rate per second) is a wall-clock value: TensorBoard gets
+    it, metrics.jsonl does not (it stays deterministic across resumes)."""
+    from rlft.train.logging import MetricsLogger
+    from tests.test_async_rl import tensorboard_scalars
+
+    with MetricsLogger(tmp_path, total_steps=2) as logger:
+        record = logger.log(1, {"loss": 0.5, "async/weight_sync_s": 0.25, "rollout/tokens_per_s": 100.0})
+    assert record == {"step": 1, "loss": 0.5}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["async/weight_sync_s"] == [0.25] and scalars["rollout/tokens_per_s"] == [100.0]
+    assert scalars["loss"] == [0.5]

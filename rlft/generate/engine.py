@@ -114,8 +114,9 @@ def _refill(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, slot_ids: A
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",))
 def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, rng: Array, eos_id: Array,
-                  pad_id: Array, *, steps: int, sampling: SamplingParams) -> Slots:
-    """Up to `steps` decode steps of every live slot (stops early once every slot is done)."""
+                  pad_id: Array, *, steps: int, sampling: SamplingParams) -> tuple[Slots, Array]:
+    """Up to `steps` decode steps of every live slot (stops early once every slot is done); also
+    returns how many ran (int32 [])."""
     model = nnx.merge(graphdef, params)
     limit = state.tokens.shape[1]
     every = jnp.arange(state.row.shape[0])
@@ -135,17 +136,21 @@ def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, rng: 
                                  tokens=tokens, logprobs=logprobs)
 
     cond = lambda carry: (carry[0] < steps) & ~jnp.all(carry[1].done)
-    return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))[1]
+    steps_run, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+    return state, steps_run
 
 
 def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_mask, rng: Array | None,
                         *, slots: int, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
-                        sampling: SamplingParams = SamplingParams(), chunk_steps: int = 8) -> SampleOutput:
+                        sampling: SamplingParams = SamplingParams(), chunk_steps: int = 8,
+                        stats: dict | None = None) -> SampleOutput:
     """Completions [N, max_new_tokens] of left-padded prompts [N, P] through `slots` slots (module doc).
 
     Same fields and values as `rlft.generate.sampling.sample` of the whole batch (lengths include
     the EOS; steps is the longest length). chunk_steps: decode steps per jitted call between
     refills (a finished row's slot idles at most chunk_steps − 1 steps). One device (no mesh).
+    stats: a dict to receive "decode_steps" (steps run) and "slot_occupancy" (the fraction of
+    slot-steps that decoded a live row's token).
     """
     tokens, mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.int32)
     rows, width = tokens.shape
@@ -167,7 +172,7 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     out_logprobs = np.zeros((rows, max_new_tokens), np.float32)
     lengths = np.zeros((rows,), np.int32)
     owner = np.full((slots,), -1)  # the queue row each slot is running (-1: free)
-    queued = 0
+    queued, decode_steps = 0, []
     while True:
         done, gen = jax.device_get((state.done, state.gen))
         ended = np.flatnonzero(done & (owner >= 0))
@@ -191,7 +196,11 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
             queued += take
         if (owner < 0).all():
             break
-        state = _decode_chunk(graphdef, params, state, rng, eos, pad, steps=chunk_steps, sampling=sampling)
+        state, steps_run = _decode_chunk(graphdef, params, state, rng, eos, pad, steps=chunk_steps, sampling=sampling)
+        decode_steps.append(steps_run)
+    if stats is not None:  # the first token of a row comes from its prefill, the others from decode steps
+        total = int(sum(jax.device_get(decode_steps)))
+        stats.update(decode_steps=total, slot_occupancy=float((lengths - 1).clip(0).sum() / max(total * slots, 1)))
     completion = (np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32)
     return SampleOutput(tokens=jnp.asarray(np.where(completion > 0, out_tokens, pad_id)),
                         mask=jnp.asarray(completion),

@@ -16,7 +16,9 @@ the sampling key of a step is derived from the state's RNG and step. SIGINT and 
 does an error inside the stage (a reward function that raises or returns bad scores becomes an
 RlftError naming it, the stage and the step, after the last completed step is saved).
 Metrics go to WORKDIR/NAME/metrics.jsonl and TensorBoard under the names trl users know
-(objective/kl, policy/clipfrac, val/explained_variance, ...).
+(objective/kl, policy/clipfrac, val/explained_variance, ...); the sampler's wall-clock figures
+(rollout/sampling_s, rollout/tokens_per_s, async/weight_sync_s, async/rollout_wait_s) go to
+TensorBoard only, which keeps metrics.jsonl deterministic.
 """
 
 from __future__ import annotations
@@ -148,12 +150,14 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                         f"device; the sampler's mesh has {sampler_mesh.devices.size} (set {name}.rollout_slots=0)")
     sample_key = jax.jit(lambda state, *args: _rollout_key(state, *args))
 
+    engine_stats: dict = {}
+
     def continuous(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
         """The rollout through the continuous-batching engine: the static sampler's completions."""
         out = generate_continuous(graphdef, combine(sampler_frozen, view.params), np.asarray(tokens), np.asarray(mask),
                                   sample_key(view, *args), slots=config.rollout_slots,
                                   max_new_tokens=config.max_new_tokens, eos_id=config.eos_ids, pad_id=pad_id,
-                                  sampling=config.sampling)
+                                  sampling=config.sampling, stats=engine_stats)
         device = sampler_mesh.devices.flat[0]
         return jax.device_put(Sequences.from_sample(*jax.device_put((tokens, mask, out), device)),
                               rollout_shardings(sampler_mesh)["sequences"])
@@ -170,7 +174,11 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         return jax.device_put(seqs, rollout_shardings(mesh)["sequences"])
 
     def placement_metrics() -> dict:
-        return {} if rollout_mesh is None else {"async/weight_sync_s": np.float32(weight_sync[-1])}
+        """The sampler's metrics: the weight copy to its own devices, the engine's slot occupancy."""
+        out = {} if rollout_mesh is None else {"async/weight_sync_s": np.float32(weight_sync[-1])}
+        if config.rollout_slots:
+            out["rollout/slot_occupancy"] = np.float32(engine_stats["slot_occupancy"])
+        return out
 
     extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
     pg = jit_step(pg_step, shardings, rollout_shardings(mesh), mesh,
@@ -206,9 +214,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
         t0 = time.perf_counter()
         view = sampler_state(state)
-        seqs = sample(view, batch["prompt_tokens"], batch["prompt_mask"])
-        if timings is not None:
-            jax.block_until_ready(seqs)
+        seqs = jax.block_until_ready(sample(view, batch["prompt_tokens"], batch["prompt_mask"]))  # scoring reads it
+        sampling_s = time.perf_counter() - t0
         timed("sampling_s", t0)
         t0 = time.perf_counter()
         where = lambda: f"{name} step {int(jax.device_get(state.step)) + 1}"  # read only on an error
@@ -225,7 +232,9 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         if timings is not None:
             jax.block_until_ready(metrics)
         timed("update_s", t0)
-        return state, {**metrics, **reward_metrics, **placement_metrics()}
+        new_tokens = jnp.sum(rollout_batch["sequences"].completion_mask)
+        return state, {**metrics, **reward_metrics, **placement_metrics(), "rollout/sampling_s": np.float32(sampling_s),
+                       "rollout/tokens_per_s": new_tokens / sampling_s}
 
     def sampled(state: PGState, step_number: int) -> dict:
         """The rollout of step `step_number` by the state's policy (dispatched, not waited for)."""
@@ -253,12 +262,15 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
             current, in_flight = pending_ops.oldest(state.pending), None
             new = sampled(state, t + k)  # the device samples while the host scores `current`
         index = local_to_host(shard_batch(prompts_at(t - 1), mesh)["index"], mesh)
+        waited = time.perf_counter()
+        jax.block_until_ready(current["sequences"])  # sampled a step ago: normally ready
+        waited = time.perf_counter() - waited
         scores, reward_metrics = score(current["sequences"], index, where)
         version = int(jax.device_get(current["version"]))
         state, metrics = pg(state, {"sequences": current["sequences"], "scores": scores}, *extra_args)
         state = state.replace(pending=in_flight if in_flight is not None else pending_ops.push(state.pending, new))
         return state, {**metrics, **reward_metrics, **placement_metrics(),
-                       "async/staleness": np.float32(t - 1 - version)}
+                       "async/staleness": np.float32(t - 1 - version), "async/rollout_wait_s": np.float32(waited)}
 
     return async_step if config.max_staleness else step
 

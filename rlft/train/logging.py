@@ -2,7 +2,9 @@
 
 `metrics.jsonl` holds one JSON object per logged step ({"step": s, "train/loss": ..., ...}); it is
 deterministic (no wall-clock values), so a resumed run's lines equal an uninterrupted run's.
-Throughput goes to TensorBoard (`perf/tokens_per_second`) and the progress bar only.
+Throughput goes to TensorBoard (`perf/tokens_per_second`) and the progress bar only, and so does
+every metric whose name ends in "_s" (`WALL_CLOCK_SUFFIX`: seconds or a rate per second, e.g.
+rollout/tokens_per_s, async/weight_sync_s).
 
 A file that cannot be written (a full disk, a file-size limit, an I/O error) is an RlftError naming
 it and what to do, raised by `log` or `close`: for metrics.jsonl at once; for TensorBoard, whose
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from rlft.errors import RlftError, one_line
 
 METRICS_FILE = "metrics.jsonl"
+WALL_CLOCK_SUFFIX = "_s"  # metrics named so are wall-clock values: TensorBoard only
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -100,10 +103,13 @@ class MetricsLogger:
         self._last_step, self._last_time = start_step, time.perf_counter()
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
-        """Records `metrics` (names like "train/loss"; arrays become numbers) at `step`."""
-        record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+        """Records `metrics` (names like "train/loss"; arrays become numbers) at `step`; names ending
+        in "_s" (wall-clock values) go to TensorBoard only. Returns the metrics.jsonl record."""
+        wall_clock = {k: to_python(v) for k, v in metrics.items() if k.endswith(WALL_CLOCK_SUFFIX)}
+        record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items() if k not in wall_clock}}
         if not self.active:
             return record
+        self.write_scalars(step, wall_clock)
         self._check_tensorboard()
         try:
             self._file.write(json.dumps(record) + "\n")
