@@ -24,11 +24,10 @@ def metrics(workdir):
     return [json.loads(line) for line in (workdir / "rl" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("k,expected", [(1, [0, 1, 1, 1, 1]), (2, [0, 1, 2, 2, 2])])
-def test_staleness_is_logged_and_the_correction_weights_the_loss(tmp_path, k, expected):
-    run(tmp_path, cfg=config(max_staleness=k, off_policy="tis"))
+def test_staleness_is_logged_and_the_correction_weights_the_loss(tmp_path):
+    run(tmp_path, cfg=config(max_staleness=2, off_policy="tis"))
     logged = metrics(tmp_path)
-    assert [r["async/staleness"] for r in logged] == expected
+    assert [r["async/staleness"] for r in logged] == [0, 1, 2, 2, 2]  # K = 1: test_async_run_resumes_exactly
     assert logged[0]["policy/tis_weight"] == 1.0  # step 1 trains on its own policy's rollout
     assert any(abs(r["policy/tis_weight"] - 1.0) > 1e-4 for r in logged[1:])  # stale: weights move
 
@@ -51,6 +50,7 @@ def test_async_run_resumes_exactly(tmp_path):
     rollouts in flight; resumed, params and every metric equal an uninterrupted run's."""
     cfg = lambda: config(max_staleness=1, off_policy="decoupled", steps=6)
     straight = run(tmp_path / "straight", cfg=cfg())
+    assert [r["async/staleness"] for r in metrics(tmp_path / "straight")] == [0, 1, 1, 1, 1, 1]
     calls = {"n": 0}
 
     def interrupted(completions, recs):
@@ -108,11 +108,12 @@ def run_placed(workdir, cfg, rollout_devices):
     return jax.tree.map(np.asarray, out)
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_sampler_on_its_own_devices_equals_colocated(tmp_path, k):
+def test_sampler_on_its_own_devices_equals_colocated(tmp_path):
     """mesh.rollout: the sampler on devices 2-3 and the trainer on 0-1 give exactly the colocated
-    run (the policy is copied to the sampler before each rollout, the completions copied back)."""
+    run (the policy is copied to the sampler before each rollout, the completions copied back);
+    asynchronous (K = 1), whose rollouts go through the same `sample` as the synchronous step's."""
     assert jax.device_count() >= 4
+    k = 1
     cfg = lambda: config(max_staleness=k, steps=4)
     colocated = run_placed(tmp_path / "colocated", cfg(), None)
     placed = run_placed(tmp_path / "placed", cfg(), jax.devices()[2:4])
@@ -123,10 +124,7 @@ def test_sampler_on_its_own_devices_equals_colocated(tmp_path, k):
     placed_scalars = tensorboard_scalars(tmp_path / "placed" / "rl" / "tensorboard")
     assert len(placed_scalars["async/weight_sync_s"]) == 4 and min(placed_scalars["async/weight_sync_s"]) > 0
     assert "async/weight_sync_s" not in tensorboard_scalars(tmp_path / "colocated" / "rl" / "tensorboard")
-    if k == 0:  # the synchronous step times its sampling; the asynchronous one logs its wait instead
-        assert min(placed_scalars["rollout/tokens_per_s"]) > 0
-    else:
-        assert len(placed_scalars["async/rollout_wait_s"]) == 4
+    assert len(placed_scalars["async/rollout_wait_s"]) == 4
     assert not any(name.endswith("_s") for name in metrics(tmp_path / "placed")[0])
 
 

@@ -71,10 +71,17 @@ def dapo_config(**overrides):
                         **overrides)
 
 
-def test_the_batch_is_the_informative_groups_of_the_rounds(tmp_path):
-    calls = []
-    run(tmp_path, half_flat_reward(calls), cfg=dapo_config())
-    logged = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """(work directory, params, the scores of every reward call) of an uninterrupted DAPO run."""
+    workdir, calls = tmp_path_factory.mktemp("dapo_straight"), []
+    params = run(workdir, half_flat_reward(calls), cfg=dapo_config())
+    return workdir, params, calls
+
+
+def test_the_batch_is_the_informative_groups_of_the_rounds(straight):
+    workdir, _, calls = straight
+    logged = [json.loads(line) for line in (workdir / "rl" / "metrics.jsonl").read_text().splitlines()]
     prompts = 4
     call = 0
     extra_rounds = 0
@@ -99,8 +106,8 @@ def test_the_batch_is_the_informative_groups_of_the_rounds(tmp_path):
     assert call == len(calls) and extra_rounds > 0  # some step needed extra rounds
 
 
-def test_dynamic_sampling_resumes_exactly(tmp_path):
-    straight = run(tmp_path / "straight", half_flat_reward([]), cfg=dapo_config())
+def test_dynamic_sampling_resumes_exactly(tmp_path, straight):
+    straight_dir, straight, _ = straight
     calls = []
     inner = half_flat_reward(calls)
 
@@ -115,4 +122,4 @@ def test_dynamic_sampling_resumes_exactly(tmp_path):
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(a, b)
     assert ((tmp_path / "resumed" / "rl" / "metrics.jsonl").read_text()
-            == (tmp_path / "straight" / "rl" / "metrics.jsonl").read_text())
+            == (straight_dir / "rl" / "metrics.jsonl").read_text())

@@ -44,8 +44,8 @@ def _queue(n=13, seed=3):
 
 
 @pytest.mark.parametrize("kind,sampling", [
-    ("llama", SamplingParams(temperature=0.0)), ("llama", SamplingParams(temperature=0.8, top_k=10, top_p=0.9)),
-    ("gpt2-scan", SamplingParams(temperature=1.0))], ids=["llama-greedy", "llama-truncated", "gpt2-scan-t1"])
+    ("llama", SamplingParams(temperature=0.8, top_k=10, top_p=0.9)), ("gpt2-scan", SamplingParams(temperature=0.0))],
+    ids=["llama-truncated", "gpt2-scan-greedy"])  # untruncated sampling: the RL test below
 def test_continuous_equals_static_whatever_the_slots(kind, sampling):
     graphdef, params = model_of(kind)
     tokens, mask = _queue()
@@ -53,7 +53,7 @@ def test_continuous_equals_static_whatever_the_slots(kind, sampling):
                  sampling=sampling)
     lengths = np.asarray(ref.lengths)
     assert lengths.min() < lengths.max()  # a long-tailed queue: rows end at different steps
-    for slots, chunk in ((1, 3), (5, 3), (16, 4)):
+    for slots, chunk in ((1, 3), (5, 3)):
         out = generate_continuous(graphdef, params, tokens, mask, jax.random.key(2), slots=slots,
                                   max_new_tokens=12, eos_id=EOS, pad_id=PAD, sampling=sampling, chunk_steps=chunk)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens), err_msg=f"slots={slots}")
@@ -88,11 +88,12 @@ def test_bad_arguments_are_clear_errors():
         call(mask=np.zeros_like(mask))
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path, k):
+def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path):
     """rl.rollout_slots=3: the RL stage samples with the continuous engine (spied) and trains exactly
     as with the static sampler (the same tokens, so the same params; the sampler's log-probs agree to
-    float32 rounding, and so do the metrics, KL and entropy among them, that read them), synchronous and asynchronous."""
+    float32 rounding, and so do the metrics, KL and entropy among them, that read them); asynchronous
+    (K = 1), whose rollouts go through the same `sample` as the synchronous step's."""
+    k = 1
     import json
 
     from flax import nnx
