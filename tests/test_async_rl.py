@@ -24,20 +24,14 @@ def metrics(workdir):
     return [json.loads(line) for line in (workdir / "rl" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_staleness_is_logged_and_the_correction_weights_the_loss(tmp_path):
-    run(tmp_path, cfg=config(max_staleness=2, off_policy="tis"))
-    logged = metrics(tmp_path)
-    assert [r["async/staleness"] for r in logged] == [0, 1, 2, 2, 2]  # K = 1: test_async_run_resumes_exactly
-    assert logged[0]["policy/tis_weight"] == 1.0  # step 1 trains on its own policy's rollout
-    assert any(abs(r["policy/tis_weight"] - 1.0) > 1e-4 for r in logged[1:])  # stale: weights move
-
-
 def test_a_frozen_policy_gives_the_synchronous_run(tmp_path):
     """With a learning rate too small to change a float32 weight, every policy version is the same,
-    so K = 1 must train on exactly the rollouts of K = 0: same prompts and keys per step."""
+    so K = 2 must train on exactly the rollouts of K = 0: same prompts and keys per step (two
+    rollouts in flight: the order they are consumed in matters)."""
     frozen = dict(learning_rate=1e-30)
     sync = run(tmp_path / "sync", cfg=config(**frozen))
-    asyn = run(tmp_path / "async", cfg=config(max_staleness=1, **frozen))
+    asyn = run(tmp_path / "async", cfg=config(max_staleness=2, **frozen))
+    assert [r["async/staleness"] for r in metrics(tmp_path / "async")] == [0, 1, 2, 2, 2]
     for a, b in zip(jax.tree.leaves(sync), jax.tree.leaves(asyn)):
         np.testing.assert_array_equal(a, b)
     for s, a in zip(metrics(tmp_path / "sync"), metrics(tmp_path / "async")):
@@ -46,11 +40,15 @@ def test_a_frozen_policy_gives_the_synchronous_run(tmp_path):
 
 
 def test_async_run_resumes_exactly(tmp_path):
-    """Interrupted in the reward of step 4: step 3 is saved (nothing was donated yet), with the
-    rollouts in flight; resumed, params and every metric equal an uninterrupted run's."""
+    """Staleness 1 and the decoupled weights move off 1 from step 2; interrupted in the reward of
+    step 4, step 3 is saved (nothing was donated yet) with the rollouts in flight; resumed, params
+    and every metric equal an uninterrupted run's."""
     cfg = lambda: config(max_staleness=1, off_policy="decoupled", steps=6)
     straight = run(tmp_path / "straight", cfg=cfg())
-    assert [r["async/staleness"] for r in metrics(tmp_path / "straight")] == [0, 1, 1, 1, 1, 1]
+    logged = metrics(tmp_path / "straight")
+    assert [r["async/staleness"] for r in logged] == [0, 1, 1, 1, 1, 1]
+    assert logged[0]["policy/tis_weight"] == 1.0  # step 1 trains on its own policy's rollout
+    assert all(abs(r["policy/tis_weight"] - 1.0) > 1e-4 for r in logged[1:])  # stale: the weights move
     calls = {"n": 0}
 
     def interrupted(completions, recs):

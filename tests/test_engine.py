@@ -53,7 +53,7 @@ def test_continuous_equals_static_whatever_the_slots(kind, sampling):
                  sampling=sampling)
     lengths = np.asarray(ref.lengths)
     assert lengths.min() < lengths.max()  # a long-tailed queue: rows end at different steps
-    for slots, chunk in ((1, 3), (5, 3)):
+    for slots, chunk in ((5, 3),):  # refills of 1..5 rows; one slot: test_rows_do_not_depend_on_their_neighbours
         out = generate_continuous(graphdef, params, tokens, mask, jax.random.key(2), slots=slots,
                                   max_new_tokens=12, eos_id=EOS, pad_id=PAD, sampling=sampling, chunk_steps=chunk)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens), err_msg=f"slots={slots}")
@@ -68,7 +68,7 @@ def test_rows_do_not_depend_on_their_neighbours():
     longer queue are those of the short queue."""
     graphdef, params = model_of("llama")
     tokens, mask = _queue()
-    run = lambda n: generate_continuous(graphdef, params, tokens[:n], mask[:n], jax.random.key(7), slots=3,
+    run = lambda n: generate_continuous(graphdef, params, tokens[:n], mask[:n], jax.random.key(7), slots=1,
                                         max_new_tokens=8, eos_id=EOS, pad_id=PAD,
                                         sampling=SamplingParams(temperature=1.0))
     short, long = run(4), run(13)

@@ -410,18 +410,19 @@ def test_model_generate_of_many_prompts_runs_the_continuous_engine_with_the_same
     from rlft.generate import engine
 
     model = rlft.load(checkpoint_with_tokenizer)
-    prompts = [f"the film was {w}" if i % 3 else w for i, w in enumerate(["good", "bad", "long"] * 24)]
+    monkeypatch.setattr(api, "AUTO_SLOTS", 8)  # 64 in use; fewer here, for the test's compile time
+    prompts = [f"the film was {w}" if i % 3 else w for i, w in enumerate(["good", "bad", "long"] * 4)]
     assert len(prompts) > api.AUTO_SLOTS
     calls = []
     real = engine.generate_continuous
     monkeypatch.setattr(engine, "generate_continuous", lambda *a, **kw: calls.append(kw["slots"]) or real(*a, **kw))
     kw = dict(max_new_tokens=6, temperature=1.0, seed=3)
-    auto, static, eight = model.generate(prompts, **kw), model.generate(prompts, slots=0, **kw), \
-        model.generate(prompts, slots=8, **kw)
-    assert calls == [api.AUTO_SLOTS, 8]
-    assert auto["text"] == static["text"] == eight["text"]
+    auto, static, three = model.generate(prompts, **kw), model.generate(prompts, slots=0, **kw), \
+        model.generate(prompts, slots=3, **kw)
+    assert calls == [api.AUTO_SLOTS, 3]
+    assert auto["text"] == static["text"] == three["text"]
     np.testing.assert_array_equal(auto["tokens"], static["tokens"])
-    np.testing.assert_allclose(eight["logprobs"], static["logprobs"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(three["logprobs"], static["logprobs"], atol=1e-5, rtol=0)
     with pytest.raises(RlftError, match="slots"):
         model.generate(prompts[:8], slots=-1, **kw)
     with pytest.raises(RlftError, match="runs on one device"):
