@@ -232,7 +232,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         if timings is not None:
             jax.block_until_ready(metrics)
         timed("update_s", t0)
-        new_tokens = jnp.sum(rollout_batch["sequences"].completion_mask)
+        new_tokens = jnp.sum(seqs.completion_mask)  # of the rollout that sampling_s timed
         return state, {**metrics, **reward_metrics, **placement_metrics(), "rollout/sampling_s": np.float32(sampling_s),
                        "rollout/tokens_per_s": new_tokens / sampling_s}
 
