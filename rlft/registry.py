@@ -78,6 +78,14 @@ class Registry(dict):
             raise RlftError(f"{field}={name!r}: calling it as a {self.family} failed ({e}); the contract is "
                             f"{self.contract}") from e
 
+    def expect_pair(self, value: Any, name: str, field: str, parts: str) -> tuple:
+        """`value` as a 2-tuple, or an RlftError naming `field` and the contract (`parts` names what
+        the pair holds, e.g. "(loss_sum, count)")."""
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise RlftError(f"{field}={name!r} returned a {type(value).__name__}, expected a pair {parts}; the "
+                            f"contract is {self.contract}")
+        return value
+
     def expect_shape(self, value: Any, shape: Sequence[int], name: str, field: str, what: str = "returned") -> None:
         """Raises RlftError naming `field` and the contract unless `value` is an array of `shape`."""
         got = getattr(value, "shape", None)

@@ -33,7 +33,7 @@ from flax import nnx, struct
 from rlft.errors import RlftError
 from rlft.generate.logprobs import SamplingParams
 from rlft.generate.sampling import (SampleOutput, _check_prompts, choose_tokens, is_eos, prefill, row_keys,
-                                    step_uniforms)
+                                    sampling_key, step_uniforms)
 from rlft.models.decoder import KVCache
 
 Array = jax.Array
@@ -160,10 +160,7 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     _check_prompts(graphdef, params, tokens, mask, width + max_new_tokens)
     if rows and not (mask.sum(-1) > 0).all():
         raise RlftError("continuous batching: every prompt needs at least one real token (mask 1)")
-    if rng is None:
-        if not sampling.greedy:
-            raise RlftError("continuous batching: an rng key is required unless temperature == 0 (greedy)")
-        rng = jax.random.key(0)
+    rng = sampling_key(rng, sampling, "continuous batching")
     eos = jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1))
     pad = jnp.int32(pad_id)
     config = nnx.merge(graphdef, params).config

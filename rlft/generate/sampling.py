@@ -261,6 +261,16 @@ def _check_prompts(graphdef, params, prompt_tokens, prompt_mask, total_len: int)
                         f"model's max_positions={cfg.max_positions}")
 
 
+def sampling_key(rng: Array | None, sampling: SamplingParams, what: str) -> Array:
+    """`rng`, or for greedy decoding (which draws nothing) a fixed key when it is None; an RlftError
+    starting with `what` when sampling needs a key and has none."""
+    if rng is not None:
+        return rng
+    if not sampling.greedy:
+        raise RlftError(f"{what}: an rng key is required unless temperature == 0 (greedy)")
+    return jax.random.key(0)
+
+
 def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
            rng: Array | None, *, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
            sampling: SamplingParams = SamplingParams(), mesh: Mesh | None = None,
@@ -288,10 +298,7 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
         if not all((grouped(x) == grouped(x)[:, :1]).all() for x in (prompt_tokens, prompt_mask)):
             raise RlftError(f"sampling: group_size={group_size} needs each group of {group_size} consecutive "
                             f"rows to hold one prompt")
-    if rng is None:
-        if not sampling.greedy:
-            raise RlftError("sampling: an rng key is required unless temperature == 0 (greedy)")
-        rng = jax.random.key(0)
+    rng = sampling_key(rng, sampling, "sampling")
     if mesh is not None:
         if any(t != AxisType.Auto for t in mesh.axis_types):  # with_sharding_constraint needs Auto
             raise RlftError(f"sampling: mesh axis types {mesh.axis_types} must all be Auto, as "

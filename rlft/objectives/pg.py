@@ -98,10 +98,8 @@ def aggregate(per_token: Array, mask: Array, mode: str, max_length: int,
     `max_length` is the completion length normaliser of "fixed-length" (usually the sampler's
     max_new_tokens); the other modes ignore it.
     """
-    out = AGGREGATIONS.call(mode, field, per_token, mask, max_length)
-    if not isinstance(out, tuple) or len(out) != 2:
-        raise RlftError(f"{field}={mode!r} returned a {type(out).__name__}, expected a pair (loss_sum, count); "
-                        f"the contract is {AGGREGATIONS.contract}")
+    out = AGGREGATIONS.expect_pair(AGGREGATIONS.call(mode, field, per_token, mask, max_length), mode, field,
+                                   "(loss_sum, count)")
     for part in out:
         AGGREGATIONS.expect_shape(part, (), mode, field, "returned a part of")
     return jnp.asarray(out[0], jnp.float32), jnp.asarray(out[1], jnp.float32)
@@ -243,10 +241,10 @@ def policy_loss(name: str, logp: Array, old_logp: Array, advantages: Array, log_
     its return checked against the contract (a clear error while the first step compiles)."""
     out = POLICY_LOSSES.call(name, field, logp, old_logp, advantages, log_ratio, eps_low=eps_low,
                              eps_high=eps_high, clip=clip)
-    if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[1], dict):
-        raise RlftError(f"{field}={name!r} returned a {type(out).__name__}, expected a pair (loss, stats dict); "
-                        f"the contract is {POLICY_LOSSES.contract}")
-    loss, stats = out
+    loss, stats = POLICY_LOSSES.expect_pair(out, name, field, "(loss, stats dict)")
+    if not isinstance(stats, dict):
+        raise RlftError(f"{field}={name!r} returned stats as a {type(stats).__name__}, expected a dict; the "
+                        f"contract is {POLICY_LOSSES.contract}")
     POLICY_LOSSES.expect_shape(loss, logp.shape, name, field, "returned a loss of")
     for key, value in stats.items():
         POLICY_LOSSES.expect_shape(value, logp.shape, name, field, f"returned stats[{key!r}] of")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlft.parallel.sharding import MeshJit, batch_axes, replicated
+from rlft.parallel.sharding import MeshJit, batch_axes, batch_sharding, replicated
 
 Array = jax.Array
 
@@ -38,8 +38,7 @@ def pending_abstract(rollout: dict, k: int) -> dict:
 
 def _rollout_shardings(rollout: dict, mesh: Mesh) -> dict:
     """Rows over the mesh's batch axes (as pg_step's batch), the version replicated."""
-    spec = lambda a: NamedSharding(mesh, PartitionSpec(batch_axes(mesh) or None, *([None] * (a.ndim - 1))))
-    return jax.tree.map(lambda a: spec(a) if a.ndim else replicated(mesh), rollout)
+    return jax.tree.map(lambda a: batch_sharding(mesh, a.ndim) if a.ndim else replicated(mesh), rollout)
 
 
 def pending_shardings(pending: dict, mesh: Mesh) -> dict:

@@ -148,7 +148,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     if config.rollout_slots and sampler_mesh.devices.size != 1:
         raise RlftError(f"{name}.rollout_slots={config.rollout_slots}: the continuous-batching engine runs on one "
                         f"device; the sampler's mesh has {sampler_mesh.devices.size} (set {name}.rollout_slots=0)")
-    sample_key = jax.jit(lambda state, *args: _rollout_key(state, *args))
+    sample_key = jax.jit(_rollout_key)
 
     engine_stats: dict = {}
 
@@ -164,14 +164,13 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
 
     def sample(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
         """The rollout of prompts [rows, width] (on `mesh`) by the sampler; Sequences on `mesh`."""
+        if rollout_mesh is not None:
+            tokens, mask = (jax.device_put(x, batch_sharding(rollout_mesh, x.ndim)) for x in (tokens, mask))
         if config.rollout_slots:
             seqs = continuous(view, tokens, mask, *args)
-            return seqs if rollout_mesh is None else jax.device_put(seqs, rollout_shardings(mesh)["sequences"])
-        if rollout_mesh is None:
-            return rollout(view, frozen, tokens, mask, *args)
-        place = lambda x: jax.device_put(x, batch_sharding(rollout_mesh, x.ndim))
-        seqs = rollout(view, sampler_frozen, place(tokens), place(mask), *args)
-        return jax.device_put(seqs, rollout_shardings(mesh)["sequences"])
+        else:
+            seqs = rollout(view, sampler_frozen, tokens, mask, *args)
+        return seqs if rollout_mesh is None else jax.device_put(seqs, rollout_shardings(mesh)["sequences"])
 
     def placement_metrics() -> dict:
         """The sampler's metrics: the weight copy to its own devices, the engine's slot occupancy."""
@@ -196,9 +195,10 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         step_number = int(jax.device_get(state.step)) + 1
         while (len(rounds) <= config.max_resample_rounds
                and not dynamic_sampling.enough(host_scores, group, prompts_per_step)):
-            extra = shard_batch(resample(step_number, len(rounds)), mesh)
+            host = resample(step_number, len(rounds))  # this process's rows
+            extra = shard_batch(host, mesh)
             more = sample(view, extra["prompt_tokens"], extra["prompt_mask"], jnp.int32(len(rounds)))
-            more_scores, _ = score(more, local_to_host(extra["index"], mesh), where)
+            more_scores, _ = score(more, host["index"], where)
             rounds.append({"sequences": more, "scores": more_scores})
             host_scores.append(to_host(more_scores))
         chosen = dynamic_sampling.select_groups(host_scores, group, prompts_per_step)
@@ -236,13 +236,13 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         return state, {**metrics, **reward_metrics, **placement_metrics(), "rollout/sampling_s": np.float32(sampling_s),
                        "rollout/tokens_per_s": new_tokens / sampling_s}
 
-    def sampled(state: PGState, step_number: int) -> dict:
-        """The rollout of step `step_number` by the state's policy (dispatched, not waited for)."""
+    def sampled(state: PGState, step_number: int, version: int) -> dict:
+        """The rollout of step `step_number` by the state's policy, whose version (updates applied)
+        is `version` (dispatched, not waited for)."""
         batch = shard_batch(prompts_at(step_number - 1), mesh)
         seqs = sample(sampler_state(state), batch["prompt_tokens"], batch["prompt_mask"], None,
                       jnp.int32(step_number - 1))
-        version = put_global(np.int32(int(jax.device_get(state.step))), replicated(mesh))
-        return {"sequences": seqs, "version": version}
+        return {"sequences": seqs, "version": put_global(np.int32(version), replicated(mesh))}
 
     def async_step(state: PGState, batch: dict) -> tuple[PGState, dict]:
         """Score and train on the rollout of step t (sampled K steps ago) while step t + K's samples.
@@ -256,12 +256,12 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         t = int(jax.device_get(state.step)) + 1
         where = lambda: f"{name} step {t}"
         if t == 1:  # nothing in flight yet: the rollouts of steps 1 .. K + 1, all by the initial policy
-            started = [sampled(state, s) for s in range(1, k + 2)]
+            started = [sampled(state, s, 0) for s in range(1, k + 2)]
             current, in_flight = started[0], pending_ops.stack(*started[1:])
         else:
             current, in_flight = pending_ops.oldest(state.pending), None
-            new = sampled(state, t + k)  # the device samples while the host scores `current`
-        index = local_to_host(shard_batch(prompts_at(t - 1), mesh)["index"], mesh)
+            new = sampled(state, t + k, t - 1)  # the device samples while the host scores `current`
+        index = prompts_at(t - 1)["index"]  # the prompts of this process's rows
         waited = time.perf_counter()
         jax.block_until_ready(current["sequences"])  # sampled a step ago: normally ready
         waited = time.perf_counter() - waited
