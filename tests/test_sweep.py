@@ -47,6 +47,8 @@ def test_grid_parsing_and_run_names():
     (["--seeds", "0"], "--seeds=0: must be >= 1"),
     (["--seeds", "2", "--seed-list", "0,1"], "give one of them"),
     (["--grid", "x=1.0", "--config.x=2.0"], "give it in one place"),
+    (["--grid", "mode=a,strict"], "--grid mode=a,strict (value 'strict'): mode='strict' needs x >= 2"),
+    (["--grid", "x=1.0,2.0", "--grid", "mode=strict"], "run x=1.0,mode=strict,seed=0: mode='strict' needs x >= 2"),
     (["--bogus"], "unrecognised argument '--bogus'"),
 ])
 def test_bad_flags_are_one_error_line_before_anything_runs(tmp_path, capsys, args, words):
@@ -94,6 +96,13 @@ def test_sweep_runs_skips_finished_resumes_unfinished_and_lists_failures(tmp_pat
     # Another experiment set-up for the same sweep directory is refused before anything runs.
     assert main([*args, "--config.mode=b"]) == 2
     assert "use a new --workdir" in capsys.readouterr().err
+
+
+def test_cross_field_checks_see_the_whole_grid_point(tmp_path, capsys):
+    """mode=strict is refused alone (x defaults to 1) but valid beside x=2 from another --grid key."""
+    workdir = tmp_path / "sweep"
+    assert main(["sweep", EXPERIMENT, "--grid", "x=2.0", "--grid", "mode=a,strict", "--workdir", str(workdir)]) == 0
+    assert json.load(open(workdir / "x=2.0,mode=strict,seed=0" / "eval" / "report.json"))["mode"] == "strict"
 
 
 def test_emit_commands_and_slurm_run_nothing(tmp_path, capsys, monkeypatch):

@@ -199,6 +199,19 @@ def _checked(spec: str, overrides: Sequence[str], flag: str):
         raise RlftError(f"{flag}: {e}") from None
 
 
+def _parsed(spec: str, overrides: Sequence[str], flag: str) -> None:
+    """The overrides name known fields with values of the right type (no cross-field checks);
+    an RlftError names `flag`."""
+    from rlft import config as config_lib
+
+    _, _, config = config_lib.load_experiment(spec)
+    try:
+        for field, value in config_lib.parse_overrides(overrides):
+            config_lib.apply_override(config, field, value)
+    except RlftError as e:
+        raise RlftError(f"{flag}: {e}") from None
+
+
 def plan_sweep(opts: argparse.Namespace, fixed: Sequence[str]) -> dict:
     """The manifest: every run checked as `rlft run` checks it, before anything is written."""
     from rlft import config as config_lib
@@ -217,9 +230,13 @@ def plan_sweep(opts: argparse.Namespace, fixed: Sequence[str]) -> dict:
         raise RlftError("--config.seed: the seeds come from --seeds / --seed-list; give them in one place")
     config_lib.load_experiment(spec)  # a missing file or a broken module: its own error line
     module, _, base = _checked(spec, fixed, " ".join(fixed) or spec)
-    for key, values in grid:
+    for key, values in grid:  # alone, each value must parse; with one key it must also pass the checks
         for value in values:
-            _checked(spec, [*fixed, _override(key, value)], f"--grid {key}={','.join(values)} (value {value!r})")
+            flag = f"--grid {key}={','.join(values)} (value {value!r})"
+            if len(grid) == 1:
+                _checked(spec, [*fixed, _override(key, value)], flag)
+            else:  # cross-field checks see the whole grid point (below): a=1 may need b=2 of another key
+                _parsed(spec, [*fixed, _override(key, value)], flag)
     if seeds is None:
         seeds = [base.get("seed")] if isinstance(base.get("seed"), int) else None
         if seeds is None:
