@@ -136,3 +136,39 @@ def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path):
         assert a.keys() == b.keys()
         for n in a:
             np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-6, err_msg=n)
+
+
+class _IdsTokenizer:
+    """Decodes ids as their numbers (the evaluation only needs batch_decode)."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, row)) for row in rows]
+
+
+def test_evaluation_samples_the_same_on_the_engine_and_in_batches(monkeypatch):
+    """`sample_policy`: prompt i draws row i's stream whatever the batch size, and a list longer than
+    one batch goes through the engine (spied) with the same completions, log-probs, EOS flags and
+    training-layout batches (`logprobs_under` reads them)."""
+    from rlft.eval import policies
+
+    graphdef, params = model_of("llama")
+    tokens, mask = _queue()
+    ids = [row[m > 0].tolist() for row, m in zip(tokens, mask)]
+    kw = dict(max_new_tokens=10, sampling=SamplingParams(temperature=1.0), seed=4, eos_id=EOS, pad_id=PAD)
+    slots = []
+    real = policies.generate_continuous
+    monkeypatch.setattr(policies, "generate_continuous", lambda *a, **k: slots.append(k["slots"]) or real(*a, **k))
+    runs = {"batches of 4": policies.sample_policy(graphdef, params, ids, _IdsTokenizer(), batch_size=4, slots=0, **kw),
+            "batches of 6": policies.sample_policy(graphdef, params, ids, _IdsTokenizer(), batch_size=6, slots=0, **kw)}
+    assert not slots
+    runs["engine"] = policies.sample_policy(graphdef, params, ids, _IdsTokenizer(), batch_size=4, **kw)
+    assert slots == [4]  # 13 prompts > one batch of 4: the engine, with a batch's worth of slots
+    ref = runs.pop("batches of 4")
+    assert len(set(ref.lengths.tolist())) > 1 and ref.ended.any()
+    for name, got in runs.items():
+        assert got.texts == ref.texts, name
+        np.testing.assert_array_equal(got.mask, ref.mask, err_msg=name)
+        np.testing.assert_array_equal(got.ended, ref.ended, err_msg=name)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(policies.logprobs_under(graphdef, params, got), ref.logprobs, atol=1e-4, rtol=0,
+                                   err_msg=name)

@@ -7,7 +7,8 @@
     text_perplexity  perplexity of held-out human text under a model
 
 Prompts go in fixed-size, left-padded batches (the last one filled with copies of the first prompt),
-so each model compiles the sampler once.
+so each model compiles the sampler once; long prompt lists on one device go through the
+continuous-batching engine instead (same completions: each prompt's random stream is its index's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rlft.data.batching import Example, pad_left
 from rlft.parallel.distributed import to_host
 from rlft.errors import RlftError
 from rlft.eval.metrics import perplexity
+from rlft.generate.engine import generate_continuous
 from rlft.generate.logprobs import SamplingParams
 from rlft.rl.rollout import ended_with_eos, reference_logprobs
 from rlft.generate.sampling import Sequences, sample
@@ -61,25 +63,42 @@ def _batch_size(batch_size: int, n: int, mesh: Mesh | None) -> int:
 
 def sample_policy(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: Sequence[Sequence[int]],
                   tokenizer, *, max_new_tokens: int, sampling: SamplingParams, seed: int,
-                  eos_id: int | Sequence[int], pad_id: int, mesh: Mesh | None = None, batch_size: int = 128) -> PolicySamples:
-    """Sample one completion of every prompt; batch b draws with fold_in(key(seed), b).
+                  eos_id: int | Sequence[int], pad_id: int, mesh: Mesh | None = None, batch_size: int = 128,
+                  slots: int | None = None) -> PolicySamples:
+    """Sample one completion of every prompt; prompt i draws with the stream of row i of key(seed).
 
-    The keys depend only on (seed, batch index), so every policy evaluated with the same seed sees
-    the same random numbers: differences between policies are not sampling noise of the keys.
+    The keys depend only on (seed, prompt index) (`rlft.generate.sampling.row_keys`), so every
+    policy evaluated with the same seed sees the same random numbers (differences between policies
+    are not sampling noise of the keys), whatever the batch size or the sampler.
+    slots: sample through the continuous-batching engine with that many slots
+    (`rlft.generate.engine`; one device); 0 = static batches of `batch_size`; None (default) = the
+    engine with `batch_size` slots when there are more prompts than that and the mesh has one
+    device. Same completions either way.
     """
     if not prompt_ids:
         raise RlftError("sample_policy: no prompts")
     width = max(len(p) for p in prompt_ids)
     size = _batch_size(batch_size, len(prompt_ids), mesh)
+    if slots is None:
+        one_device = mesh is None or mesh.devices.size == 1
+        slots = size if one_device and len(prompt_ids) > size else 0
+    key = jax.random.key(seed)
+    if slots:
+        tokens, mask, _ = pad_left(list(prompt_ids), width, pad_id)
+        whole = generate_continuous(graphdef, params, tokens, mask, key, slots=slots, max_new_tokens=max_new_tokens,
+                                    eos_id=eos_id, pad_id=pad_id, sampling=sampling)
     texts, masks, logps, ended, batches = [], [], [], [], []
-    for b, start in enumerate(range(0, len(prompt_ids), size)):
+    for start in range(0, len(prompt_ids), size):
         chunk = list(prompt_ids[start:start + size])
         real = len(chunk)
-        chunk += [chunk[0]] * (size - real)
+        chunk += [chunk[0]] * (size - real)  # fixed shapes; the copies are dropped below
         tokens, mask, _ = pad_left(chunk, width, pad_id)
-        key = jax.random.fold_in(jax.random.key(seed), b)
-        out = sample(graphdef, params, tokens, mask, key, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                     pad_id=pad_id, sampling=sampling, mesh=mesh)
+        if slots:
+            rows = np.minimum(np.arange(start, start + size), len(prompt_ids) - 1)
+            out = jax.tree.map(lambda x: x[rows] if x.ndim else x, whole)
+        else:
+            out = sample(graphdef, params, tokens, mask, key, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                         pad_id=pad_id, sampling=sampling, mesh=mesh, first_row=start)
         seqs = Sequences.from_sample(jax.numpy.asarray(tokens), jax.numpy.asarray(mask), out)
         rows, lengths, mask, logprobs = to_host((out.tokens, out.lengths, out.mask, out.logprobs))
         rows, lengths = rows[:real], lengths[:real]

@@ -145,7 +145,7 @@ def prefill(model: nnx.Module, prompt_tokens: Array, prompt_mask: Array, cache_l
 def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array,
                      prompt_mask: Array, rng: Array, eos_id: Array | int | Sequence[int], pad_id: Array | int, *,
                      max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                     mesh: Mesh | None = None, group_size: int = 1) -> SampleOutput:
+                     mesh: Mesh | None = None, group_size: int = 1, first_row: Array | int = 0) -> SampleOutput:
     """Prefill + while-loop decode of left-padded prompts [batch, prompt_len]: a pure function.
 
     Jittable and meant to be called inside a jitted rollout (graphdef, max_new_tokens, sampling
@@ -155,7 +155,9 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
     training (batch over ('data', 'fsdp'), kv_heads over 'tensor'). No argument checks: `sample`
     does those for callers outside jit. group_size G > 1 (static): rows come in groups of G copies
     of one prompt (prompt-major), each prompt is prefilled once (`prefill`); the completions are
-    the same as with G = 1.
+    the same as with G = 1. first_row (int32 [], may be traced): batch row r draws with the
+    stream of row first_row + r, so one list of prompts sampled in several batches gets the
+    streams it would get as one batch.
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_tokens.shape
@@ -176,7 +178,7 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
     placed = constrain_cache if (batch // group_size) % ways == 0 else (lambda cache: cache)
     logits, cache = prefill(model, prompt_tokens, prompt_mask, prompt_len + steps, group_size, placed)
     cache = constrain_cache(cache)
-    keys = row_keys(rng, jnp.arange(batch))
+    keys = row_keys(rng, first_row + jnp.arange(batch))
     token, logprob = choose_tokens(logits, step_uniforms(keys, 0), sampling)
     tokens = constrain(jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(token), ("batch", "length"))
     logprobs = constrain(jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(logprob), ("batch", "length"))
@@ -274,7 +276,7 @@ def sampling_key(rng: Array | None, sampling: SamplingParams, what: str) -> Arra
 def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array,
            rng: Array | None, *, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
            sampling: SamplingParams = SamplingParams(), mesh: Mesh | None = None,
-           param_shardings=None, group_size: int = 1) -> SampleOutput:
+           param_shardings=None, group_size: int = 1, first_row: int = 0) -> SampleOutput:
     """Sample [batch, max_new_tokens] completions of left-padded prompts [batch, prompt_len].
 
     Every row needs at least one real prompt token (mask 1). `rng` may be None for greedy
@@ -283,6 +285,7 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     parameters keep the shardings they carry, or are put on `param_shardings` when given.
     group_size G > 1: the rows are groups of G identical prompts (row p·G + g is copy g of prompt
     p; checked for host arrays), each prefilled once; the completions are those of G = 1.
+    first_row: the batch's rows draw the streams of rows first_row.. (`sample_sequences`).
     """
     if max_new_tokens < 1:
         raise RlftError(f"sampling: max_new_tokens={max_new_tokens} must be >= 1")
@@ -314,4 +317,4 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
     return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, rng,
                        jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)), jnp.int32(pad_id),
                        max_new_tokens=max_new_tokens,
-                       sampling=sampling, mesh=mesh, group_size=group_size)
+                       sampling=sampling, mesh=mesh, group_size=group_size, first_row=np.int32(first_row))
