@@ -86,7 +86,7 @@ def test_off_policy_settings_and_errors():
 
 
 def run_placed(workdir, cfg, rollout_devices):
-    """The test_rl_stage run on a (data 2) training mesh of devices 0-1, the sampler on devices 2-3
+    """The test_rl_stage run on a (data 4) training mesh of devices 0-3, the sampler on devices 4-7
     (`rollout_devices`) or colocated (None)."""
     from flax import nnx
 
@@ -96,8 +96,8 @@ def run_placed(workdir, cfg, rollout_devices):
     from tests.pairs_util import random_params
     from tests.test_rl_stage import CFG, records
 
-    mesh = make_mesh((2, 1, 1), jax.devices()[:2])
-    sampler = None if rollout_devices is None else make_mesh((2, 1, 1), rollout_devices)
+    mesh = make_mesh((4, 1, 1), jax.devices()[:4])
+    sampler = None if rollout_devices is None else make_mesh((4, 1, 1), rollout_devices)
     graphdef, host = random_params(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), seed=3)
     params = jax.device_put(host, state_shardings(host, mesh))
     out = run_rl_stage(name="rl", workdir=str(workdir), graphdef=graphdef, params=params, prompts=records(),
@@ -107,14 +107,14 @@ def run_placed(workdir, cfg, rollout_devices):
 
 
 def test_sampler_on_its_own_devices_equals_colocated(tmp_path):
-    """mesh.rollout: the sampler on devices 2-3 and the trainer on 0-1 give exactly the colocated
+    """mesh.rollout: the sampler on devices 4-7 and the trainer on 0-3 give exactly the colocated
     run (the policy is copied to the sampler before each rollout, the completions copied back);
     asynchronous (K = 1), whose rollouts go through the same `sample` as the synchronous step's."""
-    assert jax.device_count() >= 4
+    assert jax.device_count() >= 8
     k = 1
     cfg = lambda: config(max_staleness=k, steps=4)
     colocated = run_placed(tmp_path / "colocated", cfg(), None)
-    placed = run_placed(tmp_path / "placed", cfg(), jax.devices()[2:4])
+    placed = run_placed(tmp_path / "placed", cfg(), jax.devices()[4:8])
     for a, b in zip(jax.tree.leaves(colocated), jax.tree.leaves(placed)):
         np.testing.assert_array_equal(a, b)
     assert metrics(tmp_path / "colocated") == metrics(tmp_path / "placed")
@@ -157,3 +157,17 @@ def test_rollout_devices_come_from_the_mesh_section():
     assert make_mesh({**section, "rollout": 0}).devices.size == jax.device_count()
     with pytest.raises(RlftError, match="mesh.rollout=8"):
         make_mesh({**section, "rollout": jax.device_count()})
+
+
+def test_each_process_gives_the_sampler_its_last_devices():
+    """In a multi-process run the sampler takes the same share of every process's devices (so a
+    batch's rows stay in their process between the meshes); a count the processes do not divide is refused."""
+    from types import SimpleNamespace
+
+    from rlft.parallel.sharding import _rollout_count, _split_rollout
+
+    devices = [SimpleNamespace(process_index=p, id=10 * p + i) for p in (0, 1) for i in range(4)]
+    train, sampler = _split_rollout(devices, _rollout_count({"rollout": 4}, devices))
+    assert [d.id for d in train] == [0, 1, 10, 11] and [d.id for d in sampler] == [2, 3, 12, 13]
+    with pytest.raises(RlftError, match=r"mesh.rollout=3: must be a multiple of the 2 processes"):
+        _rollout_count({"rollout": 3}, devices)

@@ -1,5 +1,8 @@
 """Multi-process runs: 2 processes × 2 CPU devices (launch/multiprocess_cpu.sh, gloo collectives)
-reproduce 1 process × 4 devices, and the start-up rules (`rlft.parallel.distributed.resolve`)."""
+reproduce 1 process × 4 devices, and the start-up rules (`rlft.parallel.distributed.resolve`).
+The RL stage is asynchronous (rl.max_staleness=1) with its sampler on devices of its own
+(mesh.rollout=2: the last device of each process; weights and rollouts move between the meshes
+with `rlft.parallel.transfer.reshard`)."""
 
 import json
 import os
@@ -18,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny arithmetic experiment has both an SFT and an RL (GRPO) stage and needs no dataset.
 RUN = [os.path.join(ROOT, "experiments/arithmetic_grpo.py:tiny"), "--config.sft.steps=6",
        "--config.sft.save_every=3", "--config.rl.steps=2", "--config.rl.save_every=2", "--config.task.num_test=16",
-       "--config.eval.samples_per_problem=0"]
+       "--config.eval.samples_per_problem=0", "--config.mesh.rollout=2", "--config.rl.max_staleness=1"]
 
 
 def _env(**extra) -> dict:

@@ -44,14 +44,14 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
     """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1, meaning "all remaining devices".
 
     A mapping (an experiment's `mesh` section) may also hold `rollout`: that many devices, the
-    last ones, are left to the RL sampler (`rollout_mesh`) and the mesh spans the others.
+    last ones of each process, are left to the RL sampler (`rollout_mesh`) and the mesh spans the others.
     """
     sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
     if len(sizes) != len(MESH_AXES):
         raise RlftError(f"mesh: expected sizes for {MESH_AXES}, got {list(sizes)}")
     devices = list(devices if devices is not None else jax.devices())
     if isinstance(shape, Mapping) and shape.get("rollout"):
-        devices = devices[:len(devices) - _rollout_count(shape, len(devices))]
+        devices = _split_rollout(devices, _rollout_count(shape, devices))[0]
     if sizes.count(-1) > 1:
         raise RlftError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
@@ -67,22 +67,38 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _rollout_count(shape: Mapping[str, int], available: int) -> int:
-    count = shape.get("rollout", 0)
+def _rollout_count(shape: Mapping[str, int], devices: Sequence[jax.Device]) -> int:
+    count, available = shape.get("rollout", 0), len(devices)
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < available:
         raise RlftError(f"mesh.rollout={count!r}: must be an integer in [0, {available - 1}] (devices left to the "
                         f"RL sampler, out of {available}; 0 = sampler and trainer share every device)")
-    if count and jax.process_count() > 1:
-        raise RlftError(f"mesh.rollout={count}: disjoint sampler devices are built for one process only")
+    processes = len({d.process_index for d in devices})
+    if count % processes:
+        raise RlftError(f"mesh.rollout={count}: must be a multiple of the {processes} processes (each process "
+                        f"gives the sampler the same number of its devices)")
     return count
 
 
+def _split_rollout(devices: Sequence[jax.Device], count: int) -> tuple[list, list]:
+    """(trainer's devices, sampler's devices): the last count / P devices of each of the P processes
+    sample, so both meshes hold the same processes in the same order and a batch's rows stay in
+    their process when they move between them (`rlft.parallel.transfer.reshard`)."""
+    by_process: dict[int, list] = {}
+    for device in devices:
+        by_process.setdefault(device.process_index, []).append(device)
+    share = count // len(by_process)
+    train = [d for group in by_process.values() for d in group[:len(group) - share]]
+    sampler = [d for group in by_process.values() for d in group[len(group) - share:]]
+    return train, sampler
+
+
 def rollout_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh | None:
-    """The RL sampler's own mesh: the last `shape["rollout"]` devices as (data N, fsdp 1, tensor 1),
-    disjoint from `make_mesh(shape)`'s; None when `rollout` is 0 or absent (colocated)."""
+    """The RL sampler's own mesh: `shape["rollout"]` devices (the last ones of each process) as
+    (data N, fsdp 1, tensor 1), disjoint from `make_mesh(shape)`'s; None when `rollout` is 0 or
+    absent (colocated)."""
     devices = list(devices if devices is not None else jax.devices())
-    count = _rollout_count(shape, len(devices)) if shape.get("rollout") else 0
-    return make_mesh((count, 1, 1), devices[len(devices) - count:]) if count else None
+    count = _rollout_count(shape, devices) if shape.get("rollout") else 0
+    return make_mesh((count, 1, 1), _split_rollout(devices, count)[1]) if count else None
 
 
 def local_device_mesh() -> Mesh:

@@ -42,6 +42,7 @@ from rlft.generate.sampling import Sequences
 from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
 from rlft.parallel.distributed import local_rows, local_to_host, put_global, to_host
+from rlft.parallel.transfer import reshard
 from rlft.parallel.sharding import (MeshJit, batch_sharding, replicated, shard_batch, sharded_init,
                                    state_shardings)
 from rlft.data.loader import epoch_batches
@@ -129,7 +130,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                                                 sampling=config.sampling, mesh=sampler_mesh,
                                                 group_size=config.group_size)), sampler_mesh)
     sampler_frozen = frozen if rollout_mesh is None or frozen is None else \
-        jax.device_put(frozen, state_shardings(frozen, rollout_mesh))
+        reshard(frozen, state_shardings(frozen, rollout_mesh))
     weight_sync = []  # seconds of each copy of the policy to the sampler's devices
 
     def sampler_state(state: PGState) -> PGState:
@@ -141,7 +142,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         one = replicated(rollout_mesh)
         target = light.replace(params=state_shardings(light.params, rollout_mesh), step=one, rng=one, kl_coef=one,
                                baseline=one)
-        view = jax.block_until_ready(jax.device_put(light, target))
+        view = jax.block_until_ready(reshard(light, target))
         weight_sync.append(time.perf_counter() - start)
         return view
 
@@ -165,12 +166,12 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     def sample(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
         """The rollout of prompts [rows, width] (on `mesh`) by the sampler; Sequences on `mesh`."""
         if rollout_mesh is not None:
-            tokens, mask = (jax.device_put(x, batch_sharding(rollout_mesh, x.ndim)) for x in (tokens, mask))
+            tokens, mask = (reshard(x, batch_sharding(rollout_mesh, x.ndim)) for x in (tokens, mask))
         if config.rollout_slots:
             seqs = continuous(view, tokens, mask, *args)
         else:
             seqs = rollout(view, sampler_frozen, tokens, mask, *args)
-        return seqs if rollout_mesh is None else jax.device_put(seqs, rollout_shardings(mesh)["sequences"])
+        return seqs if rollout_mesh is None else reshard(seqs, rollout_shardings(mesh)["sequences"])
 
     def placement_metrics() -> dict:
         """The sampler's metrics: the weight copy to its own devices, the engine's slot occupancy."""
