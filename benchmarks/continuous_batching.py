@@ -53,9 +53,9 @@ def queue(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def static(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling):
-    """Lengths [n] of the queue through `sample` in consecutive batches of `slots` rows (batch i's key
-    folded with i: the draws differ from the engine's, the length distribution does not)."""
-    outs = [sample(graphdef, params, tokens[i:i + slots], mask[i:i + slots], jax.random.fold_in(key, i),
+    """Lengths [n] of the queue through `sample` in consecutive batches of `slots` rows (row r of the
+    queue draws row r's stream, `first_row`: the engine's completions, token for token)."""
+    outs = [sample(graphdef, params, tokens[i:i + slots], mask[i:i + slots], key, first_row=i,
                    max_new_tokens=new_tokens, eos_id=eos, pad_id=PAD, sampling=sampling)
             for i in range(0, len(tokens), slots)]
     return np.concatenate([np.asarray(o.lengths) for o in outs])
@@ -101,7 +101,8 @@ def main() -> None:
         rate = {name: lengths[name].sum() / statistics.median(seconds[name]) for name in runs}
         print(f"{workload:9s}  lengths mean {lengths['continuous'].mean():5.1f} max {lengths['continuous'].max():3d}"
               f"  static {rate['static']:8.0f} tok/s  continuous {rate['continuous']:8.0f} tok/s"
-              f"  ratio {rate['continuous'] / rate['static']:.2f}x")
+              f"  ratio {rate['continuous'] / rate['static']:.2f}x"
+              f"  same lengths: {'yes' if np.array_equal(lengths['static'], lengths['continuous']) else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Seconds per RL optimizer step of rlft beside trl, on the same workload, in the same run.
+"""Seconds per RL optimizer step of rlft beside its peers (trl, Tunix), on the same workload, in the same run.
 
-The workload (benchmarks/peers/workload.py, shared by both sides): a tiny random GPT-2 (4 layers x
+The workload (benchmarks/peers/workload.py, shared by every side): a tiny random GPT-2 (4 layers x
 4 heads x d 256, vocab 512, n_positions 256, tied head), a byte-level BPE tokenizer of 512 ids
 trained locally, 64 prompts of exactly 16 tokens. One step = 4 prompts x 8 completions = 32
 completions, up to 48 new tokens, temperature 1 (no top-k / top-p), reward = number of letters 'a'
@@ -8,52 +8,69 @@ in the completion text (a Python function), learning rate 1e-5, one update per r
 is the wall time between consecutive optimizer steps; the first ``--skip`` steps (compilation,
 warm-up) are left out and the median of the rest is reported.
 
-Rows (``--algorithms``):
+Rows (``--algorithms``) and their peers (``--peers``, default ``trl,tunix``):
 
-- ``grpo``: one row per ``--beta`` value (default 0 and 0.04). Peer: trl 1.16 ``GRPOTrainer`` with
-  its defaults otherwise (gradient checkpointing on, loss ``dapo``; beta > 0 adds the reference
-  model's forward).
+- ``grpo``: one row per ``--beta`` value (default 0 and 0.04), two peers run in the same run:
+  trl 1.16 ``GRPOTrainer`` with its defaults otherwise (gradient checkpointing on, loss ``dapo``;
+  beta > 0 adds the reference model's forward), and Tunix 0.1.7 ``GRPOLearner`` (JAX; its Qwen2
+  class at the tiny GPT-2's shape, GPT-2-style init, since Tunix has no GPT-2 class; AdamW with
+  weight decay 0.01, the vanilla rollout engine colocated with the trainer; beta > 0 adds its
+  reference forward; benchmarks/peers/tunix_grpo.py).
 - ``rloo``: trl 1.16 ``RLOOTrainer`` defaults (beta 0.05: old and reference log-prob forwards).
 - ``ppo``: trl 1.12 ``trl.experimental.ppo.PPOTrainer`` (the last trl that has it). One "step" is
   one PPO update: 32 rollouts (32 different prompts, one completion each), 4 PPO epochs over them
   as 1 minibatch (4 AdamW steps), a random tiny ``GPT2ForSequenceClassification`` as reward model
   and another as value model, kl_coef 0.05. Compare per update; ``--ppo-steps`` updates are run.
 
+The RLOO and PPO rows keep trl only. Tunix 0.1.7 has no RLOO trainer: only an ``"rloo"``
+advantage estimator that its GRPO learner can be configured with, which keeps the KL as a loss
+term (trl's RLOO puts a beta 0.05 k1 penalty into the reward). Its ``PPOLearner`` (GAE, KL in
+the reward) needs a critic, an nnx model returning per-token values, and Tunix 0.1.7 ships no
+value- or score-head model (trl's row also scores with a reward model); the PPO row would need
+Tunix-side models written for the benchmark, and the anchors (shared/anchors) measured Tunix on
+GRPO only.
+
 Each peer runs in its own virtual environment, created on first use under the user cache
 (``~/.cache/rlft/bench/trl-1.16``: torch 2.13.0 + trl 1.16.0; ``~/.cache/rlft/bench/trl-1.12``:
-torch 2.13.0 + trl 1.12.0; see benchmarks/peers/envs.py; the first run spends a few minutes
-installing). The peer is a subprocess (benchmarks/peers/trl_grpo_rloo.py, trl_ppo.py) that prints
-one ``RESULT {json}`` line; its torch uses ``--threads`` threads. rlft runs in this process
-(`rlft_rl_step`). Both sides get glibc's allocator tuned as the ``rlft`` command does
-(``rlft.host.tune_host_malloc`` here, the equivalent ``MALLOC_*`` variables for the peer;
-``RLFT_MALLOC=default`` leaves both alone).
+torch 2.13.0 + trl 1.12.0; ``~/.cache/rlft/bench/tunix-0.1.7``: google-tunix 0.1.7, jax/jaxlib
+0.10.2, flax 0.12.8, no torch; see benchmarks/peers/envs.py; the first run spends a few minutes
+installing). A peer is a subprocess (benchmarks/peers/trl_grpo_rloo.py, trl_ppo.py,
+tunix_grpo.py) that prints one ``RESULT {json}`` line; ``--threads`` is trl's torch thread count
+and the number of CPUs the Tunix process is pinned to (XLA:CPU sizes its pools from them; Tunix
+runs on one CPU device whatever ``--host-devices`` says). rlft runs in this process
+(`rlft_rl_step`). Every side gets glibc's allocator tuned as the ``rlft`` command does
+(``rlft.host.tune_host_malloc`` here, the equivalent ``MALLOC_*`` variables for the peers;
+``RLFT_MALLOC=default`` leaves them all alone).
 
 Breakdown (medians over the measured steps, seconds; the peer scripts' docstrings say exactly
-which trl methods are timed):
+which trl / Tunix methods are timed):
 
-- ``sampling_s``: generating the completions (trl: tokenising, ``generate``, decoding);
+- ``sampling_s``: generating the completions (trl: tokenising, ``generate``, decoding; Tunix:
+  ``rl_cluster.generate``);
 - ``logprobs_s``: no-grad forwards for old / reference log-probs (PPO: reference only, the old
   log-probs come from the sampling logits);
 - ``reward_s``: the reward (GRPO/RLOO: the Python function; PPO: value- and reward-model forwards);
 - ``scoring_s``: everything between sampling and the update (includes logprobs_s and reward_s,
   plus advantages and bookkeeping);
 - ``update_s``: the rest of the step: loss forward and backward, clipping, AdamW, logging
-  (PPO: all 4 epochs).
+  (PPO: all 4 epochs; Tunix: ``rl_cluster.update_actor``).
 
 Machines here are noisy (10-30% between runs minutes apart); only the ratios of one run mean
 anything. Each run also reports how many cores other processes used meanwhile ("other load"): on
 a busy machine trl's two OpenMP threads slow down far more than XLA does, so figures taken with
 other load above ~0.25 cores are not comparable. ``--rounds N`` repeats every row N times,
-alternating which side goes first, and reports the median of the per-round medians.
+alternating the order of the sides (peers and rlft variants; reversed every other round), and
+reports the median of the per-round medians.
 
     python benchmarks/rl_step.py                                   # all rows, 16 steps (PPO: 10 updates)
     python benchmarks/rl_step.py --algorithms grpo --beta 0 --steps 8 --skip 2
     python benchmarks/rl_step.py --no-peers --algorithms rloo      # rlft only
-    python benchmarks/rl_step.py --no-rlft --steps 4 --ppo-steps 3 # trl only (e.g. to check the peers)
+    python benchmarks/rl_step.py --peers trl --algorithms grpo     # trl as the only peer
+    python benchmarks/rl_step.py --no-rlft --steps 4 --ppo-steps 3 # peers only (e.g. to check them)
     python benchmarks/rl_step.py --algorithms ppo --rounds 3 --json /tmp/rl_step.json
     python benchmarks/peers/envs.py                                # only create the peer environments
 
-Target: rlft's step time <= 0.5 x trl's on every row.
+Targets: rlft's step time <= 0.5 x trl's on every row, <= 0.6 x Tunix's on the GRPO rows.
 """
 
 from __future__ import annotations
@@ -83,7 +100,9 @@ import envs  # noqa: E402
 from host_load import QUIET_CORES, LoadMeter  # noqa: E402
 import workload  # noqa: E402
 
-TARGET_RATIO = 0.5  # rlft time / trl time
+PEERS = ("trl", "tunix")  # in the order their columns are printed
+TARGET_RATIO = {"trl": 0.5, "tunix": 0.6}  # rlft time / peer time
+PEER_ALGORITHMS = {"trl": ("grpo", "rloo", "ppo"), "tunix": ("grpo",)}  # rows each peer can run (docstring)
 RLOO_BETA = 0.05  # trl 1.16 RLOOConfig.beta default: the RLOO row runs trl's defaults
 PPO_KL_COEF = 0.05  # trl 1.12 PPOConfig.kl_coef default
 BREAKDOWN_KEYS = ("sampling_s", "logprobs_s", "reward_s", "scoring_s", "update_s")
@@ -205,22 +224,27 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int, staleness: 
                         reward_fn=reward_fn, tokenizer=tok, mesh=mesh, pad_id=tok.pad_token_id, tx=tx, critic_graphdef=critic_graphdef,
                         critic_tx=critic_tx, reference=params if config.uses_reference else None,
                         timings=timings, prompts_at=prompts_at, pending_ops=ops, rollout_mesh=sampler_mesh)
-    step_s, lengths, scores = [], [], []
+    step_s, step_cpu_s, lengths, scores = [], [], [], []
     batches = epoch_batches(len(prompts), section.prompts_per_step, seed=0)
     for _ in range(steps):
         _, indices = next(batches)
         batch = shard_batch(host_batch(indices), mesh)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, metrics = step(state, batch)
         jax.block_until_ready(state)
         step_s.append(time.perf_counter() - start)
+        step_cpu_s.append(time.process_time() - cpu_start)
         lengths.append(float(metrics["completions/mean_length"]))
         scores.append(float(metrics["objective/scores"]))
     breakdown = {key: statistics.median(timings[key][skip:]) for key in ("sampling_s", "reward_s", "update_s")
                  if timings.get(key)}
     if "reward_s" in breakdown:
         breakdown["scoring_s"] = breakdown["reward_s"]
+    cores = lambda cpu, wall: statistics.median(c / w for c, w in zip(cpu[skip:], wall[skip:]))
+    phase_cores = {key: cores(timings[key[:-2] + "_cpu_s"], timings[key]) for key in ("sampling_s", "reward_s", "update_s")
+                   if timings.get(key)}
     return {"median_step_s": statistics.median(step_s[skip:]), "step_s": [round(x, 4) for x in step_s],
+            "step_cores": cores(step_cpu_s, step_s), "phase_cores": phase_cores,
             "steps": steps, "breakdown": breakdown, "mean_completion_length": statistics.mean(lengths),
             "scores_first_last": [scores[0], scores[-1]], "devices": len(jax.devices()),
             "kl_coef": config.kl_coef, "jax": jax.__version__}
@@ -230,16 +254,19 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int, staleness: 
 # Peers
 # --------------------------------------------------------------------------------------------
 
-def peer_command(algorithm: str, beta: float, steps: int, skip: int, threads: int) -> tuple[str, list[str]]:
-    """(environment name, script arguments) of the trl run matching a row."""
+def peer_command(peer: str, algorithm: str, beta: float, steps: int, skip: int,
+                 threads: int) -> tuple[str, list[str]]:
+    """(environment name, script arguments) of ``peer``'s run matching a row."""
     common = ["--steps", str(steps), "--skip", str(skip), "--threads", str(threads)]
-    if algorithm == "grpo":
+    if peer == "tunix" and algorithm == "grpo":
+        return "tunix-0.1.7", [str(PEERS_DIR / "tunix_grpo.py"), "--beta", str(beta), *common]
+    if peer == "trl" and algorithm == "grpo":
         return "trl-1.16", [str(PEERS_DIR / "trl_grpo_rloo.py"), "--trainer", "grpo", "--beta", str(beta), *common]
-    if algorithm == "rloo":  # trl's defaults, beta included
+    if peer == "trl" and algorithm == "rloo":  # trl's defaults, beta included
         return "trl-1.16", [str(PEERS_DIR / "trl_grpo_rloo.py"), "--trainer", "rloo", *common]
-    if algorithm == "ppo":
+    if peer == "trl" and algorithm == "ppo":
         return "trl-1.12", [str(PEERS_DIR / "trl_ppo.py"), *common]
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+    raise ValueError(f"no {peer} run for algorithm {algorithm!r}")
 
 
 def peer_environment() -> dict:
@@ -250,9 +277,10 @@ def peer_environment() -> dict:
     return env
 
 
-def run_peer(algorithm: str, beta: float, steps: int, skip: int, threads: int, log_dir: Path, tag: str) -> dict:
+def run_peer(peer: str, algorithm: str, beta: float, steps: int, skip: int, threads: int, log_dir: Path,
+             tag: str) -> dict:
     """Run one peer subprocess, return its RESULT (raises RuntimeError with its output's tail on failure)."""
-    env_name, argv = peer_command(algorithm, beta, steps, skip, threads)
+    env_name, argv = peer_command(peer, algorithm, beta, steps, skip, threads)
     python = envs.ensure_env(env_name)
     log_path = log_dir / f"{tag}.log"
     with open(log_path, "w") as log:
@@ -267,6 +295,29 @@ def run_peer(algorithm: str, beta: float, steps: int, skip: int, threads: int, l
     result = json.loads(results[0])
     result["log"] = str(log_path)
     return result
+
+
+def parse_peers(text: str) -> list[str]:
+    """The peers named in a comma-separated ``--peers`` value, in PEERS order (SystemExit on an unknown one)."""
+    names = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = names - set(PEERS)
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {', '.join(sorted(unknown))} (known: {', '.join(PEERS)})")
+    return [p for p in PEERS if p in names]
+
+
+def row_peers(peers: list[str], algorithm: str) -> list[str]:
+    """The chosen peers that have a trainer for ``algorithm``."""
+    return [p for p in peers if algorithm in PEER_ALGORITHMS[p]]
+
+
+def check_peer_result(row: dict, peer: str, result: dict, digest: str) -> None:
+    """Note on the row when a peer built another workload or ran another KL coefficient than the row's."""
+    if result.get("workload_digest") != digest:
+        row["notes"].append(f"{peer} workload digest {result.get('workload_digest')} != {digest}")
+    peer_beta = result.get("beta", result.get("kl_coef"))
+    if peer_beta is not None and abs(peer_beta - row["beta"]) > 1e-12:
+        row["notes"].append(f"{peer} ran with KL coefficient {peer_beta}, the row says {row['beta']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,33 +355,57 @@ def summarise_side(runs: list[dict]) -> dict | None:
         return None
     return {"median_step_s": median_or_none(r["median_step_s"] for r in ok),
             "breakdown": {k: median_or_none(r.get("breakdown", {}).get(k) for r in ok) for k in BREAKDOWN_KEYS},
-            "other_load": max(r.get("other_load", 0.0) for r in ok), "steps": ok[0].get("steps"), "rounds": len(ok)}
+            "other_load": max(r.get("other_load", 0.0) for r in ok), "steps": ok[0].get("steps"), "rounds": len(ok),
+            "step_cores": median_or_none(r.get("step_cores") for r in ok),
+            "phase_cores": {k: median_or_none(r.get("phase_cores", {}).get(k) for r in ok)
+                            for k in ("sampling_s", "reward_s", "update_s")}}
 
 
-def print_table(rows: list[dict]) -> None:
-    """Step times, ratios and both breakdowns."""
-    print("\n== RL step: seconds per optimizer step (PPO: per update), medians; ratio = rlft / trl, "
-          f"target <= {TARGET_RATIO}")
-    header = (f"{'row':<26} {'trl s/step':>10} {'rlft s/step':>11} {'rlft/trl':>8} {'target':>7}  "
-              "other load (trl / rlft)")
+def peer_ratio(row: dict, peer: str, side: str = "rlft") -> float | None:
+    """``side``'s median step time over ``peer``'s on ``row`` (None when either is missing)."""
+    theirs, ours = row["summary"].get(peer), row["summary"].get(side)
+    return ours["median_step_s"] / theirs["median_step_s"] if theirs and ours else None
+
+
+def peer_cell(row: dict, peer: str, value, spec: str = ".3f") -> str:
+    """A table cell about ``peer``: "n/a" where it has no trainer for the row, "-" where it did not run."""
+    return fmt(value, spec) if peer in row["runs"] else "n/a"
+
+
+def print_table(rows: list[dict], peers: list[str]) -> None:
+    """Step times, the ratio of rlft to each peer with its target, and every side's breakdown."""
+    targets = ", ".join(f"rlft/{p} <= {TARGET_RATIO[p]}" for p in peers)
+    print("\n== RL step: seconds per optimizer step (PPO: per update), medians; ratio = rlft / peer"
+          + (f"; targets {targets}" if peers else ""))
+    sides = [*peers, "rlft"]
+    header = (f"{'row':<26} " + " ".join(f"{p + ' s/step':>12}" for p in sides) + " "
+              + " ".join(f"{'rlft/' + p:>10} {'<= ' + format(TARGET_RATIO[p], 'g'):>8}" for p in peers)
+              + f"  other load ({' / '.join(sides)})")
     print(header)
     print("-" * len(header))
     for row in rows:
-        peer, ours = row["summary"].get("peer"), row["summary"].get("rlft")
-        ratio = ours["median_step_s"] / peer["median_step_s"] if peer and ours else None
-        verdict = "-" if ratio is None else ("met" if ratio <= TARGET_RATIO else "NOT met")
-        loads = " / ".join(fmt(s["other_load"], ".2f") if s else "-" for s in (peer, ours))
-        print(f"{row['name']:<26} {fmt(peer and peer['median_step_s']):>10} {fmt(ours and ours['median_step_s']):>11} "
-              f"{fmt(ratio, '.2f'):>8} {verdict:>7}  {loads} cores")
+        summary = row["summary"]
+        times = [peer_cell(row, p, summary.get(p) and summary[p]["median_step_s"]) for p in peers]
+        times.append(fmt(summary.get("rlft") and summary["rlft"]["median_step_s"]))
+        ratios = []
+        for p in peers:
+            ratio = peer_ratio(row, p)
+            verdict = "-" if ratio is None else ("met" if ratio <= TARGET_RATIO[p] else "NOT met")
+            ratios.append(f"{peer_cell(row, p, ratio, '.2f'):>10} {verdict if p in row['runs'] else 'n/a':>8}")
+        loads = [peer_cell(row, p, summary.get(p) and summary[p]["other_load"], ".2f") for p in peers]
+        loads.append(fmt(summary.get("rlft") and summary["rlft"]["other_load"], ".2f"))
+        print(f"{row['name']:<26} " + " ".join(f"{t:>12}" for t in times) + " " + " ".join(ratios)
+              + f"  {' / '.join(loads)} cores")
         for note in row.get("notes", []):
             print(f"{'':<26} note: {note}")
     print("\nBreakdown (medians, s): " + " / ".join(BREAKDOWN_KEYS))
     for row in rows:
-        for side in ("peer", "rlft"):
+        for side in sides:
+            if side != "rlft" and side not in row["runs"]:
+                continue
             summary = row["summary"].get(side)
-            label = "trl" if side == "peer" else "rlft"
             parts = " / ".join(fmt(summary["breakdown"].get(k)) for k in BREAKDOWN_KEYS) if summary else "-"
-            print(f"  {row['name']:<26} {label:<5} {parts}")
+            print(f"  {row['name']:<26} {side:<6} {parts}")
 
 
 VARIANTS = {"rlft": {}, "rlft-k1": dict(staleness=1), "rlft-k1-split": dict(staleness=1, rollout_devices=1)}
@@ -338,18 +413,35 @@ VARIANT_HELP = {"rlft": "the synchronous step", "rlft-k1": "asynchronous, rl.max
                 "rlft-k1-split": "asynchronous K=1, the sampler on the last device (needs --host-devices 2)"}
 
 
-def print_variants(rows: list[dict]) -> None:
-    """Each rlft variant's step time and its ratio to the peer's and to the synchronous step."""
+def print_cpu_use(rows: list[dict]) -> None:
+    """Cores each rlft variant kept busy (process CPU time / wall time, XLA's threads included): over
+    the whole step, and per phase for the synchronous step (whose phases are timed one by one).
+    A phase near the machine's core count leaves nothing for another phase to overlap with."""
     lines = []
     for row in rows:
-        peer, sync = row["summary"].get("peer"), row["summary"].get("rlft")
+        for name in VARIANTS:
+            ours = row["summary"].get(name)
+            if not ours or ours.get("step_cores") is None:
+                continue
+            phases = ", ".join(f"{k[:-2]} {fmt(v, '.2f')}" for k, v in ours["phase_cores"].items() if v is not None)
+            lines.append(f"  {row['name']:<26} {name:<14} step {fmt(ours['step_cores'], '.2f')}"
+                         + (f"; {phases}" if phases else ""))
+    if lines:
+        print(f"\nCPU use of rlft (cores busy = process CPU time / wall time; this machine has {os.cpu_count()} CPUs)")
+        print("\n".join(lines))
+
+
+def print_variants(rows: list[dict], peers: list[str]) -> None:
+    """Each rlft variant's step time and its ratio to each peer's and to the synchronous step."""
+    lines = []
+    for row in rows:
         for name in VARIANTS:
             ours = row["summary"].get(name)
             if name == "rlft" or not ours:
                 continue
-            to = lambda other: fmt(ours["median_step_s"] / other["median_step_s"] if other else None, ".2f")
+            to_peers = "".join(f"/{p} {fmt(peer_ratio(row, p, name), '.2f')}, " for p in peers if p in row["runs"])
             lines.append(f"  {row['name']:<26} {name:<14} {fmt(ours['median_step_s'])} s/step, "
-                         f"/trl {to(peer)}, /synchronous {to(sync)}")
+                         f"{to_peers}/synchronous {fmt(peer_ratio(row, 'rlft', name), '.2f')}")
     if lines:
         print("\nAsynchronous variants (" + "; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items()) + ")")
         print("\n".join(lines))
@@ -359,6 +451,50 @@ def print_variants(rows: list[dict]) -> None:
 # Driver
 # --------------------------------------------------------------------------------------------
 
+def side_call(side: str, row: dict, steps: int, a: argparse.Namespace, log_dir: Path, tag: str):
+    """A no-argument callable running one side (a peer or an rlft variant) of ``row`` once."""
+    if side in PEERS:
+        return functools.partial(run_peer, side, row["algorithm"], row["beta"], steps, a.skip, a.threads, log_dir, tag)
+    return functools.partial(rlft_rl_step, row["algorithm"], row["beta"], steps, a.skip, **VARIANTS[side])
+
+
+def run_row(row: dict, peers: list[str], a: argparse.Namespace, meter: LoadMeter, log_dir: Path,
+            digest: str) -> None:
+    """Run every side of ``row`` ``a.rounds`` times, the order of the sides reversed every other round.
+
+    Fills ``row["runs"]`` (side -> list of results), ``row["notes"]`` and ``row["summary"]``.
+    """
+    variants = [v for v in a.variants.split(",") if v] if row["algorithm"] != "ppo" else ["rlft"]
+    these_peers = row_peers(peers, row["algorithm"])
+    row.update(runs={**{p: [] for p in these_peers}, **{v: [] for v in variants}}, notes=[])
+    steps = a.ppo_steps if row["algorithm"] == "ppo" else a.steps
+    sides = these_peers + (variants if a.rlft else [])
+    for rnd in range(a.rounds):
+        for side in (sides if rnd % 2 == 0 else sides[::-1]):
+            tag = f"{row['algorithm']}-beta{row['beta']:g}-{side}-r{rnd}"
+            try:
+                result, wall, load = meter.measure(side_call(side, row, steps, a, log_dir, tag))
+            except NotImplementedError as e:
+                row["notes"].append(f"rlft: {e}")
+                print(f"[{row['name']}] rlft: not implemented ({e})", flush=True)
+                sides = [s for s in sides if s != side]
+                continue
+            except RuntimeError as e:
+                row["notes"].append(f"{side}: failed (see {log_dir})")
+                print(f"[{row['name']}] {side} FAILED: {e}", flush=True)
+                continue
+            result.update(other_load=load, wall_s=wall)
+            row["runs"][side].append(result)
+            if side in PEERS:
+                check_peer_result(row, side, result, digest)
+            bd = result.get("breakdown", {})
+            print(f"[{row['name']}] {side} round {rnd}: {fmt(result.get('median_step_s'))} s/step over "
+                  f"{result.get('steps')} steps (skip {a.skip}); "
+                  + ", ".join(f"{k} {fmt(bd.get(k))}" for k in BREAKDOWN_KEYS)
+                  + f"; other load {load:.2f} cores; run {wall:.0f} s", flush=True)
+    row["summary"] = {side: summarise_side(runs) for side, runs in row["runs"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,11 +503,15 @@ def main() -> None:
     parser.add_argument("--ppo-steps", type=int, default=10, help="PPO updates per PPO run")
     parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of every median")
     parser.add_argument("--beta", default="0,0.04", help="comma-separated KL coefficients of the GRPO rows")
-    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                        help="run trl beside rlft (--no-peers: rlft only)")
+    parser.add_argument("--peers", nargs="?", const=",".join(PEERS), default=",".join(PEERS),
+                        help="comma-separated peers run beside rlft: trl (every row), tunix (GRPO rows); "
+                             "default: both")
+    parser.add_argument("--no-peers", dest="peers", action="store_const", const="",
+                        help="rlft only (same as --peers '')")
     parser.add_argument("--rlft", action=argparse.BooleanOptionalAction, default=True,
                         help="run rlft's side (--no-rlft: peers only)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the peer processes")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="trl's torch threads; CPUs the Tunix process is pinned to")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every row, alternating which side goes first")
     parser.add_argument("--log-dir", default=None, help="where peer logs go (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="write every result to this file")
@@ -383,67 +523,34 @@ def main() -> None:
     a = parser.parse_args()
     if min(a.steps, a.ppo_steps) <= a.skip:
         parser.error("--steps and --ppo-steps must exceed --skip")
+    peers = parse_peers(a.peers)
 
     rows = plan_rows([s.strip() for s in a.algorithms.split(",") if s.strip()],
                      [float(b) for b in a.beta.split(",") if b.strip()])
-    log_dir = Path(a.log_dir or (tempfile.mkdtemp(prefix="rlft-rl-step-") if a.peers else "."))
-    if a.peers:
+    log_dir = Path(a.log_dir or (tempfile.mkdtemp(prefix="rlft-rl-step-") if peers else "."))
+    if peers:
         log_dir.mkdir(parents=True, exist_ok=True)
     digest = workload.workload_digest(*workload.build_workload())
     print(f"rl_step: rows {', '.join(r['name'] for r in rows)}; steps {a.steps} (PPO {a.ppo_steps}), skip {a.skip}, "
-          f"rounds {a.rounds}; peer torch threads {a.threads}; malloc {'tuned' if MALLOC_TUNED else 'default'}; "
-          f"workload digest {digest}; {os.cpu_count()} CPUs, 1-min load {os.getloadavg()[0]:.1f}"
-          + (f"; peer logs {log_dir}" if a.peers else ""),
+          f"rounds {a.rounds}; peers {', '.join(peers) or 'none'} ({a.threads} threads); "
+          f"malloc {'tuned' if MALLOC_TUNED else 'default'}; workload digest {digest}; "
+          f"{os.cpu_count()} CPUs, 1-min load {os.getloadavg()[0]:.1f}"
+          + (f"; peer logs {log_dir}" if peers else ""),
           flush=True)
 
     meter = LoadMeter()
     for row in rows:
-        variants = [v for v in a.variants.split(",") if v] if row["algorithm"] != "ppo" else ["rlft"]
-        row.update(runs={"peer": [], **{v: [] for v in variants}}, notes=[])
-        steps = a.ppo_steps if row["algorithm"] == "ppo" else a.steps
-        sides = (["peer"] if a.peers else []) + (variants if a.rlft else [])
-        for rnd in range(a.rounds):
-            for side in (sides if rnd % 2 == 0 else sides[::-1]):
-                tag = f"{row['algorithm']}-beta{row['beta']:g}-{side}-r{rnd}"
-                if side == "peer":
-                    call = functools.partial(run_peer, row["algorithm"], row["beta"], steps, a.skip, a.threads,
-                                             log_dir, tag)
-                else:
-                    call = functools.partial(rlft_rl_step, row["algorithm"], row["beta"], steps, a.skip,
-                                             **VARIANTS[side])
-                try:
-                    result, wall, load = meter.measure(call)
-                except NotImplementedError as e:
-                    row["notes"].append(f"rlft: {e}")
-                    print(f"[{row['name']}] rlft: not implemented ({e})", flush=True)
-                    sides = [s for s in sides if s != side]
-                    continue
-                except RuntimeError as e:
-                    row["notes"].append(f"{side}: failed (see {log_dir})")
-                    print(f"[{row['name']}] {side} FAILED: {e}", flush=True)
-                    continue
-                result.update(other_load=load, wall_s=wall)
-                row["runs"][side].append(result)
-                if side == "peer":
-                    if result.get("workload_digest") != digest:
-                        row["notes"].append(f"peer workload digest {result.get('workload_digest')} != {digest}")
-                    peer_beta = result.get("beta", result.get("kl_coef"))
-                    if peer_beta is not None and abs(peer_beta - row["beta"]) > 1e-12:
-                        row["notes"].append(f"peer ran with KL coefficient {peer_beta}, the row says {row['beta']}")
-                bd = result.get("breakdown", {})
-                print(f"[{row['name']}] {side} round {rnd}: {fmt(result.get('median_step_s'))} s/step over "
-                      f"{result.get('steps')} steps (skip {a.skip}); "
-                      + ", ".join(f"{k} {fmt(bd.get(k))}" for k in BREAKDOWN_KEYS)
-                      + f"; other load {load:.2f} cores; run {wall:.0f} s", flush=True)
-        row["summary"] = {side: summarise_side(runs) for side, runs in row["runs"].items()}
+        run_row(row, peers, a, meter, log_dir, digest)
 
-    print_table(rows)
-    print_variants(rows)
+    print_table(rows, peers)
+    print_variants(rows, peers)
+    print_cpu_use(rows)
     if any((s or {}).get("other_load", 0.0) > QUIET_CORES for r in rows for s in r["summary"].values()):
         print(f"\nOther processes used more than {QUIET_CORES} cores during some runs: those figures are not "
               "comparable (trl's OpenMP threads suffer most); rerun on a quiet machine.")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "digest": digest, "rows": rows}, indent=1, default=str))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "peers": peers, "digest": digest, "rows": rows},
+                                           indent=1, default=str))
         print(f"results written to {a.json}")
 
 

@@ -109,7 +109,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
 
     `shardings`: the PGState's. `frozen`: the base of a LoRA policy (the state holds its adapters;
     the reference is then the base with the adapters off). With `timings`, each phase's wall time is
-    appended to timings["sampling_s" | "reward_s" | "update_s"] (the device is synchronised
+    appended to timings["sampling_s" | "reward_s" | "update_s"] and its process CPU time to
+    timings["sampling_cpu_s" | ...] (the device is synchronised
     between phases, which costs a little overlap; for benchmarks only). With
     `config.dynamic_sampling`, `resample(step, round)` gives the host batch of this process's rows
     of the extra round's prompts (`rlft.rl.dynamic_sampling`; required then). With
@@ -208,17 +209,20 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
                        "rollout/filled_groups": np.float32(chosen.filled),
                        "rollout/resample_rounds": np.float32(len(rounds) - 1)}
 
-    def timed(name, start):
+    def timed(name, start, cpu_start):
+        """Append a phase's wall time to timings[name] and the process's CPU time over it (every
+        thread: XLA's too) to timings[name with _cpu_s]: cpu / wall = cores the phase kept busy."""
         if timings is not None:
             timings.setdefault(name, []).append(time.perf_counter() - start)
+            timings.setdefault(name.removesuffix("_s") + "_cpu_s", []).append(time.process_time() - cpu_start)
 
     def step(state: PGState, batch: dict) -> tuple[PGState, dict]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         view = sampler_state(state)
         seqs = jax.block_until_ready(sample(view, batch["prompt_tokens"], batch["prompt_mask"]))  # scoring reads it
         sampling_s = time.perf_counter() - t0
-        timed("sampling_s", t0)
-        t0 = time.perf_counter()
+        timed("sampling_s", t0, c0)
+        t0, c0 = time.perf_counter(), time.process_time()
         where = lambda: f"{name} step {int(jax.device_get(state.step)) + 1}"  # read only on an error
         scores, reward_metrics = score(seqs, local_to_host(batch["index"], mesh), where)
         rollout_batch = {"sequences": seqs, "scores": scores}
@@ -227,12 +231,12 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
             reward_metrics = {**reward_metrics, **dynamic_metrics}
         if timings is not None:
             jax.block_until_ready(rollout_batch)
-        timed("reward_s", t0)
-        t0 = time.perf_counter()
+        timed("reward_s", t0, c0)
+        t0, c0 = time.perf_counter(), time.process_time()
         state, metrics = pg(state, rollout_batch, *extra_args)
         if timings is not None:
             jax.block_until_ready(metrics)
-        timed("update_s", t0)
+        timed("update_s", t0, c0)
         new_tokens = jnp.sum(seqs.completion_mask)  # of the rollout that sampling_s timed
         return state, {**metrics, **reward_metrics, **placement_metrics(), "rollout/sampling_s": np.float32(sampling_s),
                        "rollout/tokens_per_s": new_tokens / sampling_s}
