@@ -15,7 +15,7 @@ the static sampler's tokens for the same keys); new tokens/s = Σ lengths / seco
 after one warm-up call each (compiles excluded).
 
     python benchmarks/continuous_batching.py
-    python benchmarks/continuous_batching.py --slots 16 --prompts 128 --new-tokens 128 --reps 5
+    python benchmarks/continuous_batching.py --slots 16 --prompts 128 --new-tokens 128 --reps 7 --chunk 8
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def static(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling
     return np.concatenate([np.asarray(o.lengths) for o in outs])
 
 
-def continuous(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling, chunk):
+def continuous(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling, chunk, refill_rows):
     out = generate_continuous(graphdef, params, tokens, mask, key, slots=slots, max_new_tokens=new_tokens,
-                              eos_id=eos, pad_id=PAD, sampling=sampling, chunk_steps=chunk)
+                              eos_id=eos, pad_id=PAD, sampling=sampling, chunk_steps=chunk, refill_rows=refill_rows)
     return np.asarray(out.lengths)
 
 
@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--eos-ids", type=int, default=16, help="how many token ids end a completion")
-    parser.add_argument("--chunk", type=int, default=8, help="the engine's decode steps per jitted call")
+    parser.add_argument("--chunk", type=int, default=32, help="the engine's most decode steps per jitted call")
+    parser.add_argument("--refill-rows", type=int, default=None,
+                        help="rows that must end before a chunk stops early to refill (default: slots // 4)")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
@@ -86,11 +88,12 @@ def main() -> None:
     sampling = SamplingParams(temperature=1.0)
     key = jax.random.key(0)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}; queue {args.prompts} prompts, {args.slots} slots, "
-          f"max_new_tokens {args.new_tokens}, chunk {args.chunk}, median of {args.reps}")
+          f"max_new_tokens {args.new_tokens}, chunk {args.chunk}, refill rows {args.refill_rows or 'slots // 4'}, "
+          f"median of {args.reps}")
     for workload, eos in (("long-tail", list(range(500, 500 + args.eos_ids))), ("uniform", [-1])):
         runs = {"static": lambda: static(graphdef, params, tokens, mask, key, args.slots, args.new_tokens, eos, sampling),
                 "continuous": lambda: continuous(graphdef, params, tokens, mask, key, args.slots, args.new_tokens,
-                                                 eos, sampling, args.chunk)}
+                                                 eos, sampling, args.chunk, args.refill_rows)}
         seconds = {name: [] for name in runs}
         lengths = {name: fn() for name, fn in runs.items()}  # warm-up: compiles
         for _ in range(args.reps):

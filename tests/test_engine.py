@@ -53,9 +53,12 @@ def test_continuous_equals_static_whatever_the_slots(kind, sampling):
                  sampling=sampling)
     lengths = np.asarray(ref.lengths)
     assert lengths.min() < lengths.max()  # a long-tailed queue: rows end at different steps
-    for slots, chunk in ((5, 3),):  # refills of 1..5 rows; one slot: test_rows_do_not_depend_on_their_neighbours
+    # refills of 1..5 rows, a chunk ending after every row or at 2 ended rows (one slot:
+    # test_rows_do_not_depend_on_their_neighbours)
+    for slots, chunk, refill_rows in ((5, 3, 1), (5, 12, 2)):
         out = generate_continuous(graphdef, params, tokens, mask, jax.random.key(2), slots=slots,
-                                  max_new_tokens=12, eos_id=EOS, pad_id=PAD, sampling=sampling, chunk_steps=chunk)
+                                  max_new_tokens=12, eos_id=EOS, pad_id=PAD, sampling=sampling, chunk_steps=chunk,
+                                  refill_rows=refill_rows)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens), err_msg=f"slots={slots}")
         np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(ref.mask))
         np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
@@ -82,6 +85,8 @@ def test_bad_arguments_are_clear_errors():
                                             **{**dict(slots=2, max_new_tokens=4, eos_id=EOS, pad_id=PAD), **kw})
     with pytest.raises(RlftError, match="slots=0"):
         call(slots=0, rng=jax.random.key(0))
+    with pytest.raises(RlftError, match="refill_rows=0"):
+        call(refill_rows=0, rng=jax.random.key(0))
     with pytest.raises(RlftError, match="rng key is required"):
         call(sampling=SamplingParams(temperature=1.0))
     with pytest.raises(RlftError, match="at least one real token"):

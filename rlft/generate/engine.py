@@ -4,10 +4,11 @@
         -> SampleOutput [N, max_new_tokens] in the queue's order (tokens, mask, exact logprobs, lengths)
 
 A static batch (`rlft.generate.sampling.sample`) runs until its longest row ends, and rows that
-ended early hold their slots. Here decoding runs in jitted chunks of `chunk_steps` steps over S
-slots; between chunks the host collects the rows that produced EOS (or reached max_new_tokens) and
-refills their slots with the next prompts of the queue (`_refill`: one prefill of those prompts,
-their caches placed into the slots), so the slots stay busy while lengths differ.
+ended early hold their slots. Here decoding runs in jitted chunks over S slots (a chunk ends once
+`refill_rows` rows have ended, or after `chunk_steps` steps); between chunks the host collects the
+rows that produced EOS (or reached max_new_tokens) and refills their slots with the next prompts of
+the queue (`_refill`: one prefill of those prompts, their caches placed into the slots), so the
+slots stay busy while lengths differ.
 
 The KV cache is a ring (`KVCache(ring=True)`) of P + max_new_tokens slots per row: every decode
 step writes all rows at one shared column (index + 1 mod the ring's length), and a refilled row's
@@ -43,14 +44,14 @@ Array = jax.Array
 class Slots:
     """The device state of S slots; [S] unless noted.
 
-    cache: the ring KV cache [S, ..., P + T]; row: the queue index of the slot's row (for its RNG;
-    meaningless when idle); gen: tokens generated so far; done: the row ended (or the slot is idle);
+    cache: the ring KV cache [S, ..., P + T]; key: the PRNG key of the slot's row (`row_keys` of its
+    queue index; meaningless when idle); gen: tokens generated so far; done: the row ended (or the slot is idle);
     last: the last token drawn (fed next); prompt_len: real prompt tokens; tokens / logprobs [S, T]:
     the row's completion so far (pad / 0 after its end).
     """
 
     cache: KVCache
-    row: Array
+    key: Array
     gen: Array
     done: Array
     last: Array
@@ -59,10 +60,10 @@ class Slots:
     logprobs: Array
 
 
-def _empty_slots(config, slots: int, prompt_width: int, max_new_tokens: int, pad_id: int) -> Slots:
+def _empty_slots(config, slots: int, prompt_width: int, max_new_tokens: int, pad_id: int, rng: Array) -> Slots:
     cache = KVCache.zeros(config, slots, prompt_width + max_new_tokens).replace(ring=True)
     zeros = lambda: jnp.zeros((slots,), jnp.int32)  # distinct buffers: the state is donated
-    return Slots(cache=cache, row=zeros(), gen=zeros(), done=jnp.ones((slots,), bool), last=zeros(),
+    return Slots(cache=cache, key=row_keys(rng, zeros()), gen=zeros(), done=jnp.ones((slots,), bool), last=zeros(),
                  prompt_len=zeros(),
                  tokens=jnp.full((slots, max_new_tokens), pad_id, jnp.int32),
                  logprobs=jnp.zeros((slots, max_new_tokens), jnp.float32))
@@ -100,12 +101,13 @@ def _refill(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, slot_ids: A
     model = nnx.merge(graphdef, params)
     prompt_mask = (prompt_mask > 0).astype(jnp.int32)
     logits, cache = prefill(model, prompt_tokens, prompt_mask, prompt_tokens.shape[1])
-    token, logprob = choose_tokens(logits, step_uniforms(row_keys(rng, rows), 0), sampling)
+    keys = row_keys(rng, rows)
+    token, logprob = choose_tokens(logits, step_uniforms(keys, 0), sampling)
     limit = state.tokens.shape[1]
     put = lambda field, value: field.at[slot_ids].set(value, mode="drop")
     first = lambda fill, value, dtype: jnp.full((len(rows), limit), fill, dtype).at[:, 0].set(value)
     return state.replace(
-        cache=_place(state.cache, cache, slot_ids), row=put(state.row, rows), gen=put(state.gen, 1),
+        cache=_place(state.cache, cache, slot_ids), key=put(state.key, keys), gen=put(state.gen, 1),
         done=put(state.done, is_eos(token, eos_id) | (limit == 1)), last=put(state.last, token),
         prompt_len=put(state.prompt_len, jnp.sum(prompt_mask, axis=-1)),
         tokens=put(state.tokens, first(0, token, jnp.int32)),
@@ -113,50 +115,57 @@ def _refill(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, slot_ids: A
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",))
-def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, rng: Array, eos_id: Array,
-                  pad_id: Array, *, steps: int, sampling: SamplingParams) -> tuple[Slots, Array]:
-    """Up to `steps` decode steps of every live slot (stops early once every slot is done); also
-    returns how many ran (int32 [])."""
+def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, eos_id: Array,
+                  pad_id: Array, refill_at: Array, *, steps: int, sampling: SamplingParams) -> tuple[Slots, Array]:
+    """Up to `steps` decode steps of every live slot; stops early once every slot is done or
+    `refill_at` (int32 []) rows have ended in this chunk (their slots are worth refilling). Also
+    returns how many steps ran (int32 [])."""
     model = nnx.merge(graphdef, params)
     limit = state.tokens.shape[1]
-    every = jnp.arange(state.row.shape[0])
+    columns = jnp.arange(limit)
 
     def body(carry):
         i, st = carry
         live = ~st.done
         logits, cache = model.decode(st.last[:, None], (st.prompt_len + st.gen - 1)[:, None],
                                      live.astype(jnp.int32)[:, None], st.cache)
-        token, logprob = choose_tokens(logits[:, 0], step_uniforms(row_keys(rng, st.row), st.gen), sampling)
-        column = jnp.minimum(st.gen, limit - 1)
-        tokens = st.tokens.at[every, column].set(jnp.where(live, token, st.tokens[every, column]))
-        logprobs = st.logprobs.at[every, column].set(jnp.where(live, logprob, st.logprobs[every, column]))
+        token, logprob = choose_tokens(logits[:, 0], step_uniforms(st.key, st.gen), sampling)
+        # each live row's column gen: a select over [S, T] (a scatter is a serial loop on CPU)
+        write = live[:, None] & (columns[None, :] == st.gen[:, None])
+        tokens = jnp.where(write, token[:, None], st.tokens)
+        logprobs = jnp.where(write, logprob[:, None], st.logprobs)
         gen = st.gen + live
         done = st.done | (live & (is_eos(token, eos_id) | (gen >= limit)))
         return i + 1, st.replace(cache=cache, gen=gen, done=done, last=jnp.where(live, token, st.last),
                                  tokens=tokens, logprobs=logprobs)
 
-    cond = lambda carry: (carry[0] < steps) & ~jnp.all(carry[1].done)
+    done_before = state.done
+    cond = lambda carry: ((carry[0] < steps) & ~jnp.all(carry[1].done)
+                          & (jnp.sum(carry[1].done & ~done_before) < refill_at))
     steps_run, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
     return state, steps_run
 
 
 def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_mask, rng: Array | None,
                         *, slots: int, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
-                        sampling: SamplingParams = SamplingParams(), chunk_steps: int = 8,
-                        stats: dict | None = None) -> SampleOutput:
+                        sampling: SamplingParams = SamplingParams(), chunk_steps: int = 32,
+                        refill_rows: int | None = None, stats: dict | None = None) -> SampleOutput:
     """Completions [N, max_new_tokens] of left-padded prompts [N, P] through `slots` slots (module doc).
 
     Same fields and values as `rlft.generate.sampling.sample` of the whole batch (lengths include
-    the EOS; steps is the longest length). chunk_steps: decode steps per jitted call between
-    refills (a finished row's slot idles at most chunk_steps − 1 steps). One device (no mesh).
+    the EOS; steps is the longest length). A jitted chunk decodes until `refill_rows` rows (default
+    slots // 4) have ended, or for at most chunk_steps steps; then the host refills the free slots.
+    Fewer chunks mean fewer host round trips, earlier refills fewer idle slots
+    (benchmarks/README.md has the A/B). One device (no mesh).
     stats: a dict to receive "decode_steps" (steps run) and "slot_occupancy" (the fraction of
     slot-steps that decoded a live row's token).
     """
     tokens, mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.int32)
     rows, width = tokens.shape
-    if slots < 1 or chunk_steps < 1 or max_new_tokens < 1:
-        raise RlftError(f"continuous batching: slots={slots}, chunk_steps={chunk_steps} and max_new_tokens="
-                        f"{max_new_tokens} must be >= 1")
+    refill_rows = max(1, slots // 4) if refill_rows is None else refill_rows
+    if slots < 1 or chunk_steps < 1 or max_new_tokens < 1 or refill_rows < 1:
+        raise RlftError(f"continuous batching: slots={slots}, chunk_steps={chunk_steps}, refill_rows={refill_rows} "
+                        f"and max_new_tokens={max_new_tokens} must be >= 1")
     _check_prompts(graphdef, params, tokens, mask, width + max_new_tokens)
     if rows and not (mask.sum(-1) > 0).all():
         raise RlftError("continuous batching: every prompt needs at least one real token (mask 1)")
@@ -164,7 +173,7 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     eos = jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1))
     pad = jnp.int32(pad_id)
     config = nnx.merge(graphdef, params).config
-    state = _empty_slots(config, slots, width, max_new_tokens, pad_id)
+    state = _empty_slots(config, slots, width, max_new_tokens, pad_id, rng)
     out_tokens = np.full((rows, max_new_tokens), pad_id, np.int32)
     out_logprobs = np.zeros((rows, max_new_tokens), np.float32)
     lengths = np.zeros((rows,), np.int32)
@@ -193,7 +202,10 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
             queued += take
         if (owner < 0).all():
             break
-        state, steps_run = _decode_chunk(graphdef, params, state, rng, eos, pad, steps=chunk_steps, sampling=sampling)
+        # End the chunk early once enough rows ended to refill (none while the queue is empty).
+        refill_at = np.int32(min(refill_rows, rows - queued) if queued < rows else slots + 1)
+        state, steps_run = _decode_chunk(graphdef, params, state, eos, pad, refill_at, steps=chunk_steps,
+                                         sampling=sampling)
         decode_steps.append(steps_run)
     if stats is not None:  # the first token of a row comes from its prefill, the others from decode steps
         total = int(sum(jax.device_get(decode_steps)))
