@@ -82,8 +82,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
                                             num_test=64 if tiny else 500, num_train=0))
     prompt_len, completion_len = _lengths(c.task)
     c.model = model_section(d_model=128, n_layers=3, n_heads=4, max_positions=64)
-    # rollout: devices left to the RL sampler (0: colocated; `rlft.parallel.sharding.rollout_mesh`)
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rollout=0))
+    # rollout: devices left to the RL sampler, a count or a fraction in (0, 1) of them (0: colocated;
+    # `rlft.parallel.sharding.rollout_mesh`)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rollout=0.0))
     # The learning rate warms up over the whole SFT budget (no decay): measured, this makes the
     # SFT accuracy after the budget far less seed-dependent than warm-up + cosine (module doc).
     c.sft = sft_stage_config(steps=500, batch_size=64, learning_rate=1e-3, warmup_steps=500,

@@ -68,7 +68,7 @@ from rlft.rl.stage import run_rl_stage
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (GRPO, sized for a small model on one accelerator) and "tiny" (tests)."""
     c = experiment_config("rl", preset, max_eval_prompts=256)
-    c.mesh.rollout = 0  # devices left to the RL sampler (0: colocated; rlft.parallel.sharding.rollout_mesh)
+    c.mesh.rollout = 0.0  # devices left to the RL sampler: a count, or a fraction in (0, 1) (0: colocated)
     c.rl = rl_stage_config(steps=200, prompts_per_step=16, group_size=8, learning_rate=1e-6,
                            max_new_tokens=256, algorithm="grpo", save_every=50, keep=2)
     c.rl.update(rewards="exact_match", reward_weights="", format_pattern="", length_buffer=0, reward_model="")

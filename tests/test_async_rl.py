@@ -4,6 +4,7 @@ off-policy corrections are wired to the importance weights."""
 
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -13,6 +14,8 @@ from rlft.errors import RlftError
 from rlft.rl.config import resolve_pg_config
 from rlft.train.checkpoints import Checkpointer
 from tests.test_rl_stage import TOK, char_reward, run, stage_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(**overrides):
@@ -157,6 +160,22 @@ def test_rollout_devices_come_from_the_mesh_section():
     assert make_mesh({**section, "rollout": 0}).devices.size == jax.device_count()
     with pytest.raises(RlftError, match="mesh.rollout=8"):
         make_mesh({**section, "rollout": jax.device_count()})
+    # a fraction of the devices, or a count given as a float (the field's type: --config.mesh.rollout=2)
+    assert rollout_mesh({**section, "rollout": 0.25}).devices.size == 2
+    assert rollout_mesh({**section, "rollout": 2.0}).devices.size == 2
+    for bad in (1.5, 0.99, -1):
+        with pytest.raises(RlftError, match=f"mesh.rollout={bad}: must be a device count"):
+            make_mesh({**section, "rollout": bad})
+
+
+def test_mesh_rollout_flag_takes_counts_and_fractions():
+    from rlft.cli.main import _resolved_experiment
+
+    spec = os.path.join(ROOT, "experiments/arithmetic_grpo.py:tiny")
+    for good in ("2", "0.5", "0"):
+        _resolved_experiment(spec, [f"--config.mesh.rollout={good}"])
+    with pytest.raises(RlftError, match=r"mesh.rollout.*a device count >= 0 or a fraction in \(0, 1\)"):
+        _resolved_experiment(spec, ["--config.mesh.rollout=1.5"])
 
 
 def test_each_process_gives_the_sampler_its_last_devices():
@@ -169,5 +188,7 @@ def test_each_process_gives_the_sampler_its_last_devices():
     devices = [SimpleNamespace(process_index=p, id=10 * p + i) for p in (0, 1) for i in range(4)]
     train, sampler = _split_rollout(devices, _rollout_count({"rollout": 4}, devices))
     assert [d.id for d in train] == [0, 1, 10, 11] and [d.id for d in sampler] == [2, 3, 12, 13]
+    assert _rollout_count({"rollout": 0.5}, devices) == 4  # fractions: a multiple of the processes,
+    assert _rollout_count({"rollout": 0.1}, devices) == 2  # at least one device of each
     with pytest.raises(RlftError, match=r"mesh.rollout=3: must be a multiple of the 2 processes"):
         _rollout_count({"rollout": 3}, devices)

@@ -110,7 +110,9 @@ RULES: dict[str, Rule] = {
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,
-    "mesh.rollout": _int(0, " (devices left to the RL sampler; 0 = it shares the training devices)"),
+    "mesh.rollout": Rule(lambda v: _is_number(v) and v >= 0 and (v < 1 or float(v).is_integer()),
+                         "a device count >= 0 or a fraction in (0, 1) of the devices (left to the RL sampler; "
+                         "0 = it shares the training devices)"),
     "tokenizer.vocab_size": _int(258, " (byte-level BPE: 256 bytes, EOS and pad)"),
     "lora.rank": _int(0, " (0 = full fine-tuning)"),
     "model.remat": Rule(lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),

@@ -67,12 +67,21 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _rollout_count(shape: Mapping[str, int], devices: Sequence[jax.Device]) -> int:
-    count, available = shape.get("rollout", 0), len(devices)
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < available:
-        raise RlftError(f"mesh.rollout={count!r}: must be an integer in [0, {available - 1}] (devices left to the "
-                        f"RL sampler, out of {available}; 0 = sampler and trainer share every device)")
+def _rollout_count(shape: Mapping[str, int | float], devices: Sequence[jax.Device]) -> int:
+    """The sampler's device count from `mesh.rollout`: a count, or a fraction in (0, 1) of the
+    devices (rounded to a multiple of the processes, at least one per process)."""
+    given, available = shape.get("rollout", 0), len(devices)
     processes = len({d.process_index for d in devices})
+    count = given
+    if not isinstance(given, bool) and isinstance(given, (int, float)):
+        if 0 < given < 1:
+            count = processes * max(1, round(given * available / processes))
+        elif float(given).is_integer():
+            count = int(given)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < available:
+        raise RlftError(f"mesh.rollout={given!r}: must be a device count in [0, {available - 1}] or a fraction in "
+                        f"(0, 1) leaving the trainer at least one (devices left to the RL sampler, out of "
+                        f"{available}; 0 = sampler and trainer share every device)")
     if count % processes:
         raise RlftError(f"mesh.rollout={count}: must be a multiple of the {processes} processes (each process "
                         f"gives the sampler the same number of its devices)")

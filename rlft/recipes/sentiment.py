@@ -56,8 +56,9 @@ def base_config(preset: str, experiment: str) -> ml_collections.ConfigDict:
                                             data_dir=""))
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=2048))
     c.model = model_section(d_model=256, n_layers=4, n_heads=4, max_positions=128)
-    # rollout: devices left to the RL sampler (0: colocated; `rlft.parallel.sharding.rollout_mesh`)
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rollout=0))
+    # rollout: devices left to the RL sampler, a count or a fraction in (0, 1) of them (0: colocated;
+    # `rlft.parallel.sharding.rollout_mesh`)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rollout=0.0))
     c.pretrain = sft_stage_config(steps=600, batch_size=32, learning_rate=1e-3, max_length=64,
                                   full_sequence_loss=True)
     if preset == "tiny":
