@@ -35,11 +35,12 @@ def _default_workdir(spec: str, preset: str) -> str:
     return os.path.join("runs", stem if preset == "default" else f"{stem}-{preset}")
 
 
-def _resolved_experiment(spec: str, overrides: Sequence[str]):
+def _resolved_experiment(spec: str, overrides: Sequence[str], checks: bool = True):
     """(module, preset, config): the experiment's preset config with the overrides applied, locked,
     and checked: every field's range (`rlft.cli.validate`), then what only the experiment knows (its
     optional `check(config)`, e.g. that prompts fit the model). Runs before anything is written,
-    so a refused command leaves no run directory behind and its corrected form is a new run."""
+    so a refused command leaves no run directory behind and its corrected form is a new run.
+    checks=False: only that the overrides name known fields with values of their types."""
     from rlft import config as config_lib
     from rlft.cli.validate import validate_config
 
@@ -47,9 +48,10 @@ def _resolved_experiment(spec: str, overrides: Sequence[str]):
     for field, value in config_lib.parse_overrides(overrides):
         config_lib.apply_override(config, field, value)
     config.lock()
-    validate_config(config)
-    if callable(getattr(module, "check", None)):
-        module.check(config)
+    if checks:
+        validate_config(config)
+        if callable(getattr(module, "check", None)):
+            module.check(config)
     return module, preset, config
 
 

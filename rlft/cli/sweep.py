@@ -188,26 +188,13 @@ def _command(spec: str, run_dir: str, overrides: Sequence[str]) -> str:
             + f" && touch {shlex.quote(os.path.join(run_dir, DONE))}")
 
 
-def _checked(spec: str, overrides: Sequence[str], flag: str):
-    """`rlft run`'s resolution of the overrides (parse, validate, the experiment's check);
-    an RlftError names `flag`."""
+def _checked(spec: str, overrides: Sequence[str], flag: str, checks: bool = True):
+    """`rlft run`'s resolution of the overrides (parse, then with `checks` validate and the
+    experiment's check); an RlftError names `flag`."""
     from rlft.cli.main import _resolved_experiment
 
     try:
-        return _resolved_experiment(spec, overrides)
-    except RlftError as e:
-        raise RlftError(f"{flag}: {e}") from None
-
-
-def _parsed(spec: str, overrides: Sequence[str], flag: str) -> None:
-    """The overrides name known fields with values of the right type (no cross-field checks);
-    an RlftError names `flag`."""
-    from rlft import config as config_lib
-
-    _, _, config = config_lib.load_experiment(spec)
-    try:
-        for field, value in config_lib.parse_overrides(overrides):
-            config_lib.apply_override(config, field, value)
+        return _resolved_experiment(spec, overrides, checks)
     except RlftError as e:
         raise RlftError(f"{flag}: {e}") from None
 
@@ -232,11 +219,9 @@ def plan_sweep(opts: argparse.Namespace, fixed: Sequence[str]) -> dict:
     module, _, base = _checked(spec, fixed, " ".join(fixed) or spec)
     for key, values in grid:  # alone, each value must parse; with one key it must also pass the checks
         for value in values:
-            flag = f"--grid {key}={','.join(values)} (value {value!r})"
-            if len(grid) == 1:
-                _checked(spec, [*fixed, _override(key, value)], flag)
-            else:  # cross-field checks see the whole grid point (below): a=1 may need b=2 of another key
-                _parsed(spec, [*fixed, _override(key, value)], flag)
+            # with several keys the cross-field checks see the whole grid point (below): a=1 may need b=2
+            _checked(spec, [*fixed, _override(key, value)], f"--grid {key}={','.join(values)} (value {value!r})",
+                     checks=len(grid) == 1)
     if seeds is None:
         seeds = [base.get("seed")] if isinstance(base.get("seed"), int) else None
         if seeds is None:

@@ -115,8 +115,8 @@ def _refill(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, slot_ids: A
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",))
-def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, eos_id: Array,
-                  pad_id: Array, refill_at: Array, *, steps: int, sampling: SamplingParams) -> tuple[Slots, Array]:
+def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, eos_id: Array, refill_at: Array, *,
+                  steps: int, sampling: SamplingParams) -> tuple[Slots, Array]:
     """Up to `steps` decode steps of every live slot; stops early once every slot is done or
     `refill_at` (int32 []) rows have ended in this chunk (their slots are worth refilling). Also
     returns how many steps ran (int32 [])."""
@@ -171,7 +171,6 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
         raise RlftError("continuous batching: every prompt needs at least one real token (mask 1)")
     rng = sampling_key(rng, sampling, "continuous batching")
     eos = jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1))
-    pad = jnp.int32(pad_id)
     config = nnx.merge(graphdef, params).config
     state = _empty_slots(config, slots, width, max_new_tokens, pad_id, rng)
     out_tokens = np.full((rows, max_new_tokens), pad_id, np.int32)
@@ -204,7 +203,7 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
             break
         # End the chunk early once enough rows ended to refill (none while the queue is empty).
         refill_at = np.int32(min(refill_rows, rows - queued) if queued < rows else slots + 1)
-        state, steps_run = _decode_chunk(graphdef, params, state, eos, pad, refill_at, steps=chunk_steps,
+        state, steps_run = _decode_chunk(graphdef, params, state, eos, refill_at, steps=chunk_steps,
                                          sampling=sampling)
         decode_steps.append(steps_run)
     if stats is not None:  # the first token of a row comes from its prefill, the others from decode steps

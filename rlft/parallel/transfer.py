@@ -66,9 +66,8 @@ def _replicated_on_own_mesh(x: jax.Array) -> jax.Array:
 
 
 def _one(x: Any, target: jax.sharding.Sharding) -> Any:
-    if not isinstance(x, jax.Array) or x.is_fully_addressable and target.is_fully_addressable:
-        return jax.device_put(x, target)
-    if x.sharding.device_set == target.device_set:
+    if (not isinstance(x, jax.Array) or (x.is_fully_addressable and target.is_fully_addressable)
+            or x.sharding.device_set == target.device_set):  # what jax.device_put moves itself
         return jax.device_put(x, target)
     if not _local_sources(x, target):
         x = _replicated_on_own_mesh(x)
