@@ -287,7 +287,8 @@ def run_peer(peer: str, algorithm: str, beta: float, steps: int, skip: int, thre
         proc = subprocess.run([str(python), *argv], stdout=log, stderr=subprocess.STDOUT,
                               env=peer_environment(), cwd=str(PEERS_DIR))
     output = log_path.read_text()
-    results = [line[len("RESULT "):] for line in output.splitlines() if line.startswith("RESULT ")]
+    results = [line[len(workload.RESULT_PREFIX):] for line in output.splitlines()
+               if line.startswith(workload.RESULT_PREFIX)]
     if proc.returncode != 0 or len(results) != 1:
         tail = "\n".join(output.splitlines()[-30:])
         raise RuntimeError(f"peer {tag} failed (exit {proc.returncode}, {len(results)} RESULT lines); "

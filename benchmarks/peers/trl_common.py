@@ -5,9 +5,7 @@ Runs inside a peer's virtual environment (torch + trl), never in rlft's own proc
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
 import time
 from collections import defaultdict
 
@@ -16,7 +14,6 @@ from transformers import GPT2Config, TrainerCallback
 
 import workload
 
-RESULT_PREFIX = "RESULT "
 
 
 class StepTimer(TrainerCallback):
@@ -99,16 +96,6 @@ class MethodTimer:
         return [self.totals[label].get(i, 0.0) for i in range(n_steps)]
 
 
-def median_after(values: list[float], skip: int) -> float | None:
-    """Median of ``values[skip:]`` (None if empty)."""
-    kept = values[skip:]
-    return statistics.median(kept) if kept else None
-
-
-def rounded(values: list[float], digits: int = 4) -> list[float]:
-    return [round(v, digits) for v in values]
-
-
 def tiny_config(tok, **extra) -> GPT2Config:
     """The tiny GPT-2 config with the workload tokenizer's special ids."""
     return GPT2Config(**workload.TINY_GPT2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -131,8 +118,3 @@ def environment_info(threads: int) -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "datasets": datasets.__version__, "threads": threads, "malloc": malloc or "default",
             "load_avg_1m": round(os.getloadavg()[0], 2)}
-
-
-def print_result(result: dict) -> None:
-    """The one line a driver reads: ``RESULT {json}``."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)

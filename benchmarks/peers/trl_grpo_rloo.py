@@ -37,8 +37,8 @@ import trl
 from transformers import GPT2LMHeadModel
 
 import workload
-from trl_common import (MethodTimer, StepTimer, environment_info, median_after, print_result, rounded,
-                        set_generation_ids, tiny_config)
+from trl_common import MethodTimer, StepTimer, environment_info, set_generation_ids, tiny_config
+from workload import median_after, print_result, rounded
 
 
 def build_trainer(trainer_name: str, beta: float | None, grad_ckpt: bool | None, steps: int, out: str):

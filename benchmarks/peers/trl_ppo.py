@@ -44,8 +44,8 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa:
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 import workload  # noqa: E402
-from trl_common import (MethodTimer, StepTimer, environment_info, median_after, print_result,  # noqa: E402
-                        rounded, set_generation_ids, tiny_config)
+from trl_common import MethodTimer, StepTimer, environment_info, set_generation_ids, tiny_config  # noqa: E402
+from workload import median_after, print_result, rounded  # noqa: E402
 
 PPO_EPOCHS = 4
 MINIBATCHES = 1

@@ -45,9 +45,7 @@ thread pools from the schedulable CPUs); N at or above the CPU count leaves the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -61,7 +59,6 @@ if TYPE_CHECKING:  # at run time JAX, flax and Tunix are imported in the functio
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner as grpo_lib
 
-RESULT_PREFIX = "RESULT "
 KV_CACHE_SLACK = 16  # the anchor's kv_cache_size = prompt + new tokens + 16
 INIT_STD = 0.02  # GPT-2's initializer_range
 WEIGHT_DECAY = 0.01  # the anchor's optax.adamw(1e-5, weight_decay=0.01)
@@ -237,16 +234,6 @@ class StepClock:
         return [self.totals[label].get(i, 0.0) for i in range(len(self.ends))]
 
 
-def median_after(values: list[float], skip: int) -> float | None:
-    """Median of ``values[skip:]`` (None if empty)."""
-    kept = values[skip:]
-    return statistics.median(kept) if kept else None
-
-
-def rounded(values: list[float], digits: int = 4) -> list[float]:
-    return [round(v, digits) for v in values]
-
-
 def environment_info(cpus: int) -> dict:
     """Versions, CPUs, backend and the allocator settings this process started with."""
     import importlib.metadata as md
@@ -331,18 +318,18 @@ def main() -> None:
         "loss_agg_mode": learner.algo_config.loss_agg_mode,
         "steps": len(step_s),
         "skip": a.skip,
-        "median_step_s": median_after(step_s, a.skip),
-        "step_s": rounded(step_s),
-        "global_step_s": median_after(global_step, a.skip),
-        "breakdown": {k: median_after(v, a.skip) for k, v in per_step.items()},
-        "breakdown_per_step": {k: rounded(v) for k, v in per_step.items()},
+        "median_step_s": workload.median_after(step_s, a.skip),
+        "step_s": workload.rounded(step_s),
+        "global_step_s": workload.median_after(global_step, a.skip),
+        "breakdown": {k: workload.median_after(v, a.skip) for k, v in per_step.items()},
+        "breakdown_per_step": {k: workload.rounded(v) for k, v in per_step.items()},
         "train_total_s": total,
         "max_abs_param_change": change,
         "actor_loss_history": loss_history(cluster),
         "workload_digest": workload.workload_digest(tok, prompts),
         **environment_info(cpus),
     }
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    workload.print_result(result)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import statistics
 
 # One optimizer step: PROMPTS_PER_STEP prompts x GROUP_SIZE completions each.
 PROMPTS_PER_STEP = 4
@@ -121,3 +122,23 @@ if __name__ == "__main__":
           f"digest {workload_digest(tok, prompts)}")
     for p in prompts[:3]:
         print(repr(p), tok(p)["input_ids"])
+
+
+# --- What every peer script reports (the driver reads one RESULT line per run) ------------------
+
+RESULT_PREFIX = "RESULT "
+
+
+def print_result(result: dict) -> None:
+    """The one line a driver reads: ``RESULT {json}``."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def median_after(values: list[float], skip: int) -> float | None:
+    """Median of ``values[skip:]`` (None if empty)."""
+    kept = values[skip:]
+    return statistics.median(kept) if kept else None
+
+
+def rounded(values: list[float], digits: int = 4) -> list[float]:
+    return [round(v, digits) for v in values]
