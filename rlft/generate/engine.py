@@ -4,11 +4,13 @@
         -> SampleOutput [N, max_new_tokens] in the queue's order (tokens, mask, exact logprobs, lengths)
 
 A static batch (`rlft.generate.sampling.sample`) runs until its longest row ends, and rows that
-ended early hold their slots. Here decoding runs in jitted chunks over S slots (a chunk ends once
-`refill_rows` rows have ended, or after `chunk_steps` steps); between chunks the host collects the
-rows that produced EOS (or reached max_new_tokens) and refills their slots with the next prompts of
-the queue (`_refill`: one prefill of those prompts, their caches placed into the slots), so the
-slots stay busy while lengths differ.
+ended early hold their slots. Here S slots decode in chunks (a chunk ends once `refill_rows` rows
+have ended, or after `chunk_steps` steps); after each chunk the rows that produced EOS (or reached
+max_new_tokens) are copied out (`_collect`) and their slots refilled with the next prompts of the
+queue (`_refill`: one prefill of those prompts, their caches placed into the slots), so the slots
+stay busy while lengths differ. The whole queue runs as one jitted program (`_run_queue`, nested
+`lax.while_loop`s): no host round trip between chunks, which on an accelerator cost more than the
+decode steps they schedule (benchmarks/README.md).
 
 The KV cache is a ring (`KVCache(ring=True)`) of P + max_new_tokens slots per row: every decode
 step writes all rows at one shared column (index + 1 mod the ring's length), and a refilled row's
@@ -47,7 +49,7 @@ class Slots:
     cache: the ring KV cache [S, ..., P + T]; key: the PRNG key of the slot's row (`row_keys` of its
     queue index; meaningless when idle); gen: tokens generated so far; done: the row ended (or the slot is idle);
     last: the last token drawn (fed next); prompt_len: real prompt tokens; tokens / logprobs [S, T]:
-    the row's completion so far (pad / 0 after its end).
+    the row's completion so far (0 after its end).
     """
 
     cache: KVCache
@@ -60,67 +62,102 @@ class Slots:
     logprobs: Array
 
 
-def _empty_slots(config, slots: int, prompt_width: int, max_new_tokens: int, pad_id: int, rng: Array) -> Slots:
-    cache = KVCache.zeros(config, slots, prompt_width + max_new_tokens).replace(ring=True)
-    zeros = lambda: jnp.zeros((slots,), jnp.int32)  # distinct buffers: the state is donated
-    return Slots(cache=cache, key=row_keys(rng, zeros()), gen=zeros(), done=jnp.ones((slots,), bool), last=zeros(),
-                 prompt_len=zeros(),
-                 tokens=jnp.full((slots, max_new_tokens), pad_id, jnp.int32),
+def _empty_slots(config, slots: int, prompt_width: int, max_new_tokens: int, rng: Array) -> Slots:
+    """S idle slots (done) with an empty ring cache of prompt_width + max_new_tokens columns."""
+    zeros = lambda: jnp.zeros((slots,), jnp.int32)
+    return Slots(cache=KVCache.zeros(config, slots, prompt_width + max_new_tokens).replace(ring=True),
+                 key=row_keys(rng, zeros()), gen=zeros(), done=jnp.ones((slots,), bool), last=zeros(),
+                 prompt_len=zeros(), tokens=jnp.zeros((slots, max_new_tokens), jnp.int32),
                  logprobs=jnp.zeros((slots, max_new_tokens), jnp.float32))
 
 
 def _place(ring: KVCache, prompts: KVCache, slot_ids: Array) -> KVCache:
-    """The ring with rows `slot_ids` [R] replaced by the prompt caches [R, ..., P], their P columns
-    ending just before the ring's index (ids out of range are dropped: padding of a refill)."""
+    """The ring with rows `slot_ids` [R] holding the prompt caches [R, ..., P] in the P columns
+    just before the ring's index (ids out of range are dropped: padding of a refill).
+
+    Only those P columns of k and v are written; the rows' other columns keep stale keys, hidden
+    by segment 0 (each row's segment ids are rewritten whole)."""
     width, length = prompts.segment_ids.shape[1], ring.segment_ids.shape[1]
-    shift = ring.index - width  # prompt column j goes to ring column (index − P + j) mod length
+    columns = (ring.index - width + jnp.arange(width)) % length  # prompt column j -> ring column
+    rows, cols = slot_ids[:, None], columns[None, :]
 
     def one(big: Array, small: Array, axes: tuple) -> Array:
         batch_axis, length_axis = axes.index("batch"), axes.index("length")
-        padding = [(0, 0)] * small.ndim
-        padding[length_axis] = (0, length - width)
-        rolled = jnp.roll(jnp.pad(small.astype(big.dtype), padding), shift, axis=length_axis)
-        at = (slice(None),) * batch_axis + (slot_ids,)
-        return big.at[at].set(rolled, mode="drop")
+        # advanced indices on the batch and length axes: the update is [R, P, (the other axes)]
+        small = jnp.moveaxis(small.astype(big.dtype), (batch_axis, length_axis), (0, 1))
+        at = [slice(None)] * big.ndim
+        at[batch_axis], at[length_axis] = rows, cols
+        return big.at[tuple(at)].set(small, mode="drop")
 
     def each(big, small, axes):
         if isinstance(big, tuple):
             return tuple(one(b, s, axes) for b, s in zip(big, small))
         return one(big, small, ("layers", *axes))
 
+    segments = jnp.zeros((len(slot_ids), length), jnp.int32).at[:, columns].set(prompts.segment_ids)
     return ring.replace(k=each(ring.k, prompts.k, KVCache.K_AXES), v=each(ring.v, prompts.v, KVCache.V_AXES),
-                        segment_ids=one(ring.segment_ids, prompts.segment_ids, ("batch", "length")))
+                        segment_ids=ring.segment_ids.at[slot_ids].set(segments, mode="drop"))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
-def _refill(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, slot_ids: Array, rows: Array,
-            prompt_tokens: Array, prompt_mask: Array, rng: Array, eos_id: Array, *,
-            sampling: SamplingParams) -> Slots:
-    """Start rows `rows` [R] (queue indices; prompts [R, P]) in slots `slot_ids` [R] (S = padding):
-    one prefill, the caches placed in the ring, the first token drawn (the row's token 0)."""
-    model = nnx.merge(graphdef, params)
-    prompt_mask = (prompt_mask > 0).astype(jnp.int32)
-    logits, cache = prefill(model, prompt_tokens, prompt_mask, prompt_tokens.shape[1])
-    keys = row_keys(rng, rows)
+@struct.dataclass
+class Queue:
+    """The engine's whole state inside its one jitted loop: the slots and the queue's results.
+
+    slots: the S slots (`Slots`); owner int32 [S]: the queue row each slot runs (-1: free);
+    queued int32 []: rows started so far (the next to start); tokens / logprobs [N, T], lengths [N]:
+    each finished row's completion (written when its slot is collected); decode_steps int32 []:
+    decode steps run.
+    """
+
+    slots: Slots
+    owner: Array
+    queued: Array
+    tokens: Array
+    logprobs: Array
+    lengths: Array
+    decode_steps: Array
+
+
+def _collect(run: Queue) -> Queue:
+    """Copy every ended row's completion out of its slot into the results; free the slot."""
+    ended = run.slots.done & (run.owner >= 0)
+    rows = jnp.where(ended, run.owner, run.lengths.shape[0])  # out of range: dropped
+    put = lambda out, value: out.at[rows].set(value, mode="drop")
+    return run.replace(owner=jnp.where(ended, -1, run.owner), tokens=put(run.tokens, run.slots.tokens),
+                       logprobs=put(run.logprobs, run.slots.logprobs), lengths=put(run.lengths, run.slots.gen))
+
+
+def _refill(model: nnx.Module, run: Queue, prompt_tokens: Array, prompt_mask: Array, rows: Array, rng: Array,
+            eos_id: Array, bucket: int, sampling: SamplingParams) -> Queue:
+    """Start the next min(bucket, free slots, rows left) rows of the queue (prompts [N, P], `rows`
+    of them real) in the lowest free slots: one prefill of `bucket` rows (the surplus are copies
+    of row 0, dropped), the caches placed in the ring, each row's token 0 drawn."""
+    state, slots = run.slots, run.owner.shape[0]
+    free = run.owner < 0
+    take = jnp.minimum(jnp.sum(free), rows - run.queued)
+    valid = jnp.arange(bucket) < take
+    slot_ids = jnp.where(valid, jnp.nonzero(free, size=bucket, fill_value=slots)[0], slots)  # `slots`: dropped
+    new_rows = jnp.where(valid, run.queued + jnp.arange(bucket), 0)
+    mask = (prompt_mask[new_rows] > 0).astype(jnp.int32)
+    logits, cache = prefill(model, prompt_tokens[new_rows], mask, prompt_tokens.shape[1])
+    keys = row_keys(rng, new_rows)
     token, logprob = choose_tokens(logits, step_uniforms(keys, 0), sampling)
     limit = state.tokens.shape[1]
     put = lambda field, value: field.at[slot_ids].set(value, mode="drop")
-    first = lambda fill, value, dtype: jnp.full((len(rows), limit), fill, dtype).at[:, 0].set(value)
-    return state.replace(
+    first = lambda value, dtype: jnp.zeros((bucket, limit), dtype).at[:, 0].set(value)
+    state = state.replace(
         cache=_place(state.cache, cache, slot_ids), key=put(state.key, keys), gen=put(state.gen, 1),
         done=put(state.done, is_eos(token, eos_id) | (limit == 1)), last=put(state.last, token),
-        prompt_len=put(state.prompt_len, jnp.sum(prompt_mask, axis=-1)),
-        tokens=put(state.tokens, first(0, token, jnp.int32)),
-        logprobs=put(state.logprobs, first(0.0, logprob, jnp.float32)))
+        prompt_len=put(state.prompt_len, jnp.sum(mask, axis=-1)), tokens=put(state.tokens, first(token, jnp.int32)),
+        logprobs=put(state.logprobs, first(logprob, jnp.float32)))
+    return run.replace(slots=state, owner=put(run.owner, new_rows), queued=run.queued + jnp.minimum(take, bucket))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",))
-def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, eos_id: Array, refill_at: Array, *,
-                  steps: int, sampling: SamplingParams) -> tuple[Slots, Array]:
+def _decode_chunk(model: nnx.Module, state: Slots, eos_id: Array, refill_at: Array, steps: int,
+                  sampling: SamplingParams) -> tuple[Slots, Array]:
     """Up to `steps` decode steps of every live slot; stops early once every slot is done or
     `refill_at` (int32 []) rows have ended in this chunk (their slots are worth refilling). Also
     returns how many steps ran (int32 [])."""
-    model = nnx.merge(graphdef, params)
     limit = state.tokens.shape[1]
     columns = jnp.arange(limit)
 
@@ -146,6 +183,45 @@ def _decode_chunk(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, eos_i
     return state, steps_run
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "max_new_tokens", "chunk_steps", "refill_rows",
+                                             "sampling"))
+def _run_queue(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rows: Array,
+               rng: Array, eos_id: Array, *, slots: int, max_new_tokens: int, chunk_steps: int, refill_rows: int,
+               sampling: SamplingParams) -> tuple[Array, Array, Array, Array]:
+    """The whole queue (prompts [N, P], the first `rows` int32 [] of them real) through `slots`
+    slots in one program: collect the ended rows, refill the free slots, decode a chunk; repeat
+    until every row has ended. No host round trip between chunks. Returns each row's tokens and
+    logprobs [N, T] (0 after its end) and length [N], and the decode steps run (int32 [])."""
+    model = nnx.merge(graphdef, params)
+    capacity, width = prompt_tokens.shape
+    run = Queue(slots=_empty_slots(model.config, slots, width, max_new_tokens, rng),
+                owner=jnp.full((slots,), -1, jnp.int32), queued=jnp.zeros((), jnp.int32),
+                tokens=jnp.zeros((capacity, max_new_tokens), jnp.int32),
+                logprobs=jnp.zeros((capacity, max_new_tokens), jnp.float32),
+                lengths=jnp.zeros((capacity,), jnp.int32), decode_steps=jnp.zeros((), jnp.int32))
+    # Prefill buckets refill_rows, 2 * refill_rows, ... slots: the smallest that takes every row that
+    # can start (a full wave is one prefill, a few ended rows a small one).
+    buckets = sorted({min(slots, refill_rows << k) for k in range(max(slots // refill_rows, 1).bit_length() + 1)})
+    refills = [functools.partial(_refill, model, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, rows=rows,
+                                 rng=rng, eos_id=eos_id, bucket=b, sampling=sampling) for b in buckets]
+
+    def refill(run: Queue) -> Queue:
+        starting = jnp.minimum(jnp.sum(run.owner < 0), rows - run.queued)
+        return jax.lax.switch(jnp.sum(jnp.asarray(buckets[:-1]) < starting), refills, run)
+
+    can_start = lambda run: jnp.any(run.owner < 0) & (run.queued < rows)
+
+    def round_(run: Queue) -> Queue:
+        run = jax.lax.while_loop(can_start, refill, _collect(run))
+        # End the chunk early once enough rows ended to refill (none while the queue is empty).
+        refill_at = jnp.where(run.queued < rows, jnp.minimum(refill_rows, rows - run.queued), slots + 1)
+        state, steps_run = _decode_chunk(model, run.slots, eos_id, refill_at, chunk_steps, sampling)
+        return run.replace(slots=state, decode_steps=run.decode_steps + steps_run)
+
+    run = jax.lax.while_loop(lambda run: jnp.any(run.owner >= 0) | (run.queued < rows), round_, run)
+    return run.tokens, run.logprobs, run.lengths, run.decode_steps
+
+
 def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_mask, rng: Array | None,
                         *, slots: int, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
                         sampling: SamplingParams = SamplingParams(), chunk_steps: int = 32,
@@ -153,10 +229,11 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     """Completions [N, max_new_tokens] of left-padded prompts [N, P] through `slots` slots (module doc).
 
     Same fields and values as `rlft.generate.sampling.sample` of the whole batch (lengths include
-    the EOS; steps is the longest length). A jitted chunk decodes until `refill_rows` rows (default
-    slots // 4) have ended, or for at most chunk_steps steps; then the host refills the free slots.
-    Fewer chunks mean fewer host round trips, earlier refills fewer idle slots
-    (benchmarks/README.md has the A/B). One device (no mesh).
+    the EOS; steps is the longest length). One jitted program runs the queue: a chunk decodes until
+    `refill_rows` rows (default slots // 4) have ended, or for at most chunk_steps steps; then the
+    free slots are refilled, with one prefill of the smallest bucket (refill_rows times a power of
+    two, at most slots) that takes them all. The queue is padded to a power of two rows (one
+    compile per size). One device (no mesh).
     stats: a dict to receive "decode_steps" (steps run) and "slot_occupancy" (the fraction of
     slot-steps that decoded a live row's token).
     """
@@ -170,45 +247,17 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     if rows and not (mask.sum(-1) > 0).all():
         raise RlftError("continuous batching: every prompt needs at least one real token (mask 1)")
     rng = sampling_key(rng, sampling, "continuous batching")
-    eos = jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1))
-    config = nnx.merge(graphdef, params).config
-    state = _empty_slots(config, slots, width, max_new_tokens, pad_id, rng)
-    out_tokens = np.full((rows, max_new_tokens), pad_id, np.int32)
-    out_logprobs = np.zeros((rows, max_new_tokens), np.float32)
-    lengths = np.zeros((rows,), np.int32)
-    owner = np.full((slots,), -1)  # the queue row each slot is running (-1: free)
-    queued, decode_steps = 0, []
-    while True:
-        done, gen = jax.device_get((state.done, state.gen))
-        ended = np.flatnonzero(done & (owner >= 0))
-        if len(ended):
-            slot_tokens, slot_logprobs = jax.device_get((state.tokens, state.logprobs))
-            for s in ended:
-                r = owner[s]
-                out_tokens[r], out_logprobs[r], lengths[r] = slot_tokens[s], slot_logprobs[s], gen[s]
-                owner[s] = -1
-        free = np.flatnonzero(owner < 0)
-        take = min(len(free), rows - queued)
-        if take:
-            bucket = min(slots, 1 << (take - 1).bit_length())  # few shapes: one compile per power of two
-            slot_ids = np.full((bucket,), slots, np.int32)  # `slots` = padding, dropped
-            slot_ids[:take] = free[:take]
-            new_rows = np.zeros((bucket,), np.int32)  # padding rows prefill row 0, then are dropped
-            new_rows[:take] = np.arange(queued, queued + take)
-            state = _refill(graphdef, params, state, jnp.asarray(slot_ids), jnp.asarray(new_rows),
-                            jnp.asarray(tokens[new_rows]), jnp.asarray(mask[new_rows]), rng, eos, sampling=sampling)
-            owner[free[:take]] = new_rows[:take]
-            queued += take
-        if (owner < 0).all():
-            break
-        # End the chunk early once enough rows ended to refill (none while the queue is empty).
-        refill_at = np.int32(min(refill_rows, rows - queued) if queued < rows else slots + 1)
-        state, steps_run = _decode_chunk(graphdef, params, state, eos, refill_at, steps=chunk_steps,
-                                         sampling=sampling)
-        decode_steps.append(steps_run)
+    capacity = 1 << max(rows - 1, 0).bit_length()
+    padded = lambda x: np.pad(x, ((0, capacity - rows), (0, 0)))
+    results = _run_queue(graphdef, params, jnp.asarray(padded(tokens)), jnp.asarray(padded(mask)), jnp.int32(rows), rng,
+                     jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)), slots=slots,
+                     max_new_tokens=max_new_tokens, chunk_steps=chunk_steps, refill_rows=min(refill_rows, slots),
+                     sampling=sampling)
+    out_tokens, out_logprobs, lengths, decode_steps = jax.device_get(results)
+    out_tokens, out_logprobs, lengths = out_tokens[:rows], out_logprobs[:rows], lengths[:rows]
     if stats is not None:  # the first token of a row comes from its prefill, the others from decode steps
-        total = int(sum(jax.device_get(decode_steps)))
-        stats.update(decode_steps=total, slot_occupancy=float((lengths - 1).clip(0).sum() / max(total * slots, 1)))
+        stats.update(decode_steps=int(decode_steps),
+                     slot_occupancy=float((lengths - 1).clip(0).sum() / max(int(decode_steps) * slots, 1)))
     completion = (np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32)
     return SampleOutput(tokens=jnp.asarray(np.where(completion > 0, out_tokens, pad_id)),
                         mask=jnp.asarray(completion),
