@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--eos-ids", type=int, default=16, help="how many token ids end a completion")
-    parser.add_argument("--chunk", type=int, default=32, help="the engine's most decode steps per jitted call")
+    parser.add_argument("--chunk", type=int, default=32, help="the engine's most decode steps between refills")
     parser.add_argument("--refill-rows", type=int, default=None,
                         help="rows that must end before a chunk stops early to refill (default: slots // 4)")
     parser.add_argument("--reps", type=int, default=5)
