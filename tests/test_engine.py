@@ -68,14 +68,24 @@ def test_continuous_equals_static_whatever_the_slots(kind, sampling):
 
 def test_rows_do_not_depend_on_their_neighbours():
     """A row's completion is a function of (key, its queue index, its prompt): the first rows of a
-    longer queue are those of the short queue."""
+    longer queue are those of the short queue. The slot occupancy in closed form: 1 with one slot
+    (rows one after another); with more slots than rows every row starts at once, so it is
+    sum(length - 1) / (slots x (longest - 1)) (a row's first token comes from its prefill)."""
     graphdef, params = model_of("llama")
     tokens, mask = _queue()
-    run = lambda n: generate_continuous(graphdef, params, tokens[:n], mask[:n], jax.random.key(7), slots=1,
-                                        max_new_tokens=8, eos_id=EOS, pad_id=PAD,
-                                        sampling=SamplingParams(temperature=1.0))
+    stats = {}
+    run = lambda n, slots=1: generate_continuous(graphdef, params, tokens[:n], mask[:n], jax.random.key(7),
+                                                 slots=slots, max_new_tokens=8, eos_id=EOS, pad_id=PAD,
+                                                 sampling=SamplingParams(temperature=1.0), stats=stats)
     short, long = run(4), run(13)
     np.testing.assert_array_equal(np.asarray(long.tokens)[:4], np.asarray(short.tokens))
+    assert float(stats["slot_occupancy"]) == 1.0
+    wide = run(13, slots=16)
+    np.testing.assert_array_equal(np.asarray(wide.tokens), np.asarray(long.tokens))
+    lengths = np.asarray(long.lengths)
+    assert lengths.min() < lengths.max()
+    np.testing.assert_allclose(float(stats["slot_occupancy"]), (lengths - 1).sum() / (16 * (lengths.max() - 1)),
+                               rtol=1e-6)
 
 
 def test_bad_arguments_are_clear_errors():

@@ -186,12 +186,12 @@ def _decode_chunk(model: nnx.Module, state: Slots, eos_id: Array, refill_at: Arr
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "max_new_tokens", "chunk_steps", "refill_rows",
                                              "sampling"))
 def _run_queue(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rows: Array,
-               rng: Array, eos_id: Array, *, slots: int, max_new_tokens: int, chunk_steps: int, refill_rows: int,
-               sampling: SamplingParams) -> tuple[Array, Array, Array, Array]:
+               rng: Array, eos_id: Array, pad_id: Array, *, slots: int, max_new_tokens: int, chunk_steps: int,
+               refill_rows: int, sampling: SamplingParams) -> tuple[SampleOutput, Array]:
     """The whole queue (prompts [N, P], the first `rows` int32 [] of them real) through `slots`
     slots in one program: collect the ended rows, refill the free slots, decode a chunk; repeat
-    until every row has ended. No host round trip between chunks. Returns each row's tokens and
-    logprobs [N, T] (0 after its end) and length [N], and the decode steps run (int32 [])."""
+    until every row has ended. No host round trip between chunks. Returns the completions
+    [N, max_new_tokens] (rows past `rows` empty) and the slot occupancy (float32 [])."""
     model = nnx.merge(graphdef, params)
     capacity, width = prompt_tokens.shape
     run = Queue(slots=_empty_slots(model.config, slots, width, max_new_tokens, rng),
@@ -219,7 +219,13 @@ def _run_queue(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, 
         return run.replace(slots=state, decode_steps=run.decode_steps + steps_run)
 
     run = jax.lax.while_loop(lambda run: jnp.any(run.owner >= 0) | (run.queued < rows), round_, run)
-    return run.tokens, run.logprobs, run.lengths, run.decode_steps
+    # The first token of a row comes from its prefill, the others from decode steps.
+    occupancy = jnp.sum(jnp.maximum(run.lengths - 1, 0)) / jnp.maximum(run.decode_steps * slots, 1)
+    mask = (jnp.arange(max_new_tokens)[None, :] < run.lengths[:, None]).astype(jnp.int32)
+    out = SampleOutput(tokens=jnp.where(mask > 0, run.tokens, pad_id), mask=mask,
+                       logprobs=jnp.where(mask > 0, run.logprobs, 0.0), lengths=run.lengths,
+                       steps=jnp.max(run.lengths))
+    return out, occupancy.astype(jnp.float32)
 
 
 def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_mask, rng: Array | None,
@@ -234,8 +240,9 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     free slots are refilled, with one prefill of the smallest bucket (refill_rows times a power of
     two, at most slots) that takes them all. The queue is padded to a power of two rows (one
     compile per size). One device (no mesh).
-    stats: a dict to receive "decode_steps" (steps run) and "slot_occupancy" (the fraction of
-    slot-steps that decoded a live row's token).
+    stats: a dict to receive "slot_occupancy" (float32 [] on device: the fraction of slot-steps that
+    decoded a live row's token). Returns device arrays without waiting for them (an asynchronous
+    RL step scores the previous rollout meanwhile).
     """
     tokens, mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.int32)
     rows, width = tokens.shape
@@ -249,17 +256,10 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     rng = sampling_key(rng, sampling, "continuous batching")
     capacity = 1 << max(rows - 1, 0).bit_length()
     padded = lambda x: np.pad(x, ((0, capacity - rows), (0, 0)))
-    results = _run_queue(graphdef, params, jnp.asarray(padded(tokens)), jnp.asarray(padded(mask)), jnp.int32(rows), rng,
-                     jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)), slots=slots,
-                     max_new_tokens=max_new_tokens, chunk_steps=chunk_steps, refill_rows=min(refill_rows, slots),
-                     sampling=sampling)
-    out_tokens, out_logprobs, lengths, decode_steps = jax.device_get(results)
-    out_tokens, out_logprobs, lengths = out_tokens[:rows], out_logprobs[:rows], lengths[:rows]
-    if stats is not None:  # the first token of a row comes from its prefill, the others from decode steps
-        stats.update(decode_steps=int(decode_steps),
-                     slot_occupancy=float((lengths - 1).clip(0).sum() / max(int(decode_steps) * slots, 1)))
-    completion = (np.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(np.int32)
-    return SampleOutput(tokens=jnp.asarray(np.where(completion > 0, out_tokens, pad_id)),
-                        mask=jnp.asarray(completion),
-                        logprobs=jnp.asarray(np.where(completion > 0, out_logprobs, 0.0)),
-                        lengths=jnp.asarray(lengths), steps=jnp.asarray(lengths.max(initial=0), jnp.int32))
+    out, occupancy = _run_queue(graphdef, params, jnp.asarray(padded(tokens)), jnp.asarray(padded(mask)),
+                                jnp.int32(rows), rng, jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)),
+                                jnp.int32(pad_id), slots=slots, max_new_tokens=max_new_tokens, chunk_steps=chunk_steps,
+                                refill_rows=min(refill_rows, slots), sampling=sampling)
+    if stats is not None:
+        stats["slot_occupancy"] = occupancy
+    return jax.tree.map(lambda x: x[:rows] if x.ndim else x, out)  # device arrays: nothing waits here

@@ -178,7 +178,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         """The sampler's metrics: the weight copy to its own devices, the engine's slot occupancy."""
         out = {} if rollout_mesh is None else {"async/weight_sync_s": np.float32(weight_sync[-1])}
         if config.rollout_slots:
-            out["rollout/slot_occupancy"] = np.float32(engine_stats["slot_occupancy"])
+            out["rollout/slot_occupancy"] = engine_stats["slot_occupancy"]  # on device: no wait
         return out
 
     extra_args = (reference, frozen) if frozen is not None else () if reference is None else (reference,)
