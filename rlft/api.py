@@ -185,8 +185,9 @@ class Model:
         replicated; the number of prompts must divide evenly. Same results as without.
         slots: run the prompts through the continuous-batching engine with that many slots
         (`rlft.generate.engine`: a finished row's slot takes the next prompt; memory for `slots`
-        rows, not for every prompt); 0 = one static batch; None (default) = the engine with
-        AUTO_SLOTS slots for more than AUTO_SLOTS prompts without a mesh. Same results either way.
+        rows, not for every prompt; with a mesh, a multiple of its data shards, split over them);
+        0 = one static batch; None (default) = the engine with AUTO_SLOTS slots for more than
+        AUTO_SLOTS prompts without a mesh. Same results either way.
         """
         from rlft.data.batching import pad_left
         from rlft.generate.engine import generate_continuous
@@ -216,15 +217,16 @@ class Model:
         sampling = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
         if slots is None:
             slots = AUTO_SLOTS if mesh is None and len(ids) > AUTO_SLOTS else 0
-        if slots and mesh is not None:
-            raise RlftError(f"generate(slots={slots}): the continuous-batching engine runs on one device; "
-                            f"pass slots=0 with a mesh")
+        param_shardings = None if mesh is None else jax.tree.map(lambda _: replicated(mesh), self.params)
         if slots:
-            out = generate_continuous(self.graphdef, self.params, tokens, mask, jax.random.key(int(seed)),
-                                      slots=int(slots), max_new_tokens=int(max_new_tokens), eos_id=eos_id,
-                                      pad_id=pad_id, sampling=sampling)
+            params = self.params if mesh is None else jax.device_put(self.params, param_shardings)
+            try:
+                out = generate_continuous(self.graphdef, params, tokens, mask, jax.random.key(int(seed)),
+                                          slots=int(slots), max_new_tokens=int(max_new_tokens), eos_id=eos_id,
+                                          pad_id=pad_id, sampling=sampling, mesh=mesh)
+            except RlftError as e:
+                raise RlftError(f"generate(slots={slots}): {e}") from None
         else:
-            param_shardings = None if mesh is None else jax.tree.map(lambda _: replicated(mesh), self.params)
             out = sample(self.graphdef, self.params, tokens, mask, jax.random.key(int(seed)),
                          max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=pad_id, sampling=sampling,
                          mesh=mesh, param_shardings=param_shardings)

@@ -9,6 +9,7 @@ from rlft.errors import RlftError
 from rlft.generate.engine import generate_continuous
 from rlft.generate.sampling import SamplingParams, sample
 from rlft.models import ModelConfig
+from rlft.parallel.sharding import make_mesh, replicated
 from tests.test_sampling import PAD, _init, _left_padded
 
 EOS = (5, 9)  # two EOS ids: a row ends at either
@@ -54,11 +55,15 @@ def test_continuous_equals_static_whatever_the_slots(kind, sampling):
     lengths = np.asarray(ref.lengths)
     assert lengths.min() < lengths.max()  # a long-tailed queue: rows end at different steps
     # refills of 1..5 rows, a chunk ending after every row or at 2 ended rows (one slot:
-    # test_rows_do_not_depend_on_their_neighbours)
-    for slots, chunk, refill_rows in ((5, 3, 1), (5, 12, 2)):
-        out = generate_continuous(graphdef, params, tokens, mask, jax.random.key(2), slots=slots,
-                                  max_new_tokens=12, eos_id=EOS, pad_id=PAD, sampling=sampling, chunk_steps=chunk,
-                                  refill_rows=refill_rows)
+    # test_rows_do_not_depend_on_their_neighbours); an engine of 2 slots on each of 4 devices, the
+    # 13 rows split 4 + 4 + 4 + 1, a tensor axis replicating them
+    mesh = make_mesh((2, 2, 2), jax.devices()[:8])
+    for slots, chunk, refill_rows, on in ((5, 3, 1, None), (5, 12, 2, None), (8, 12, 1, mesh)):
+        if on is not None and kind != "llama":
+            continue
+        out = generate_continuous(graphdef, params if on is None else jax.device_put(params, replicated(on)), tokens,
+                                  mask, jax.random.key(2), slots=slots, max_new_tokens=12, eos_id=EOS, pad_id=PAD,
+                                  sampling=sampling, chunk_steps=chunk, refill_rows=refill_rows, mesh=on)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens), err_msg=f"slots={slots}")
         np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(ref.mask))
         np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
@@ -101,13 +106,17 @@ def test_bad_arguments_are_clear_errors():
         call(sampling=SamplingParams(temperature=1.0))
     with pytest.raises(RlftError, match="at least one real token"):
         call(mask=np.zeros_like(mask))
+    with pytest.raises(RlftError, match=r"slots=3 must be a multiple of the mesh's \('data', 'fsdp'\) shards \(4\)"):
+        call(slots=3, rng=jax.random.key(0), mesh=make_mesh((2, 2, 1), jax.devices()[:4]))
 
 
 def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path):
-    """rl.rollout_slots=3: the RL stage samples with the continuous engine (spied) and trains exactly
-    as with the static sampler (the same tokens, so the same params; the sampler's log-probs agree to
-    float32 rounding, and so do the metrics, KL and entropy among them, that read them); asynchronous
-    (K = 1), whose rollouts go through the same `sample` as the synchronous step's."""
+    """rl.rollout_slots=4 with the sampler on 2 devices of its own (mesh.rollout: an engine of 2
+    slots on each, the queue split between them): the RL stage samples with the continuous engine
+    (spied) and trains exactly as the colocated static sampler (the same tokens, so the same params;
+    the sampler's log-probs agree to float32 rounding, and so do the metrics, KL and entropy among
+    them, that read them); asynchronous (K = 1), whose rollouts go through the same `sample` as the
+    synchronous step's."""
     k = 1
     import json
 
@@ -115,7 +124,7 @@ def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path):
 
     from rlft.generate import engine
     from rlft.models import Decoder
-    from rlft.parallel.sharding import make_mesh, state_shardings
+    from rlft.parallel.sharding import state_shardings
     from rlft.rl.stage import run_rl_stage
     from tests.pairs_util import random_params
     from tests.test_rl_stage import CFG, TOK, char_reward, records, stage_config
@@ -125,13 +134,14 @@ def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path):
 
     def run(workdir, slots):
         mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+        sampler = make_mesh((2, 1, 1), jax.devices()[1:3]) if slots else None
         graphdef, host = random_params(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), seed=3)
         cfg = stage_config(algorithm="grpo", epochs=1, minibatches=1, kl=dict(controller="fixed"), steps=3,
                            max_staleness=k, rollout_slots=slots)
         out = run_rl_stage(name="rl", workdir=str(workdir), graphdef=graphdef,
                            params=jax.device_put(host, state_shardings(host, mesh)), prompts=records(),
                            reward_fn=char_reward, cfg=cfg, mesh=mesh, seed=4, eos_id=TOK.eos_token_id,
-                           pad_id=TOK.pad_token_id, tokenizer=TOK)
+                           pad_id=TOK.pad_token_id, tokenizer=TOK, rollout_mesh=sampler)
         lines = [json.loads(line) for line in (workdir / "rl" / "metrics.jsonl").read_text().splitlines()]
         return jax.tree.map(np.asarray, out), lines
 
@@ -140,10 +150,10 @@ def test_rl_rollouts_on_the_engine_equal_the_static_sampler(tmp_path):
     try:
         static, static_metrics = run(tmp_path / "static", 0)
         assert not calls
-        cont, cont_metrics = run(tmp_path / "continuous", 3)
+        cont, cont_metrics = run(tmp_path / "continuous", 4)
     finally:
         stage.generate_continuous = real
-    assert calls and set(calls) == {3}
+    assert calls and set(calls) == {4}
     for a, b in zip(jax.tree.leaves(static), jax.tree.leaves(cont)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(static_metrics, cont_metrics):

@@ -404,7 +404,8 @@ def test_model_generate_on_a_mesh_equals_one_device(checkpoint_with_tokenizer):
 def test_model_generate_of_many_prompts_runs_the_continuous_engine_with_the_same_results(
         checkpoint_with_tokenizer, monkeypatch):
     """More than AUTO_SLOTS prompts go through the continuous-batching engine (spied), and the
-    completions are those of one static batch (slots=0) and of an explicit slot count."""
+    completions are those of one static batch (slots=0), of an explicit slot count and of engines
+    on 4 devices (the queue split over a mesh)."""
     import rlft
     from rlft import api
     from rlft.generate import engine
@@ -425,8 +426,11 @@ def test_model_generate_of_many_prompts_runs_the_continuous_engine_with_the_same
     np.testing.assert_allclose(three["logprobs"], static["logprobs"], atol=1e-5, rtol=0)
     with pytest.raises(RlftError, match="slots"):
         model.generate(prompts[:8], slots=-1, **kw)
-    with pytest.raises(RlftError, match="runs on one device"):
+    with pytest.raises(RlftError, match=r"generate\(slots=4\): .*multiple of the mesh"):
         model.generate(prompts[:8], slots=4, mesh=make_mesh((-1, 1, 1)), **kw)
+    split = model.generate(prompts, slots=8, mesh=make_mesh((2, 2, 1), jax.devices()[:4]), **kw)
+    assert split["text"] == static["text"]
+    np.testing.assert_allclose(split["logprobs"], static["logprobs"], atol=1e-5, rtol=0)
 
 
 def test_sample_command_errors(checkpoint_with_tokenizer, tmp_path):

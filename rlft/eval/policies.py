@@ -71,22 +71,22 @@ def sample_policy(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: Sequenc
     policy evaluated with the same seed sees the same random numbers (differences between policies
     are not sampling noise of the keys), whatever the batch size or the sampler.
     slots: sample through the continuous-batching engine with that many slots
-    (`rlft.generate.engine`; one device); 0 = static batches of `batch_size`; None (default) = the
-    engine with `batch_size` slots when there are more prompts than that and the mesh has one
-    device. Same completions either way.
+    (`rlft.generate.engine`; one process; with a mesh, split over its data shards); 0 = static
+    batches of `batch_size`; None (default) = the engine with one batch's worth of slots when
+    there are more prompts than that and the run has one process. Same completions either way.
     """
     if not prompt_ids:
         raise RlftError("sample_policy: no prompts")
     width = max(len(p) for p in prompt_ids)
     size = _batch_size(batch_size, len(prompt_ids), mesh)
     if slots is None:
-        one_device = mesh is None or mesh.devices.size == 1
-        slots = size if one_device and len(prompt_ids) > size else 0
+        one_process = mesh is None or not mesh.is_multi_process
+        slots = size if one_process and len(prompt_ids) > size else 0
     key = jax.random.key(seed)
     if slots:
         tokens, mask, _ = pad_left(list(prompt_ids), width, pad_id)
         whole = generate_continuous(graphdef, params, tokens, mask, key, slots=slots, max_new_tokens=max_new_tokens,
-                                    eos_id=eos_id, pad_id=pad_id, sampling=sampling)
+                                    eos_id=eos_id, pad_id=pad_id, sampling=sampling, mesh=mesh)
     texts, masks, logps, ended, batches = [], [], [], [], []
     for start in range(0, len(prompt_ids), size):
         chunk = list(prompt_ids[start:start + size])

@@ -26,18 +26,21 @@ the slot count, the chunk size or when a row was scheduled: continuous == static
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh, PartitionSpec
 
 from rlft.errors import RlftError
 from rlft.generate.logprobs import SamplingParams
 from rlft.generate.sampling import (SampleOutput, _check_prompts, choose_tokens, is_eos, prefill, row_keys,
                                     sampling_key, step_uniforms)
 from rlft.models.decoder import KVCache
+from rlft.parallel.sharding import batch_axes, batch_sharding
 
 Array = jax.Array
 
@@ -127,11 +130,12 @@ def _collect(run: Queue) -> Queue:
                        logprobs=put(run.logprobs, run.slots.logprobs), lengths=put(run.lengths, run.slots.gen))
 
 
-def _refill(model: nnx.Module, run: Queue, prompt_tokens: Array, prompt_mask: Array, rows: Array, rng: Array,
-            eos_id: Array, bucket: int, sampling: SamplingParams) -> Queue:
+def _refill(model: nnx.Module, run: Queue, prompt_tokens: Array, prompt_mask: Array, rows: Array, first_row: Array,
+            rng: Array, eos_id: Array, bucket: int, sampling: SamplingParams) -> Queue:
     """Start the next min(bucket, free slots, rows left) rows of the queue (prompts [N, P], `rows`
-    of them real) in the lowest free slots: one prefill of `bucket` rows (the surplus are copies
-    of row 0, dropped), the caches placed in the ring, each row's token 0 drawn."""
+    of them real; local row r draws the stream of row first_row + r) in the lowest free slots: one
+    prefill of `bucket` rows (the surplus are copies of row 0, dropped), the caches placed in the
+    ring, each row's token 0 drawn."""
     state, slots = run.slots, run.owner.shape[0]
     free = run.owner < 0
     take = jnp.minimum(jnp.sum(free), rows - run.queued)
@@ -140,7 +144,7 @@ def _refill(model: nnx.Module, run: Queue, prompt_tokens: Array, prompt_mask: Ar
     new_rows = jnp.where(valid, run.queued + jnp.arange(bucket), 0)
     mask = (prompt_mask[new_rows] > 0).astype(jnp.int32)
     logits, cache = prefill(model, prompt_tokens[new_rows], mask, prompt_tokens.shape[1])
-    keys = row_keys(rng, new_rows)
+    keys = row_keys(rng, first_row + new_rows)
     token, logprob = choose_tokens(logits, step_uniforms(keys, 0), sampling)
     limit = state.tokens.shape[1]
     put = lambda field, value: field.at[slot_ids].set(value, mode="drop")
@@ -183,17 +187,16 @@ def _decode_chunk(model: nnx.Module, state: Slots, eos_id: Array, refill_at: Arr
     return state, steps_run
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "max_new_tokens", "chunk_steps", "refill_rows",
-                                             "sampling"))
-def _run_queue(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rows: Array,
-               rng: Array, eos_id: Array, pad_id: Array, *, slots: int, max_new_tokens: int, chunk_steps: int,
-               refill_rows: int, sampling: SamplingParams) -> tuple[SampleOutput, Array]:
-    """The whole queue (prompts [N, P], the first `rows` int32 [] of them real) through `slots`
-    slots in one program: collect the ended rows, refill the free slots, decode a chunk; repeat
-    until every row has ended. No host round trip between chunks. Returns the completions
-    [N, max_new_tokens] (rows past `rows` empty) and the slot occupancy (float32 [])."""
+def _run_shard(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rows: Array,
+               first_row: Array, rng: Array, eos_id: Array, *, slots: int, max_new_tokens: int, chunk_steps: int,
+               refill_rows: int, sampling: SamplingParams) -> tuple[Array, Array, Array, Array]:
+    """One queue (prompts [C, P], the first `rows` int32 [1] of them real, drawing the streams of
+    rows first_row int32 [1] + r) through `slots` slots: collect the ended rows, refill the free
+    slots, decode a chunk; repeat until every row has ended. Returns each row's tokens and logprobs
+    [C, T] (0 after its end), its length [C] and the decode steps run [1]."""
     model = nnx.merge(graphdef, params)
     capacity, width = prompt_tokens.shape
+    rows, first_row = rows[0], first_row[0]
     run = Queue(slots=_empty_slots(model.config, slots, width, max_new_tokens, rng),
                 owner=jnp.full((slots,), -1, jnp.int32), queued=jnp.zeros((), jnp.int32),
                 tokens=jnp.zeros((capacity, max_new_tokens), jnp.int32),
@@ -203,7 +206,8 @@ def _run_queue(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, 
     # can start (a full wave is one prefill, a few ended rows a small one).
     buckets = sorted({min(slots, refill_rows << k) for k in range(max(slots // refill_rows, 1).bit_length() + 1)})
     refills = [functools.partial(_refill, model, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, rows=rows,
-                                 rng=rng, eos_id=eos_id, bucket=b, sampling=sampling) for b in buckets]
+                                 first_row=first_row, rng=rng, eos_id=eos_id, bucket=b, sampling=sampling)
+               for b in buckets]
 
     def refill(run: Queue) -> Queue:
         starting = jnp.minimum(jnp.sum(run.owner < 0), rows - run.queued)
@@ -219,19 +223,39 @@ def _run_queue(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, 
         return run.replace(slots=state, decode_steps=run.decode_steps + steps_run)
 
     run = jax.lax.while_loop(lambda run: jnp.any(run.owner >= 0) | (run.queued < rows), round_, run)
+    return run.tokens, run.logprobs, run.lengths, run.decode_steps[None]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "slots", "max_new_tokens", "chunk_steps",
+                                             "refill_rows", "sampling"))
+def _run_queue(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prompt_mask: Array, rows: Array,
+               first_row: Array, rng: Array, eos_id: Array, pad_id: Array, *, mesh: Mesh | None, slots: int,
+               max_new_tokens: int, chunk_steps: int, refill_rows: int,
+               sampling: SamplingParams) -> tuple[SampleOutput, Array]:
+    """The queue in one program: `_run_shard` on one device, or on each of the mesh's W batch shards
+    (`shard_map`; prompts [W x C, P], rows / first_row [W]: shard w's queue). Returns the
+    completions [W x C, max_new_tokens] (rows past each shard's count empty) and the slot
+    occupancy (float32 [])."""
+    run = functools.partial(_run_shard, graphdef, slots=slots, max_new_tokens=max_new_tokens,
+                            chunk_steps=chunk_steps, refill_rows=refill_rows, sampling=sampling)
+    if mesh is not None:  # each shard an engine of its own: no collective in the loop
+        shard = PartitionSpec(batch_axes(mesh))
+        run = jax.shard_map(run, mesh=mesh, in_specs=(PartitionSpec(), shard, shard, shard, shard, PartitionSpec(),
+                                                      PartitionSpec()), out_specs=shard, check_vma=False)
+    tokens, logprobs, lengths, decode_steps = run(params, prompt_tokens, prompt_mask, rows, first_row, rng, eos_id)
     # The first token of a row comes from its prefill, the others from decode steps.
-    occupancy = jnp.sum(jnp.maximum(run.lengths - 1, 0)) / jnp.maximum(run.decode_steps * slots, 1)
-    mask = (jnp.arange(max_new_tokens)[None, :] < run.lengths[:, None]).astype(jnp.int32)
-    out = SampleOutput(tokens=jnp.where(mask > 0, run.tokens, pad_id), mask=mask,
-                       logprobs=jnp.where(mask > 0, run.logprobs, 0.0), lengths=run.lengths,
-                       steps=jnp.max(run.lengths))
+    occupancy = jnp.sum(jnp.maximum(lengths - 1, 0)) / jnp.maximum(jnp.sum(decode_steps) * slots, 1)
+    mask = (jnp.arange(max_new_tokens)[None, :] < lengths[:, None]).astype(jnp.int32)
+    out = SampleOutput(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask,
+                       logprobs=jnp.where(mask > 0, logprobs, 0.0), lengths=lengths, steps=jnp.max(lengths))
     return out, occupancy.astype(jnp.float32)
 
 
 def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_mask, rng: Array | None,
                         *, slots: int, max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int,
                         sampling: SamplingParams = SamplingParams(), chunk_steps: int = 32,
-                        refill_rows: int | None = None, stats: dict | None = None) -> SampleOutput:
+                        refill_rows: int | None = None, mesh: Mesh | None = None,
+                        stats: dict | None = None) -> SampleOutput:
     """Completions [N, max_new_tokens] of left-padded prompts [N, P] through `slots` slots (module doc).
 
     Same fields and values as `rlft.generate.sampling.sample` of the whole batch (lengths include
@@ -239,27 +263,51 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     `refill_rows` rows (default slots // 4) have ended, or for at most chunk_steps steps; then the
     free slots are refilled, with one prefill of the smallest bucket (refill_rows times a power of
     two, at most slots) that takes them all. The queue is padded to a power of two rows (one
-    compile per size). One device (no mesh).
+    compile per size).
+    mesh (one process): the queue is split into W contiguous parts over the mesh's batch axes
+    (W = their size), each run by an engine of slots / W slots on its own devices (the params,
+    on the mesh's devices, are gathered whole on each); row i still draws row i's stream, so the
+    completions are the same.
     stats: a dict to receive "slot_occupancy" (float32 [] on device: the fraction of slot-steps that
     decoded a live row's token). Returns device arrays without waiting for them (an asynchronous
     RL step scores the previous rollout meanwhile).
     """
     tokens, mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.int32)
     rows, width = tokens.shape
-    refill_rows = max(1, slots // 4) if refill_rows is None else refill_rows
+    ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    refill_rows = max(1, slots // ways // 4) if refill_rows is None else refill_rows
     if slots < 1 or chunk_steps < 1 or max_new_tokens < 1 or refill_rows < 1:
         raise RlftError(f"continuous batching: slots={slots}, chunk_steps={chunk_steps}, refill_rows={refill_rows} "
                         f"and max_new_tokens={max_new_tokens} must be >= 1")
+    if slots % ways:
+        raise RlftError(f"continuous batching: slots={slots} must be a multiple of the mesh's {batch_axes(mesh)} "
+                        f"shards ({ways}): each shard runs slots / {ways} of them")
+    if mesh is not None and mesh.is_multi_process:
+        raise RlftError("continuous batching: the engine's mesh must be on this process's devices (one process)")
     _check_prompts(graphdef, params, tokens, mask, width + max_new_tokens)
     if rows and not (mask.sum(-1) > 0).all():
         raise RlftError("continuous batching: every prompt needs at least one real token (mask 1)")
     rng = sampling_key(rng, sampling, "continuous batching")
-    capacity = 1 << max(rows - 1, 0).bit_length()
-    padded = lambda x: np.pad(x, ((0, capacity - rows), (0, 0)))
-    out, occupancy = _run_queue(graphdef, params, jnp.asarray(padded(tokens)), jnp.asarray(padded(mask)),
-                                jnp.int32(rows), rng, jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)),
-                                jnp.int32(pad_id), slots=slots, max_new_tokens=max_new_tokens, chunk_steps=chunk_steps,
-                                refill_rows=min(refill_rows, slots), sampling=sampling)
+    per_shard = -(-rows // ways)
+    capacity = 1 << max(per_shard - 1, 0).bit_length()
+    firsts = np.arange(ways, dtype=np.int32) * per_shard  # shard w runs rows firsts[w] .. + counts[w]
+    counts = np.clip(rows - firsts, 0, per_shard).astype(np.int32)
+    order = np.concatenate([w * capacity + np.arange(n) for w, n in enumerate(counts)])  # queue row -> output row
+
+    def shards(x):  # [N, P] -> [W x C, P]: shard w's rows, zero-padded to C
+        out = np.zeros((ways * capacity, x.shape[1]), x.dtype)
+        out[order] = x
+        return out
+
+    args = (shards(tokens), shards(mask), counts, firsts)
+    if mesh is not None:
+        args = jax.device_put(args, tuple(batch_sharding(mesh, np.ndim(a)) for a in args))
+    out, occupancy = _run_queue(graphdef, params, *args, rng, jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)),
+                                jnp.int32(pad_id), mesh=mesh, slots=slots // ways, max_new_tokens=max_new_tokens,
+                                chunk_steps=chunk_steps, refill_rows=min(refill_rows, slots // ways),
+                                sampling=sampling)
     if stats is not None:
         stats["slot_occupancy"] = occupancy
-    return jax.tree.map(lambda x: x[:rows] if x.ndim else x, out)  # device arrays: nothing waits here
+    if ways == 1:
+        return jax.tree.map(lambda x: x[:rows] if x.ndim else x, out)  # device arrays: nothing waits here
+    return jax.tree.map(lambda x: x[order] if x.ndim else x, out)

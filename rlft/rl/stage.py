@@ -24,6 +24,7 @@ TensorBoard only, which keeps metrics.jsonl deterministic.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
 from rlft.parallel.distributed import local_rows, local_to_host, put_global, to_host
 from rlft.parallel.transfer import reshard
-from rlft.parallel.sharding import (MeshJit, batch_sharding, replicated, shard_batch, sharded_init,
+from rlft.parallel.sharding import (MeshJit, batch_axes, batch_sharding, replicated, shard_batch, sharded_init,
                                    state_shardings)
 from rlft.data.loader import epoch_batches
 from rlft.rl import dynamic_sampling, pending
@@ -147,9 +148,13 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         weight_sync.append(time.perf_counter() - start)
         return view
 
-    if config.rollout_slots and sampler_mesh.devices.size != 1:
-        raise RlftError(f"{name}.rollout_slots={config.rollout_slots}: the continuous-batching engine runs on one "
-                        f"device; the sampler's mesh has {sampler_mesh.devices.size} (set {name}.rollout_slots=0)")
+    shards = math.prod(sampler_mesh.shape[a] for a in batch_axes(sampler_mesh))
+    if config.rollout_slots and sampler_mesh.is_multi_process:
+        raise RlftError(f"{name}.rollout_slots={config.rollout_slots}: the continuous-batching engine runs in one "
+                        f"process; the sampler's mesh spans {jax.process_count()} (set {name}.rollout_slots=0)")
+    if config.rollout_slots % shards:
+        raise RlftError(f"{name}.rollout_slots={config.rollout_slots} must be a multiple of the sampler's "
+                        f"{shards} batch shards (each runs an engine of rollout_slots / {shards} slots)")
     sample_key = jax.jit(_rollout_key)
 
     engine_stats: dict = {}
@@ -159,10 +164,8 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         out = generate_continuous(graphdef, combine(sampler_frozen, view.params), np.asarray(tokens), np.asarray(mask),
                                   sample_key(view, *args), slots=config.rollout_slots,
                                   max_new_tokens=config.max_new_tokens, eos_id=config.eos_ids, pad_id=pad_id,
-                                  sampling=config.sampling, stats=engine_stats)
-        device = sampler_mesh.devices.flat[0]
-        return jax.device_put(Sequences.from_sample(*jax.device_put((tokens, mask, out), device)),
-                              rollout_shardings(sampler_mesh)["sequences"])
+                                  sampling=config.sampling, mesh=sampler_mesh, stats=engine_stats)
+        return jax.device_put(Sequences.from_sample(tokens, mask, out), rollout_shardings(sampler_mesh)["sequences"])
 
     def sample(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
         """The rollout of prompts [rows, width] (on `mesh`) by the sampler; Sequences on `mesh`."""
