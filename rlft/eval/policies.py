@@ -7,7 +7,7 @@
     text_perplexity  perplexity of held-out human text under a model
 
 Prompts go in fixed-size, left-padded batches (the last one filled with copies of the first prompt),
-so each model compiles the sampler once; long prompt lists on one device go through the
+so each model compiles the sampler once; long prompt lists in one process go through the
 continuous-batching engine instead (same completions: each prompt's random stream is its index's).
 """
 

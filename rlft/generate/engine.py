@@ -10,7 +10,8 @@ max_new_tokens) are copied out (`_collect`) and their slots refilled with the ne
 queue (`_refill`: one prefill of those prompts, their caches placed into the slots), so the slots
 stay busy while lengths differ. The whole queue runs as one jitted program (`_run_queue`, nested
 `lax.while_loop`s): no host round trip between chunks, which on an accelerator cost more than the
-decode steps they schedule (benchmarks/README.md).
+decode steps they schedule (benchmarks/README.md). On a mesh (one process) the queue is split over
+the batch shards and each runs such an engine of its own (`shard_map`; no collective in the loop).
 
 The KV cache is a ring (`KVCache(ring=True)`) of P + max_new_tokens slots per row: every decode
 step writes all rows at one shared column (index + 1 mod the ring's length), and a refilled row's
@@ -19,8 +20,8 @@ their column order (positions are in the keys and inputs); stale columns have se
 
 Determinism: row i of the queue draws its token s with fold_in(fold_in(rng, i), s), exactly as
 `sample` draws for batch row i (`row_keys`, `step_uniforms`), so the completions do not depend on
-the slot count, the chunk size or when a row was scheduled: continuous == static, token for token
-(tests/test_engine.py).
+the slot count, the chunk size, the shard or when a row was scheduled: continuous == static, token
+for token (tests/test_engine.py).
 """
 
 from __future__ import annotations
