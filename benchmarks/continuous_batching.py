@@ -16,6 +16,7 @@ after one warm-up call each (compiles excluded).
 
     python benchmarks/continuous_batching.py
     python benchmarks/continuous_batching.py --slots 16 --prompts 128 --new-tokens 128 --reps 7 --chunk 8
+    python benchmarks/continuous_batching.py --host-devices 2     # both sides on a 2-device mesh
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import argparse
 import statistics
 import time
 
-from rlft.host import tune_host_malloc
+import sys
+
+from rlft.host import force_host_devices, tune_host_malloc
 
 if __name__ == "__main__":
     tune_host_malloc()
+    force_host_devices(sys.argv, default=1)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -37,6 +41,7 @@ from flax import nnx  # noqa: E402
 from rlft.generate.engine import generate_continuous  # noqa: E402
 from rlft.generate.sampling import SamplingParams, sample  # noqa: E402
 from rlft.models import Decoder, ModelConfig  # noqa: E402
+from rlft.parallel.sharding import make_mesh, replicated  # noqa: E402
 
 PAD = 0
 
@@ -52,18 +57,19 @@ def queue(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return tokens, mask
 
 
-def static(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling):
+def static(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling, mesh):
     """Lengths [n] of the queue through `sample` in consecutive batches of `slots` rows (row r of the
     queue draws row r's stream, `first_row`: the engine's completions, token for token)."""
     outs = [sample(graphdef, params, tokens[i:i + slots], mask[i:i + slots], key, first_row=i,
-                   max_new_tokens=new_tokens, eos_id=eos, pad_id=PAD, sampling=sampling)
+                   max_new_tokens=new_tokens, eos_id=eos, pad_id=PAD, sampling=sampling, mesh=mesh)
             for i in range(0, len(tokens), slots)]
     return np.concatenate([np.asarray(o.lengths) for o in outs])
 
 
-def continuous(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling, chunk, refill_rows):
+def continuous(graphdef, params, tokens, mask, key, slots, new_tokens, eos, sampling, chunk, refill_rows, mesh):
     out = generate_continuous(graphdef, params, tokens, mask, key, slots=slots, max_new_tokens=new_tokens,
-                              eos_id=eos, pad_id=PAD, sampling=sampling, chunk_steps=chunk, refill_rows=refill_rows)
+                              eos_id=eos, pad_id=PAD, sampling=sampling, chunk_steps=chunk, refill_rows=refill_rows,
+                              mesh=mesh)
     return np.asarray(out.lengths)
 
 
@@ -77,23 +83,28 @@ def main() -> None:
     parser.add_argument("--refill-rows", type=int, default=None,
                         help="rows that must end before a chunk stops early to refill (default: slots // 4)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--host-devices", type=int, default=1,
+                        help="CPU devices: > 1 puts both sides on a data-parallel mesh (static batches split "
+                             "over it, an engine of slots / N slots on each device)")
     args = parser.parse_args()
 
     cfg = ModelConfig.gpt2(vocab_size=512, d_model=256, n_layers=4, n_heads=4, max_positions=256)
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     model.embed[...] = model.embed[...] * 0.05  # tied head: near-uniform next-token distributions
     graphdef, params = nnx.split(model)
-    params = jax.tree.map(jnp.asarray, params)
+    mesh = make_mesh((-1, 1, 1)) if args.host_devices > 1 else None
+    params = jax.tree.map(jnp.asarray, params) if mesh is None else jax.device_put(params, replicated(mesh))
     tokens, mask = queue(args.prompts)
     sampling = SamplingParams(temperature=1.0)
     key = jax.random.key(0)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}; queue {args.prompts} prompts, {args.slots} slots, "
           f"max_new_tokens {args.new_tokens}, chunk {args.chunk}, refill rows {args.refill_rows or 'slots // 4'}, "
-          f"median of {args.reps}")
+          f"median of {args.reps}, {jax.device_count()} device(s)")
     for workload, eos in (("long-tail", list(range(500, 500 + args.eos_ids))), ("uniform", [-1])):
-        runs = {"static": lambda: static(graphdef, params, tokens, mask, key, args.slots, args.new_tokens, eos, sampling),
+        runs = {"static": lambda: static(graphdef, params, tokens, mask, key, args.slots, args.new_tokens, eos, sampling,
+                                         mesh),
                 "continuous": lambda: continuous(graphdef, params, tokens, mask, key, args.slots, args.new_tokens,
-                                                 eos, sampling, args.chunk, args.refill_rows)}
+                                                 eos, sampling, args.chunk, args.refill_rows, mesh)}
         seconds = {name: [] for name in runs}
         lengths = {name: fn() for name, fn in runs.items()}  # warm-up: compiles
         for _ in range(args.reps):
