@@ -151,7 +151,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
     shards = math.prod(sampler_mesh.shape[a] for a in batch_axes(sampler_mesh))
     if config.rollout_slots and sampler_mesh.is_multi_process:
         raise RlftError(f"{name}.rollout_slots={config.rollout_slots}: the continuous-batching engine runs in one "
-                        f"process; the sampler's mesh spans {jax.process_count()} (set {name}.rollout_slots=0)")
+                        f"process; the sampler's mesh spans {jax.process_count()} processes (set {name}.rollout_slots=0)")
     if config.rollout_slots % shards:
         raise RlftError(f"{name}.rollout_slots={config.rollout_slots} must be a multiple of the sampler's "
                         f"{shards} batch shards (each runs an engine of rollout_slots / {shards} slots)")
