@@ -10,8 +10,8 @@ max_new_tokens) are copied out (`_collect`) and their slots refilled with the ne
 queue (`_refill`: one prefill of those prompts, their caches placed into the slots), so the slots
 stay busy while lengths differ. The whole queue runs as one jitted program (`_run_queue`, nested
 `lax.while_loop`s): no host round trip between chunks, which on an accelerator cost more than the
-decode steps they schedule (benchmarks/README.md). On a mesh (one process) the queue is split over
-the batch shards and each runs such an engine of its own (`shard_map`; no collective in the loop).
+decode steps they schedule (benchmarks/README.md). On a mesh the queue is split over the batch
+shards and each runs such an engine of its own (`shard_map`; no collective in the loop).
 
 The KV cache is a ring (`KVCache(ring=True)`) of P + max_new_tokens slots per row: every decode
 step writes all rows at one shared column (index + 1 mod the ring's length), and a refilled row's
@@ -41,7 +41,8 @@ from rlft.generate.logprobs import SamplingParams
 from rlft.generate.sampling import (SampleOutput, _check_prompts, choose_tokens, is_eos, prefill, row_keys,
                                     sampling_key, step_uniforms)
 from rlft.models.decoder import KVCache
-from rlft.parallel.sharding import batch_axes, batch_sharding
+from rlft.parallel.distributed import put_global
+from rlft.parallel.sharding import batch_axes, batch_sharding, replicated
 
 Array = jax.Array
 
@@ -265,16 +266,17 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     free slots are refilled, with one prefill of the smallest bucket (refill_rows times a power of
     two, at most slots) that takes them all. The queue is padded to a power of two rows (one
     compile per size).
-    mesh (one process): the queue is split into W contiguous parts over the mesh's batch axes
-    (W = their size), each run by an engine of slots / W slots on its own devices (the params,
-    on the mesh's devices, are gathered whole on each); row i still draws row i's stream, so the
-    completions are the same.
+    mesh: the queue is split into W contiguous parts over the mesh's batch axes (W = their size),
+    each run by an engine of slots / W slots on its own devices (the params, on the mesh's
+    devices, are gathered whole on each); row i still draws row i's stream, so the completions
+    are the same. Host prompts are split here (one process); prompts that are jax arrays on the
+    mesh with a multiple of W rows are used where they are, each shard's block its queue, and the
+    completions come back batch-sharded the same way (so a mesh across processes works too).
     stats: a dict to receive "slot_occupancy" (float32 [] on device: the fraction of slot-steps that
     decoded a live row's token). Returns device arrays without waiting for them (an asynchronous
     RL step scores the previous rollout meanwhile).
     """
-    tokens, mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.int32)
-    rows, width = tokens.shape
+    rows, width = prompt_tokens.shape
     ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
     refill_rows = max(1, slots // ways // 4) if refill_rows is None else refill_rows
     if slots < 1 or chunk_steps < 1 or max_new_tokens < 1 or refill_rows < 1:
@@ -283,14 +285,27 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     if slots % ways:
         raise RlftError(f"continuous batching: slots={slots} must be a multiple of the mesh's {batch_axes(mesh)} "
                         f"shards ({ways}): each shard runs slots / {ways} of them")
-    if mesh is not None and mesh.is_multi_process:
-        raise RlftError("continuous batching: the engine's mesh must be on this process's devices (one process)")
-    _check_prompts(graphdef, params, tokens, mask, width + max_new_tokens)
-    if rows and not (mask.sum(-1) > 0).all():
+    # Prompts already on the mesh (jax arrays, rows a multiple of the shards) stay there: each shard's
+    # queue is its own block of rows, which also works when the mesh spans processes.
+    placed = mesh is not None and all(isinstance(x, jax.Array) for x in (prompt_tokens, prompt_mask)) \
+        and rows % ways == 0
+    if mesh is not None and mesh.is_multi_process and not placed:
+        raise RlftError(f"continuous batching: on a mesh of several processes the prompts must be global arrays "
+                        f"on it with a multiple of its {ways} batch shards as rows (got {type(prompt_tokens).__name__} "
+                        f"of {rows} rows)")
+    _check_prompts(graphdef, params, prompt_tokens, prompt_mask, width + max_new_tokens)
+    if placed:
+        prompt_tokens, prompt_mask = (jax.device_put(x.astype(jnp.int32), batch_sharding(mesh, 2))
+                                      for x in (prompt_tokens, prompt_mask))
+        all_real = bool(jax.device_get(jnp.all(jnp.sum(prompt_mask > 0, axis=-1) > 0)))
+    else:
+        prompt_tokens, prompt_mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.int32)
+        all_real = bool((prompt_mask.sum(-1) > 0).all())
+    if rows and not all_real:
         raise RlftError("continuous batching: every prompt needs at least one real token (mask 1)")
     rng = sampling_key(rng, sampling, "continuous batching")
     per_shard = -(-rows // ways)
-    capacity = 1 << max(per_shard - 1, 0).bit_length()
+    capacity = per_shard if placed else 1 << max(per_shard - 1, 0).bit_length()  # a power of two: few compiles
     firsts = np.arange(ways, dtype=np.int32) * per_shard  # shard w runs rows firsts[w] .. + counts[w]
     counts = np.clip(rows - firsts, 0, per_shard).astype(np.int32)
     order = np.concatenate([w * capacity + np.arange(n) for w, n in enumerate(counts)])  # queue row -> output row
@@ -300,15 +315,19 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
         out[order] = x
         return out
 
-    args = (shards(tokens), shards(mask), counts, firsts)
+    queues = (prompt_tokens, prompt_mask) if placed else (shards(prompt_tokens), shards(prompt_mask))
     if mesh is not None:
-        args = jax.device_put(args, tuple(batch_sharding(mesh, np.ndim(a)) for a in args))
-    out, occupancy = _run_queue(graphdef, params, *args, rng, jnp.asarray(np.asarray(eos_id, np.int32).reshape(-1)),
-                                jnp.int32(pad_id), mesh=mesh, slots=slots // ways, max_new_tokens=max_new_tokens,
-                                chunk_steps=chunk_steps, refill_rows=min(refill_rows, slots // ways),
-                                sampling=sampling)
+        queues = queues if placed else jax.device_put(queues, (batch_sharding(mesh, 2),) * 2)
+        counts, firsts = put_global((counts, firsts), batch_sharding(mesh, 1))
+        rng = put_global(rng, replicated(mesh))
+    out, occupancy = _run_queue(graphdef, params, *queues, counts, firsts, rng,
+                                np.asarray(eos_id, np.int32).reshape(-1), np.int32(pad_id), mesh=mesh,
+                                slots=slots // ways, max_new_tokens=max_new_tokens, chunk_steps=chunk_steps,
+                                refill_rows=min(refill_rows, slots // ways), sampling=sampling)
     if stats is not None:
         stats["slot_occupancy"] = occupancy
+    if placed:
+        return out  # already in queue order, batch-sharded over the mesh
     if ways == 1:
         return jax.tree.map(lambda x: x[:rows] if x.ndim else x, out)  # device arrays: nothing waits here
     return jax.tree.map(lambda x: x[order] if x.ndim else x, out)

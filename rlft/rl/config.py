@@ -38,8 +38,8 @@ versions old (logged as async/staleness); `rl.off_policy=none|tis|decoupled` cor
 unless rl.tis=sequence), "decoupled" is AReaL's decoupled PPO: the clip around the current
 (proximal) policy, times the uncapped π_proximal/π_behaviour per token. `rl.rollout_slots=S` (> 0)
 samples the rollouts with the continuous-batching engine (`rlft.generate.engine`, S slots split
-over the sampler's batch shards, one process): the same completions as the static sampler, sooner
-when their lengths differ.
+over the sampler's batch shards, in one process or several): the same completions as the static
+sampler, sooner when their lengths differ.
 
 `resolve_pg_config(section)` validates everything before any work starts and returns a frozen,
 hashable `PGConfig` (a static argument of the jitted step). Errors name the field.

@@ -149,9 +149,6 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         return view
 
     shards = math.prod(sampler_mesh.shape[a] for a in batch_axes(sampler_mesh))
-    if config.rollout_slots and sampler_mesh.is_multi_process:
-        raise RlftError(f"{name}.rollout_slots={config.rollout_slots}: the continuous-batching engine runs in one "
-                        f"process; the sampler's mesh spans {jax.process_count()} processes (set {name}.rollout_slots=0)")
     if config.rollout_slots % shards:
         raise RlftError(f"{name}.rollout_slots={config.rollout_slots} must be a multiple of the sampler's "
                         f"{shards} batch shards (each runs an engine of rollout_slots / {shards} slots)")
@@ -161,7 +158,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
 
     def continuous(view: PGState, tokens: jax.Array, mask: jax.Array, *args) -> Sequences:
         """The rollout through the continuous-batching engine: the static sampler's completions."""
-        out = generate_continuous(graphdef, combine(sampler_frozen, view.params), np.asarray(tokens), np.asarray(mask),
+        out = generate_continuous(graphdef, combine(sampler_frozen, view.params), tokens, mask,
                                   sample_key(view, *args), slots=config.rollout_slots,
                                   max_new_tokens=config.max_new_tokens, eos_id=config.eos_ids, pad_id=pad_id,
                                   sampling=config.sampling, mesh=sampler_mesh, stats=engine_stats)
