@@ -264,7 +264,7 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     the EOS; steps is the longest length). One jitted program runs the queue: a chunk decodes until
     `refill_rows` rows (default slots // 4) have ended, or for at most chunk_steps steps; then the
     free slots are refilled, with one prefill of the smallest bucket (refill_rows times a power of
-    two, at most slots) that takes them all. The queue is padded to a power of two rows (one
+    two, at most slots) that takes them all. A host queue is padded to a power of two rows (one
     compile per size).
     mesh: the queue is split into W contiguous parts over the mesh's batch axes (W = their size),
     each run by an engine of slots / W slots on its own devices (the params, on the mesh's
