@@ -139,12 +139,13 @@ def rlft_workload() -> dict:
 # --------------------------------------------------------------------------------------------
 
 def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int, staleness: int = 0,
-                 rollout_devices: int = 0) -> dict:
+                 rollout_devices: int = 0, rollout_slots: int = 0) -> dict:
     """Run ``steps`` RL optimizer steps of rlft on the workload and time them.
 
     staleness: rl.max_staleness (asynchronous RL; 0 = the synchronous step); rollout_devices: that
     many of this process's devices (the last ones) hold the sampler, the others the trainer
-    (mesh.rollout; 0 = colocated). The asynchronous step reports no breakdown.
+    (mesh.rollout; 0 = colocated); rollout_slots: rl.rollout_slots (the continuous-batching engine).
+    The asynchronous step reports no breakdown.
 
     The step is the RL stage's own (`rlft.rl.stage.make_rl_step`: jitted rollout -> host decode and
     reward -> jitted `pg_step`), on a mesh over this process's CPU devices (``--host-devices``).
@@ -184,7 +185,7 @@ def rlft_rl_step(algorithm: str, beta: float, steps: int, skip: int, staleness: 
                               group_size=1 if ppo else workload.GROUP_SIZE,
                               learning_rate=workload.LEARNING_RATE, max_new_tokens=workload.MAX_NEW_TOKENS,
                               algorithm=algorithm, temperature=workload.TEMPERATURE, max_staleness=staleness,
-                              **overrides)
+                              rollout_slots=rollout_slots, **overrides)
     section.kl.coef = beta
     config = resolve_pg_config(section, eos_id=tok.eos_token_id)
     prompts = [{"ids": row.tolist(), "text": text} for row, text in zip(w["prompt_ids"], w["prompts"])]
@@ -409,9 +410,12 @@ def print_table(rows: list[dict], peers: list[str]) -> None:
             print(f"  {row['name']:<26} {side:<6} {parts}")
 
 
-VARIANTS = {"rlft": {}, "rlft-k1": dict(staleness=1), "rlft-k1-split": dict(staleness=1, rollout_devices=1)}
+VARIANTS = {"rlft": {}, "rlft-k1": dict(staleness=1), "rlft-k1-split": dict(staleness=1, rollout_devices=1),
+            "rlft-k1-split-engine": dict(staleness=1, rollout_devices=1, rollout_slots=workload.GROUP_SIZE * 2)}
 VARIANT_HELP = {"rlft": "the synchronous step", "rlft-k1": "asynchronous, rl.max_staleness=1, colocated",
-                "rlft-k1-split": "asynchronous K=1, the sampler on the last device (needs --host-devices 2)"}
+                "rlft-k1-split": "asynchronous K=1, the sampler on the last device (needs --host-devices 2)",
+                "rlft-k1-split-engine": "the same, sampling with the continuous-batching engine "
+                                        "(rl.rollout_slots = 2 groups)"}
 
 
 def print_cpu_use(rows: list[dict]) -> None:
@@ -425,7 +429,7 @@ def print_cpu_use(rows: list[dict]) -> None:
             if not ours or ours.get("step_cores") is None:
                 continue
             phases = ", ".join(f"{k[:-2]} {fmt(v, '.2f')}" for k, v in ours["phase_cores"].items() if v is not None)
-            lines.append(f"  {row['name']:<26} {name:<14} step {fmt(ours['step_cores'], '.2f')}"
+            lines.append(f"  {row['name']:<26} {name:<20} step {fmt(ours['step_cores'], '.2f')}"
                          + (f"; {phases}" if phases else ""))
     if lines:
         print(f"\nCPU use of rlft (cores busy = process CPU time / wall time; this machine has {os.cpu_count()} CPUs)")
@@ -441,7 +445,7 @@ def print_variants(rows: list[dict], peers: list[str]) -> None:
             if name == "rlft" or not ours:
                 continue
             to_peers = "".join(f"/{p} {fmt(peer_ratio(row, p, name), '.2f')}, " for p in peers if p in row["runs"])
-            lines.append(f"  {row['name']:<26} {name:<14} {fmt(ours['median_step_s'])} s/step, "
+            lines.append(f"  {row['name']:<26} {name:<20} {fmt(ours['median_step_s'])} s/step, "
                          f"{to_peers}/synchronous {fmt(peer_ratio(row, 'rlft', name), '.2f')}")
     if lines:
         print("\nAsynchronous variants (" + "; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items()) + ")")
