@@ -30,7 +30,7 @@ from rlft.generate.logprobs import SamplingParams
 from rlft.rl.rollout import ended_with_eos, reference_logprobs
 from rlft.generate.sampling import Sequences, sample
 from rlft.generate.scoring import completion_token_logprobs
-from rlft.parallel.sharding import batch_axes
+from rlft.parallel.sharding import batch_shards
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ class PolicySamples:
 
 def _batch_size(batch_size: int, n: int, mesh: Mesh | None) -> int:
     """`batch_size` capped at n and rounded up to a multiple of the mesh's data axes."""
-    ways = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+    ways = batch_shards(mesh)
     return -(-min(batch_size, n) // ways) * ways
 
 

@@ -27,7 +27,6 @@ for token (tests/test_engine.py).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -42,7 +41,7 @@ from rlft.generate.sampling import (SampleOutput, _check_prompts, choose_tokens,
                                     sampling_key, step_uniforms)
 from rlft.models.decoder import KVCache
 from rlft.parallel.distributed import put_global
-from rlft.parallel.sharding import batch_axes, batch_sharding, replicated
+from rlft.parallel.sharding import batch_axes, batch_shards, batch_sharding, replicated
 
 Array = jax.Array
 
@@ -277,7 +276,7 @@ def generate_continuous(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens
     RL step scores the previous rollout meanwhile).
     """
     rows, width = prompt_tokens.shape
-    ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    ways = batch_shards(mesh)
     refill_rows = max(1, slots // ways // 4) if refill_rows is None else refill_rows
     if slots < 1 or chunk_steps < 1 or max_new_tokens < 1 or refill_rows < 1:
         raise RlftError(f"continuous batching: slots={slots}, chunk_steps={chunk_steps}, refill_rows={refill_rows} "

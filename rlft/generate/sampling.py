@@ -33,7 +33,7 @@ from rlft.errors import RlftError
 from rlft.models.decoder import KVCache, positions_from_mask
 from rlft.generate.logprobs import SamplingParams, sampling_logits
 from rlft.ops import first_argmax
-from rlft.parallel.sharding import batch_axes, batch_sharding, checked_sharding, mesh_rules, replicated
+from rlft.parallel.sharding import batch_axes, batch_shards, batch_sharding, checked_sharding, mesh_rules, replicated
 
 Array = jax.Array
 
@@ -174,7 +174,7 @@ def sample_sequences(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: A
 
     prompt_mask = (prompt_mask > 0).astype(jnp.int32)
     prompt_lengths = jnp.sum(prompt_mask, axis=-1)
-    ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    ways = batch_shards(mesh)
     placed = constrain_cache if (batch // group_size) % ways == 0 else (lambda cache: cache)
     logits, cache = prefill(model, prompt_tokens, prompt_mask, prompt_len + steps, group_size, placed)
     cache = constrain_cache(cache)
@@ -306,10 +306,9 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: Array, prom
         if any(t != AxisType.Auto for t in mesh.axis_types):  # with_sharding_constraint needs Auto
             raise RlftError(f"sampling: mesh axis types {mesh.axis_types} must all be Auto, as "
                             "rlft.parallel.sharding.make_mesh makes them (jax.make_mesh(..., axis_types=...))")
-        axes = batch_axes(mesh)
-        if prompt_tokens.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        if prompt_tokens.shape[0] % batch_shards(mesh):
             raise RlftError(f"sampling: batch size {prompt_tokens.shape[0]} is not divisible by the "
-                            f"mesh's {axes} axes (size {math.prod(mesh.shape[a] for a in axes)})")
+                            f"mesh's {batch_axes(mesh)} axes (size {batch_shards(mesh)})")
         prompt_tokens, prompt_mask = put_global((prompt_tokens, prompt_mask), batch_sharding(mesh, 2))
         rng = put_global(rng, replicated(mesh))
     if param_shardings is not None:

@@ -191,6 +191,11 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many parts a batch is split into: the product of the mesh's batch axes (1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading dimension over the mesh's batch axes, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh) or None, *([None] * (ndim - 1))))

@@ -24,7 +24,6 @@ TensorBoard only, which keeps metrics.jsonl deterministic.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ from rlft.models.heads import ScalarHead
 from rlft.models.lora import LoraConfig, combine
 from rlft.parallel.distributed import local_rows, local_to_host, put_global, to_host
 from rlft.parallel.transfer import reshard
-from rlft.parallel.sharding import (MeshJit, batch_axes, batch_sharding, replicated, shard_batch, sharded_init,
+from rlft.parallel.sharding import (MeshJit, batch_shards, batch_sharding, replicated, shard_batch, sharded_init,
                                    state_shardings)
 from rlft.data.loader import epoch_batches
 from rlft.rl import dynamic_sampling, pending
@@ -148,7 +147,7 @@ def make_rl_step(*, config: PGConfig, graphdef: nnx.GraphDef, shardings: PGState
         weight_sync.append(time.perf_counter() - start)
         return view
 
-    shards = math.prod(sampler_mesh.shape[a] for a in batch_axes(sampler_mesh))
+    shards = batch_shards(sampler_mesh)
     if config.rollout_slots % shards:
         raise RlftError(f"{name}.rollout_slots={config.rollout_slots} must be a multiple of the sampler's "
                         f"{shards} batch shards (each runs an engine of rollout_slots / {shards} slots)")
